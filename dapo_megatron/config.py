@@ -1,0 +1,509 @@
+"""One config tree for the whole trainer.
+
+Every knob lives in a dataclass below; the defaults of `AlgoConfig`, `OptimizerConfig` and
+`TrainerConfig` are the DAPO paper's (arXiv 2503.14476, sections 3-4). A run's config is a
+YAML file of these sections plus dotted command-line overrides:
+
+    dapo-megatron train cfg.yaml algo.eps_high=0.28 trainer.max_steps=20
+
+Unknown keys and wrong types are errors that name the key and where it came from (the file
+or the command line); cross-field checks run in `validate()` before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: an HF checkpoint directory, or an HF-style shape built from scratch."""
+
+    # HF checkpoint dir (config.json, tokenizer). Weights are read from `load` (a Megatron
+    # checkpoint written by tools/convert_hf.py); without it, from the HF safetensors.
+    hf_dir: Optional[str] = None
+    load: Optional[str] = None
+    # Shape of a model built from scratch when hf_dir is empty (the embedded default, tests).
+    # Field names are the HF config's, so the same builder reads both.
+    architecture: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
+    vocab_size: int = 0  # 0: the tokenizer's size
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    intermediate_size: int = 512
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    num_experts: int = 0  # > 0 makes a MoE (qwen3_moe / mixtral)
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    init_std: float = 0.02
+    # Numerics: "auto" is bf16 on GPU and fp32 on CPU. FP8 goes through Transformer Engine.
+    params_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    recompute_activations: bool = False
+
+    def hf_config_dict(self, vocab_size: int | None = None) -> dict[str, Any]:
+        """The HF-style config dict of a from-scratch model (model_type + HF field names)."""
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        cfg: dict[str, Any] = {
+            "model_type": self.architecture,
+            "architectures": [_HF_ARCHITECTURES[self.architecture]],
+            "vocab_size": vocab_size or self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": head_dim,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.init_std,
+            "hidden_act": "silu",
+        }
+        if self.architecture == "qwen2":
+            cfg["attention_bias"] = True
+        if self.architecture in ("qwen3_moe", "mixtral"):
+            key = "num_local_experts" if self.architecture == "mixtral" else "num_experts"
+            cfg[key] = self.num_experts
+            cfg["num_experts_per_tok"] = self.num_experts_per_tok
+            cfg["moe_intermediate_size"] = self.moe_intermediate_size or self.intermediate_size
+            cfg["norm_topk_prob"] = self.norm_topk_prob
+        return cfg
+
+
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+}
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout. World size = nodes * gpus_per_node (CPU: processes per node)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    cp: int = 1
+    dp: Optional[int] = None  # derived from the world size; if set, must agree
+    nodes: int = 1
+    gpus_per_node: int = 1
+    sequence_parallel: bool = False  # GPU only: the torch norm refuses it at TP > 1 on CPU
+    use_distributed_optimizer: bool = True
+    colocate: bool = True  # rollout engines share the training GPUs
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+
+@dataclass
+class AlgoConfig:
+    """DAPO itself. Defaults are the paper's; each technique stays switchable for ablations."""
+
+    group_size: int = 16  # G responses per prompt (paper sec. 4.1)
+    eps_low: float = 0.2  # Clip-Higher (sec. 3.1): decoupled lower ...
+    eps_high: float = 0.28  # ... and upper clip range
+    clip_ratio_c: Optional[float] = None  # dual-clip bound for negative advantages; off
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    dynamic_sampling: bool = True  # sec. 3.2: keep groups with 0 < #correct < G
+    max_gen_batches: int = 10  # generation rounds per step before giving up (0: unbounded)
+    surplus: Literal["drop", "carry"] = "drop"  # kept groups beyond train_batch_size
+    max_response_length: int = 20480  # L_max (sec. 4.1)
+    overlong_buffer: int = 4096  # L_cache (sec. 3.4)
+    overlong_penalty_factor: float = 1.0
+    soft_overlong: bool = True  # soft overlong punishment R_len
+    overlong_filter: bool = False  # mask truncated samples out of the loss
+    adv_eps: float = 1e-6
+    kl_coef: float = 0.0  # DAPO drops the KL term (sec. 2.3); > 0 gives GRPO's KL loss
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["embedded", "sglang"] = "embedded"
+    # Prompts per generation round. The paper's recipe oversamples 3x the train batch.
+    gen_batch_size: int = 1536
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_prompt_length: int = 2048
+    old_logprobs: Literal["policy", "engine"] = "policy"  # who supplies pi_old
+    num_engines: int = 0  # 0: one per node (or per engine_tp GPUs)
+    engine_tp: int = 1
+    engine_num_cpus: int = 1  # CPU cores per embedded engine actor
+    sglang_mem_fraction: float = 0.5  # of GPU memory, colocated with training
+    weight_bucket_mb: int = 512
+    max_engine_restarts: int = 3
+
+
+@dataclass
+class DataConfig:
+    # Training prompts: jsonl or parquet (DAPO-Math-17K format). Empty: the embedded task.
+    train_path: str = ""
+    eval_path: str = ""
+    prompt_key: str = "prompt"
+    question_key: str = "question"
+    answer_key: str = "reward_model.ground_truth"
+    template: Literal["dapo", "as-is"] = "dapo"
+    tokenizer: str = ""  # HF tokenizer dir; empty: model.hf_dir, or the embedded tokenizer
+    shuffle: bool = True
+    # The embedded task (used when train_path is empty): a+b*c arithmetic with worked steps.
+    synthetic_train_size: int = 20000
+    synthetic_eval_size: int = 300
+    synthetic_max_operand: int = 30
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = 5.0
+    num_workers: int = 1
+    correct_score: float = 1.0
+    incorrect_score: float = -1.0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6  # paper sec. 4.1
+    min_lr: float = 0.0
+    warmup_steps: int = 20  # linear warmup, paper sec. 4.1
+    lr_decay: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    train_batch_size: int = 512  # prompts (groups) per step, paper sec. 4.1
+    mini_batch_size: int = 32  # prompts per optimizer step: 512/32 = 16 updates per step
+    max_tokens_per_microbatch: int = 32768
+    max_steps: int = 100
+    seed: int = 42
+    run_dir: str = ""  # empty: runs/<config file name>
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Supervised warm start on the embedded task's worked solutions (0: none).
+    warm_start_steps: int = 0
+    warm_start_lr: float = 3e-3
+    warm_start_batch_size: int = 64
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.train_batch_size // self.mini_batch_size
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5  # steps; 0: never
+    k: int = 32  # samples per prompt: avg@k (paper: avg@32)
+    temperature: float = 1.0
+    top_p: float = 0.7
+    max_prompts: int = 0  # 0: the whole eval set
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # empty: <run dir>/checkpoints
+    save_every: int = 10
+    keep_last: int = 2
+    resume: bool = True  # continue from the newest checkpoint in dir
+
+
+@dataclass
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "dapo-megatron"
+
+
+@dataclass
+class DapoConfig:
+    name: str = "dapo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.trainer.run_dir or os.path.join("runs", self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "DapoConfig":
+        _validate(self)
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DapoConfig:
+    """Read a YAML config (or the defaults when `path` is None), apply `a.b=value` overrides,
+    check types and cross-field rules. The run name defaults to the file's stem."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    cfg = _build(DapoConfig, raw, prefix="", source=source)
+    if path is not None and "name" not in raw:
+        cfg.name = os.path.splitext(os.path.basename(path))[0]
+    for item in overrides:
+        apply_override(cfg, item)
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def apply_override(cfg: DapoConfig, item: str) -> None:
+    """Apply one `section.key=value` override; the value is read as a YAML scalar."""
+    if "=" not in item:
+        raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(target) or part not in _field_types(type(target)):
+            raise ConfigError(f"command line: unknown config key {'.'.join(parts[: i + 1])!r}")
+        target = getattr(target, part)
+    leaf = parts[-1]
+    types_ = _field_types(type(target)) if dataclasses.is_dataclass(target) else {}
+    if leaf not in types_:
+        raise ConfigError(f"command line: unknown config key {key!r}")
+    if dataclasses.is_dataclass(types_[leaf]):
+        raise ConfigError(f"command line: {key!r} is a section; set one of its keys")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    setattr(target, leaf, _coerce(types_[leaf], value, key, "command line"))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = _field_types(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown config key {prefix + unknown[0]!r} "
+            f"(known keys in {prefix.rstrip('.') or 'the top level'}: {', '.join(hints)})"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(tp, value, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(a, value, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{source}: {key} must be one of {choices}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)] if args else list(value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _validate(cfg: DapoConfig) -> None:
+    p, a, t, m, r = cfg.parallel, cfg.algo, cfg.trainer, cfg.model, cfg.rollout
+    for name in ("tp", "pp", "ep", "cp", "nodes", "gpus_per_node"):
+        _check(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
+    model_parallel = p.tp * p.pp * p.cp
+    _check(
+        p.world_size % model_parallel == 0,
+        "parallel.tp",
+        f"tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel} does not divide the world size "
+        f"nodes*gpus_per_node = {p.nodes}*{p.gpus_per_node} = {p.world_size}",
+    )
+    if p.dp is not None:
+        _check(
+            p.tp * p.pp * p.cp * p.dp == p.world_size,
+            "parallel.dp",
+            f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} must equal the world size {p.world_size}",
+        )
+    if p.ep > 1:
+        _check(m.hf_dir is not None or m.num_experts > 0, "parallel.ep", "ep > 1 needs a MoE model")
+        # Megatron lays experts out over (expert-tensor-parallel = tp) x ep within each PP stage.
+        _check(
+            p.world_size % (p.tp * p.ep * p.pp) == 0,
+            "parallel.ep",
+            f"tp*ep*pp = {p.tp * p.ep * p.pp} must divide the world size {p.world_size}",
+        )
+        if m.hf_dir is None:
+            _check(m.num_experts % p.ep == 0, "parallel.ep", f"ep={p.ep} must divide model.num_experts={m.num_experts}")
+    if m.hf_dir is None:
+        _check(m.num_attention_heads % p.tp == 0, "parallel.tp",
+               f"tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
+        _check(m.num_key_value_heads % p.tp == 0 or p.tp % m.num_key_value_heads == 0, "parallel.tp",
+               f"tp={p.tp} and model.num_key_value_heads={m.num_key_value_heads} must divide one another")
+        _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
+               "must divide model.num_attention_heads")
+        _check(m.num_layers % p.pp == 0, "parallel.pp", f"pp={p.pp} must divide model.num_layers={m.num_layers}")
+        if m.architecture in ("qwen3_moe", "mixtral"):
+            _check(m.num_experts > 0, "model.num_experts", f"must be > 0 for architecture {m.architecture}")
+            _check(0 < m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
+                   "must be in 1..num_experts")
+        _check(
+            r.max_prompt_length + a.max_response_length <= m.max_position_embeddings,
+            "algo.max_response_length",
+            f"rollout.max_prompt_length + algo.max_response_length = "
+            f"{r.max_prompt_length + a.max_response_length} exceeds model.max_position_embeddings="
+            f"{m.max_position_embeddings}",
+        )
+    _check(a.group_size >= 2, "algo.group_size", "must be >= 2 (advantages are relative within a group)")
+    _check(0 <= a.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
+    _check(a.eps_high >= 0, "algo.eps_high", "must be >= 0")
+    if a.clip_ratio_c is not None:
+        _check(a.clip_ratio_c > 1, "algo.clip_ratio_c", "dual-clip bound must be > 1")
+    _check(a.max_response_length > 0, "algo.max_response_length", "must be > 0")
+    _check(
+        0 <= a.overlong_buffer < a.max_response_length,
+        "algo.overlong_buffer",
+        f"L_cache={a.overlong_buffer} must be >= 0 and < L_max=algo.max_response_length={a.max_response_length}",
+    )
+    _check(a.max_gen_batches >= 0, "algo.max_gen_batches", "must be >= 0 (0: unbounded)")
+    _check(t.train_batch_size >= 1, "trainer.train_batch_size", "must be >= 1")
+    _check(t.mini_batch_size >= 1, "trainer.mini_batch_size", "must be >= 1")
+    _check(
+        t.train_batch_size % t.mini_batch_size == 0,
+        "trainer.mini_batch_size",
+        f"trainer.train_batch_size={t.train_batch_size} must be divisible by "
+        f"trainer.mini_batch_size={t.mini_batch_size}",
+    )
+    dp = p.data_parallel_size
+    _check(
+        t.mini_batch_size * a.group_size >= dp,
+        "trainer.mini_batch_size",
+        f"a mini-batch of {t.mini_batch_size}x{a.group_size} responses cannot feed {dp} data-parallel ranks",
+    )
+    _check(
+        t.max_tokens_per_microbatch >= r.max_prompt_length + a.max_response_length,
+        "trainer.max_tokens_per_microbatch",
+        f"must hold one full sequence (rollout.max_prompt_length + algo.max_response_length = "
+        f"{r.max_prompt_length + a.max_response_length})",
+    )
+    _check(r.gen_batch_size >= 1, "rollout.gen_batch_size", "must be >= 1")
+    _check(0 < r.temperature, "rollout.temperature", "must be > 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _check(0 < r.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction", "must be in (0, 1)")
+    _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
+    _check(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
+    _check(cfg.optimizer.min_lr <= cfg.optimizer.lr, "optimizer.min_lr", "must be <= optimizer.lr")
+    _check(cfg.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+    _check(cfg.eval.k >= 1, "eval.k", "must be >= 1")
+    _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    if m.fp8 is not None:
+        _check(m.params_dtype in ("auto", "bf16"), "model.fp8", "FP8 training needs bf16 params")
+
+
+def dump_config(cfg: DapoConfig, path: str) -> None:
+    """Write the fully resolved config next to a run, for the record and for resume."""
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,121 @@
+"""Config: YAML + dotted overrides, type errors and every cross-field check name their key."""
+
+import textwrap
+
+import pytest
+
+from dapo_megatron.config import ConfigError, DapoConfig, load_config
+
+
+def _write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_paper_defaults():
+    cfg = DapoConfig()
+    assert (cfg.algo.eps_low, cfg.algo.eps_high) == (0.2, 0.28)
+    assert cfg.algo.group_size == 16
+    assert cfg.algo.loss_agg == "token-mean"
+    assert (cfg.algo.max_response_length, cfg.algo.overlong_buffer) == (20480, 4096)
+    assert cfg.trainer.train_batch_size == 512 and cfg.trainer.num_mini_batches == 16
+    assert cfg.optimizer.lr == 1e-6 and cfg.optimizer.warmup_steps == 20
+    assert (cfg.eval.temperature, cfg.eval.top_p, cfg.eval.k) == (1.0, 0.7, 32)
+    assert cfg.algo.kl_coef == 0.0
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = _write(tmp_path, """
+        algo:
+          eps_high: 0.3
+          group_size: 8
+        trainer:
+          train_batch_size: 64
+          mini_batch_size: 16
+        """, name="my_run.yaml")
+    cfg = load_config(path, ["algo.eps_high=0.28", "trainer.max_steps=20", "rollout.engine=sglang"])
+    assert cfg.algo.eps_high == 0.28 and cfg.algo.group_size == 8
+    assert cfg.trainer.max_steps == 20 and cfg.trainer.num_mini_batches == 4
+    assert cfg.rollout.engine == "sglang"
+    assert cfg.name == "my_run" and cfg.run_dir.endswith("runs/my_run")
+
+
+def test_int_widens_to_float_but_not_bool(tmp_path):
+    cfg = load_config(None, ["optimizer.lr=1"])
+    assert isinstance(cfg.optimizer.lr, float)
+    with pytest.raises(ConfigError, match="algo.eps_high"):
+        load_config(None, ["algo.eps_high=true"])
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("algo:\n  eps_hihg: 0.3\n", "algo.eps_hihg"),
+        ("algoo:\n  eps_high: 0.3\n", "algoo"),
+        ("trainer:\n  max_steps: ten\n", "trainer.max_steps"),
+        ("algo:\n  loss_agg: seq-mean\n", "algo.loss_agg"),
+        ("parallel: 3\n", "parallel"),
+    ],
+)
+def test_file_errors_name_key_and_file(tmp_path, yaml_text, key):
+    path = _write(tmp_path, yaml_text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert key in str(e.value) and path in str(e.value)
+
+
+def test_override_errors_name_key():
+    with pytest.raises(ConfigError, match="algo.nope"):
+        load_config(None, ["algo.nope=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["algo.eps_high"])
+    with pytest.raises(ConfigError, match="'algo' is a section"):
+        load_config(None, ["algo=1"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        # TP*PP*CP must divide the world size; an explicit DP must close the product.
+        (["parallel.gpus_per_node=4", "parallel.tp=3"], "parallel.tp"),
+        (["parallel.gpus_per_node=8", "parallel.tp=2", "parallel.dp=2"], "parallel.dp"),
+        (["parallel.gpus_per_node=2", "parallel.ep=2"], "parallel.ep"),  # dense model
+        (["parallel.gpus_per_node=4", "parallel.tp=2", "parallel.pp=2", "parallel.ep=2",
+          "model.architecture=qwen3_moe", "model.num_experts=4"], "parallel.ep"),
+        (["parallel.gpus_per_node=2", "parallel.ep=2", "model.architecture=qwen3_moe",
+          "model.num_experts=3"], "parallel.ep"),
+        (["model.architecture=mixtral"], "model.num_experts"),
+        (["parallel.gpus_per_node=8", "parallel.tp=8"], "parallel.tp"),  # 4 heads
+        (["parallel.gpus_per_node=2", "parallel.pp=2", "model.num_layers=3"], "parallel.pp"),
+        (["model.num_key_value_heads=3"], "model.num_key_value_heads"),
+        (["trainer.mini_batch_size=30"], "trainer.mini_batch_size"),
+        (["trainer.train_batch_size=4", "trainer.mini_batch_size=1", "algo.group_size=2",
+          "parallel.gpus_per_node=4"], "trainer.mini_batch_size"),
+        (["algo.overlong_buffer=20480"], "algo.overlong_buffer"),
+        (["algo.overlong_buffer=-1"], "algo.overlong_buffer"),
+        (["algo.group_size=1"], "algo.group_size"),
+        (["algo.eps_low=1.0"], "algo.eps_low"),
+        (["algo.clip_ratio_c=0.5"], "algo.clip_ratio_c"),
+        (["model.max_position_embeddings=1024"], "algo.max_response_length"),
+        (["trainer.max_tokens_per_microbatch=1000"], "trainer.max_tokens_per_microbatch"),
+        (["rollout.top_p=0"], "rollout.top_p"),
+        (["rollout.temperature=0"], "rollout.temperature"),
+        (["rollout.sglang_mem_fraction=1.0"], "rollout.sglang_mem_fraction"),
+        (["reward.timeout_s=0"], "reward.timeout_s"),
+        (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
+        (["model.fp8=e4m3", "model.params_dtype=fp32"], "model.fp8"),
+    ],
+)
+def test_cross_field_checks(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert key in str(e.value)
+
+
+def test_valid_parallel_layouts():
+    cfg = load_config(None, ["parallel.gpus_per_node=8", "parallel.tp=2", "parallel.pp=1"])
+    assert cfg.parallel.data_parallel_size == 4
+    cfg = load_config(None, ["parallel.gpus_per_node=4", "parallel.ep=2", "parallel.tp=2",
+                             "model.architecture=qwen3_moe", "model.num_experts=4"])
+    assert cfg.parallel.data_parallel_size == 2
