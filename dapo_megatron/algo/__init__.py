@@ -1,0 +1,50 @@
+"""The DAPO algorithm core: pure torch, no Ray, no Megatron, no global state.
+
+- loss.py        policy_loss (decoupled clip, token-level mean, dual clip, optional KL)
+- aggregate.py   the three loss-aggregation modes and their global normalisers
+- advantages.py  group_advantages
+- sampling.py    dynamic-sampling filter (keep_mask) and BatchAssembler
+- overlong.py    soft overlong punishment and overlong filtering
+- kl.py          KL estimators k1/k2/k3 and a KL loss term
+- entropy.py     entropy_from_logits
+"""
+
+from .advantages import group_advantages
+from .aggregate import AGG_MODES, aggregate_loss, loss_scale_counts, masked_mean
+from .entropy import entropy_from_logits
+from .kl import KL_KINDS, kl_loss, kl_penalty
+from .loss import POLICY_METRIC_REDUCTIONS, policy_loss, reduce_policy_metrics
+from .overlong import overlong_filter_mask, overlong_penalty
+from .sampling import (
+    SURPLUS_MODES,
+    AssembledBatch,
+    BatchAssembler,
+    Group,
+    SamplingStats,
+    keep_mask,
+    stack_group_rewards,
+)
+
+__all__ = [
+    "AGG_MODES",
+    "KL_KINDS",
+    "POLICY_METRIC_REDUCTIONS",
+    "SURPLUS_MODES",
+    "AssembledBatch",
+    "BatchAssembler",
+    "Group",
+    "SamplingStats",
+    "aggregate_loss",
+    "entropy_from_logits",
+    "group_advantages",
+    "keep_mask",
+    "kl_loss",
+    "kl_penalty",
+    "loss_scale_counts",
+    "masked_mean",
+    "overlong_filter_mask",
+    "overlong_penalty",
+    "policy_loss",
+    "reduce_policy_metrics",
+    "stack_group_rewards",
+]
