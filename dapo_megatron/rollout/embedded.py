@@ -1,0 +1,379 @@
+"""The embedded rollout engine: batched KV-cache sampling over an HF-layout model.
+
+The model is built with transformers from an HF config (Llama, Qwen2, Qwen3, Qwen3-MoE,
+... anything AutoModelForCausalLM knows), so its parameter names are the HF names the
+weight export produces. Generation runs in chunks of at most ``max_batch_size``
+sequences: each distinct prompt of a chunk is prefilled once (left-padded) and its KV
+cache copied to its n samples, then all rows decode together; finished rows are dropped
+from the batch (and their cache) as they finish, so long tails do not pay for short ones.
+Sampling is ours, in fp32 (dapo_megatron.rollout.sampling), one random stream per
+sequence seeded from (seed, request_id, sample_index).
+
+Runs in-process, or as a Ray actor through ``create_embedded_actor``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+
+from dapo_megatron.rollout.buckets import StrictLoader
+from dapo_megatron.rollout.protocol import (
+    Sample,
+    SamplingParams,
+    WeightBucket,
+    default_request_ids,
+)
+from dapo_megatron.rollout.sampling import row_seed, sample_next_tokens
+
+logger = logging.getLogger(__name__)
+
+Decoder = Callable[[list[int]], str]
+_MAX_REMEMBERED_ABORTS = 65536
+
+
+def _as_decoder(decode: Any) -> Decoder | None:
+    """Accept a callable token_ids -> str or a tokenizer with .decode."""
+    if decode is None or callable(decode) and not hasattr(decode, "decode"):
+        return decode
+    if hasattr(decode, "decode"):
+        return lambda ids: decode.decode(ids, skip_special_tokens=False)
+    raise TypeError(f"decode must be a callable or a tokenizer with .decode, got {type(decode)}")
+
+
+def build_hf_model(hf_config: Any, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """An HF causal LM with random weights from a config object or a config dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(hf_config, dict):
+        cfg = dict(hf_config)
+        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+class _Row:
+    """Bookkeeping of one sequence being generated."""
+
+    __slots__ = ("prompt_index", "sample_index", "request_id", "gen", "tokens", "logprobs", "raw")
+
+    def __init__(self, prompt_index: int, sample_index: int, request_id: str, seed: int):
+        self.prompt_index = prompt_index
+        self.sample_index = sample_index
+        self.request_id = request_id
+        self.gen = torch.Generator().manual_seed(row_seed(seed, request_id, sample_index))
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.raw: list[float] = []
+
+
+class EmbeddedEngine:
+    """RolloutEngine over a transformers model, on CPU or one GPU.
+
+    hf_config: an HF PretrainedConfig, or a dict with "model_type" and its fields.
+    model: an already built HF causal LM to serve instead (hf_config is then ignored).
+    decode: token_ids -> str callable or a tokenizer, needed only for stop strings.
+    max_batch_size: most sequences decoded together (memory bound: KV cache rows).
+    device, dtype: where and in what precision the model runs (sampling is fp32 anyway).
+    """
+
+    def __init__(
+        self,
+        hf_config: Any = None,
+        *,
+        model: torch.nn.Module | None = None,
+        decode: Any = None,
+        max_batch_size: int = 64,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        num_threads: int | None = None,
+    ):
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        if model is None:
+            if hf_config is None:
+                raise ValueError("EmbeddedEngine needs hf_config or model")
+            model = build_hf_model(hf_config, dtype)
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.decode = _as_decoder(decode)
+        # transformers >= 5.2x renamed forward's past_key_values to cache (the old name
+        # warns); pick whichever this model's forward declares.
+        forward_args = inspect.signature(type(self.model).forward).parameters
+        self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
+        self.max_batch_size = max_batch_size
+        self.weight_version = 0
+        self._weights_valid = True
+        self._closed = False
+        self._released = False
+        # generate / update_weights exclude each other; abort only touches _aborted.
+        self._lock = threading.Lock()
+        self._abort_lock = threading.Lock()
+        # Insertion-ordered so the oldest unclaimed aborts can be forgotten (bounded memory).
+        self._aborted: dict[str, None] = {}
+        self.last_sync: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_ids: list[str] | None = None,
+    ) -> list[list[Sample]]:
+        """Sample params.n responses per prompt; result[i][j] is sample j of prompts[i]."""
+        if request_ids is None:
+            request_ids = default_request_ids(len(prompts))
+        if len(request_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request_ids")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompt {i} ({request_ids[i]}) is empty")
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {i} ({request_ids[i]}) has token ids {bad[:5]} outside the "
+                    f"vocabulary [0, {self.vocab_size})"
+                )
+        if params.stop_strings and self.decode is None:
+            raise ValueError("stop_strings need a decoder: pass decode= to EmbeddedEngine")
+        with self._lock:
+            self._check_usable()
+            rows = [
+                _Row(i, j, request_ids[i], params.seed)
+                for i in range(len(prompts))
+                for j in range(params.n)
+            ]
+            finish: dict[int, str] = {}
+            for start in range(0, len(rows), self.max_batch_size):
+                chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
+                self._generate_chunk(prompts, rows, chunk, params, finish)
+            results: list[list[Sample]] = [[] for _ in prompts]
+            for k, row in enumerate(rows):
+                results[row.prompt_index].append(
+                    Sample(
+                        token_ids=row.tokens,
+                        logprobs=row.logprobs,
+                        finish_reason=finish[k],
+                        prompt_index=row.prompt_index,
+                        request_id=row.request_id,
+                        sample_index=row.sample_index,
+                        weight_version=self.weight_version,
+                        raw_logprobs=row.raw if params.return_raw_logprobs else None,
+                    )
+                )
+            with self._abort_lock:
+                for rid in request_ids:
+                    self._aborted.pop(rid, None)
+            return results
+
+    def _is_aborted(self, request_id: str) -> bool:
+        with self._abort_lock:
+            return request_id in self._aborted
+
+    @torch.no_grad()
+    def _generate_chunk(
+        self,
+        prompts: list[list[int]],
+        rows: list[_Row],
+        chunk: list[int],
+        params: SamplingParams,
+        finish: dict[int, str],
+    ) -> None:
+        live = [k for k in chunk if not self._is_aborted(rows[k].request_id)]
+        for k in chunk:
+            if k not in live:
+                finish[k] = "abort"
+        if not live:
+            return
+        # Prefill each distinct prompt once, then copy its cache to its samples.
+        unique: list[int] = []
+        for k in live:
+            if not unique or unique[-1] != rows[k].prompt_index:
+                unique.append(rows[k].prompt_index)
+        slot_of = {p: u for u, p in enumerate(unique)}
+        max_len = max(len(prompts[p]) for p in unique)
+        input_ids = torch.zeros(len(unique), max_len, dtype=torch.long)
+        attn = torch.zeros(len(unique), max_len, dtype=torch.long)
+        for u, p in enumerate(unique):
+            # Left padding keeps every row's next token at the same column.
+            input_ids[u, max_len - len(prompts[p]) :] = torch.tensor(prompts[p])
+            attn[u, max_len - len(prompts[p]) :] = 1
+        input_ids, attn = input_ids.to(self.device), attn.to(self.device)
+        positions = (attn.cumsum(-1) - 1).clamp_(min=0)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attn,
+            position_ids=positions,
+            **{self._cache_kw: cache},
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        expand = torch.tensor([slot_of[rows[k].prompt_index] for k in live], device=self.device)
+        if len(unique) != len(live) or not torch.equal(expand, torch.arange(len(live), device=self.device)):
+            cache.batch_select_indices(expand)
+        logits = out.logits[:, -1, :][expand]
+        attn = attn[expand]
+        next_pos = positions[:, -1][expand] + 1
+        stop_ids = torch.tensor(params.stop_token_ids or [-1], device=self.device)
+
+        for step in range(params.max_new_tokens):
+            tokens, lps, raws = sample_next_tokens(
+                logits,
+                [rows[k].gen for k in live],
+                params.temperature,
+                params.top_k,
+                params.top_p,
+                want_raw=params.return_raw_logprobs,
+            )
+            is_stop = torch.isin(tokens, stop_ids).tolist()
+            tok_list, lp_list = tokens.tolist(), lps.tolist()
+            raw_list = raws.tolist() if raws is not None else None
+            keep: list[int] = []
+            for r, k in enumerate(live):
+                row = rows[k]
+                row.tokens.append(tok_list[r])
+                row.logprobs.append(lp_list[r])
+                if raw_list is not None:
+                    row.raw.append(raw_list[r])
+                if is_stop[r] or self._hit_stop_string(row, params):
+                    finish[k] = "stop"
+                elif self._is_aborted(row.request_id):
+                    finish[k] = "abort"
+                elif step == params.max_new_tokens - 1:
+                    finish[k] = "length"
+                else:
+                    keep.append(r)
+            if not keep:
+                return
+            if len(keep) != len(live):
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                tokens, attn, next_pos = tokens[idx], attn[idx], next_pos[idx]
+                live = [live[r] for r in keep]
+            attn = torch.cat([attn, attn.new_ones(len(live), 1)], dim=1)
+            out = self.model(
+                input_ids=tokens.unsqueeze(-1),
+                attention_mask=attn,
+                position_ids=next_pos.unsqueeze(-1),
+                **{self._cache_kw: cache},
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+    def _hit_stop_string(self, row: _Row, params: SamplingParams) -> bool:
+        if not params.stop_strings:
+            return False
+        text = self.decode(row.tokens)
+        return any(s in text for s in params.stop_strings)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Mark requests aborted; a running generate returns them with finish_reason "abort".
+
+        Ids not in flight are remembered until the next generate call that names them
+        finishes, so an abort racing ahead of its generate still takes effect.
+        """
+        with self._abort_lock:
+            self._aborted.update(dict.fromkeys(request_ids))
+            # Ids aborted after their generate finished are never claimed: keep the newest.
+            while len(self._aborted) > _MAX_REMEMBERED_ABORTS:
+                self._aborted.pop(next(iter(self._aborted)))
+
+    # ------------------------------------------------------------------ weights and memory
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """Load a full sync of HF-named tensors strictly; weight_version = version on success.
+
+        On any error (unknown name, wrong shape, missing tensor) the engine refuses to
+        generate until a later full sync succeeds: a half-loaded model must not sample.
+        """
+        with self._lock:
+            self._check_open()
+            loader = StrictLoader(self.model)
+            start = time.perf_counter()
+            self._weights_valid = False
+            for bucket in buckets:
+                loader.load_bucket([(name, t.to(self.device)) for name, t in bucket])
+            loader.finish()
+            self._weights_valid = True
+            self.weight_version = int(version)
+            seconds = time.perf_counter() - start
+            self.last_sync = {"bytes": float(loader.bytes_loaded), "seconds": seconds}
+            logger.info(
+                "weight sync v%d: %.1f MB in %.3f s", version, loader.bytes_loaded / 1e6, seconds
+            )
+
+    def state_dict_buckets(self, max_tensors: int = 16) -> list[WeightBucket]:
+        """The engine's own weights as HF-named buckets (tests, warm starts)."""
+        items = list(self.model.state_dict().items())
+        return [items[i : i + max_tensors] for i in range(0, len(items), max_tensors)]
+
+    def release_memory(self) -> None:
+        """Move weights off the accelerator for the train phase (a no-op on CPU)."""
+        with self._lock:
+            if self.device.type != "cpu" and not self._released:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+            self._released = True
+
+    def resume_memory(self) -> None:
+        with self._lock:
+            if self.device.type != "cpu" and self._released:
+                self.model.to(self.device)
+            self._released = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def health(self) -> bool:
+        return not self._closed and self._weights_valid and not self._released
+
+    def shutdown(self) -> None:
+        self._closed = True
+        self.model = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("EmbeddedEngine was shut down; create a new one")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        if not self._weights_valid:
+            raise RuntimeError(
+                "EmbeddedEngine: the last update_weights failed part-way; run a full, "
+                "successful update_weights before generating"
+            )
+        if self._released:
+            raise RuntimeError("EmbeddedEngine: memory is released; call resume_memory() first")
+
+    def get_weight_version(self) -> int:
+        """weight_version as a method, for Ray handles (attributes are not remote)."""
+        return self.weight_version
+
+
+def create_embedded_actor(
+    hf_config: Any = None,
+    *,
+    num_cpus: float = 1,
+    num_gpus: float = 0,
+    **engine_kwargs: Any,
+):
+    """An EmbeddedEngine as a Ray actor (ray must be initialised).
+
+    max_concurrency=2 lets abort() run while a generate() is in flight on the actor.
+    Call methods with .remote(); read the version with get_weight_version.remote().
+    """
+    import ray
+
+    actor_cls = ray.remote(EmbeddedEngine)
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=2).remote(
+        hf_config, **engine_kwargs
+    )

@@ -1,0 +1,167 @@
+"""The rollout engine protocol: what every engine (embedded, SGLang) takes and returns.
+
+Log-prob convention (the train/inference mismatch check depends on it):
+
+- ``Sample.logprobs[t]`` is ``log p(token_t)`` under the exact distribution the token was
+  drawn from: fp32 logits of the model, divided by ``temperature``, truncated by ``top_k``
+  then ``top_p`` (see ``dapo_megatron.rollout.sampling``), renormalised. With DAPO's
+  training settings (temperature 1, top_p 1, top_k -1) this is the plain model
+  log-probability, i.e. what the trainer computes as ``old_logprobs``.
+- ``Sample.raw_logprobs[t]`` (only when ``SamplingParams.return_raw_logprobs``) is
+  ``log_softmax(logits)[token_t]`` at temperature 1 without truncation: the unscaled model's
+  log-probability, the quantity to hold against the Megatron policy whatever the sampling
+  settings were.
+
+A sample's ``token_ids`` hold every generated token, including the EOS / stop token that
+ended it (the trainer learns to stop), and ``len(logprobs) == len(token_ids)``.
+Samples carry the ``weight_version`` they were generated under; engines apply weight
+updates only between generate calls, so one call never mixes versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Protocol, runtime_checkable
+
+import torch
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+# One bucket of a weight sync: HF-named full tensors, e.g. [("model.embed_tokens.weight", t)].
+WeightBucket = list[tuple[str, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample G responses per prompt.
+
+    n: responses per prompt (DAPO's G).
+    temperature: > 0; logits are divided by it before truncation.
+    top_p: in (0, 1]; nucleus truncation after top_k (1.0 = off).
+    top_k: keep the k most likely tokens (-1 = off).
+    max_new_tokens: generated-token budget; hitting it gives finish_reason "length".
+    stop_token_ids: generation stops after emitting any of these (EOS goes here).
+    stop_strings: generation stops once the decoded response contains one (needs a decoder).
+    seed: base seed; sample j of prompt i draws from a stream seeded by (seed, i, j), so a
+        round is reproducible whatever the batching or the number of engines.
+    return_raw_logprobs: also return temperature-1, untruncated log-probs (raw_logprobs).
+    return_logprobs: False lets an engine skip log-probs (Sample.logprobs may then be []):
+        evaluation at top_p < 1 on SGLang, whose log-probs ignore truncation, needs it.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+    return_raw_logprobs: bool = False
+    return_logprobs: bool = True
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and frozen to tuples (hashable, picklable).
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", tuple(str(s) for s in self.stop_strings))
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n must be >= 1, got {self.n}")
+        if not (self.temperature > 0.0 and self.temperature < float("inf")):
+            raise ValueError(
+                f"SamplingParams.temperature must be a finite number > 0, got {self.temperature}"
+                " (greedy decoding: use top_k=1)"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != -1 and self.top_k < 1:
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
+
+    @property
+    def truncates(self) -> bool:
+        """True when top_p / top_k change the distribution the tokens are drawn from."""
+        return self.top_p < 1.0 or self.top_k != -1
+
+
+@dataclasses.dataclass
+class Sample:
+    """One generated response.
+
+    token_ids: [T] generated tokens (prompt excluded), stop/EOS token included.
+    logprobs: [T] fp32 log-probs of token_ids under the sampling distribution (module doc);
+        [] only when the request set return_logprobs=False.
+    finish_reason: "stop" (stop token / string), "length" (max_new_tokens) or "abort".
+    prompt_index: index of the prompt in the generate() call's list.
+    request_id: the prompt's request id (shared by its n samples; abort() takes it).
+    sample_index: j in 0..n-1 within the prompt's group.
+    weight_version: the engine's weight_version when the sample was generated.
+    raw_logprobs: [T] temperature-1 untruncated log-probs, or None if not requested.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    prompt_index: int
+    request_id: str
+    sample_index: int = 0
+    weight_version: int = 0
+    raw_logprobs: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.finish_reason not in FINISH_REASONS:
+            raise ValueError(
+                f"Sample.finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}"
+            )
+        if self.logprobs and len(self.logprobs) != len(self.token_ids):
+            raise ValueError(
+                f"Sample {self.request_id}/{self.sample_index}: {len(self.token_ids)} tokens but "
+                f"{len(self.logprobs)} logprobs"
+            )
+
+
+def default_request_ids(num_prompts: int, prefix: str = "req") -> list[str]:
+    """Request ids "req-0" .. for callers that do not name their requests."""
+    return [f"{prefix}-{i}" for i in range(num_prompts)]
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the manager and controller call on any engine (in-process or behind Ray)."""
+
+    weight_version: int
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_ids: list[str] | None = None,
+    ) -> list[list[Sample]]:
+        """Sample params.n responses for each token-id prompt; result[i] has n Samples."""
+        ...
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """Load a full set of HF-named tensors, bucket by bucket; then weight_version = version."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free accelerator memory (weights, KV cache) for the train phase."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Re-acquire what release_memory freed."""
+        ...
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Stop the named in-flight requests; their samples return with finish_reason "abort"."""
+        ...
+
+    def health(self) -> bool:
+        """True if the engine can serve a generate call now."""
+        ...
+
+    def shutdown(self) -> None:
+        """Release every resource; the engine is unusable afterwards."""
+        ...

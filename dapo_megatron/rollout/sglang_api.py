@@ -1,0 +1,295 @@
+"""SGLang's HTTP wire format: launch arguments, /generate payloads and answers, weight names.
+
+Pure functions (no process, no network), checked against SGLang 0.5.x's sources:
+GenerateReqInput / SamplingParams (sglang.srt.managers.io_struct,
+sglang.srt.sampling.sampling_params) for requests, and the tokenizer manager's output
+dicts ({"output_ids", "meta_info": {"id", "finish_reason", "output_token_logprobs"}})
+for answers. The engine that sends them lives in sglang_engine.py.
+
+Log-probs: SGLang returns log_softmax(logits / temperature) of the sampled token,
+untruncated by top_p / top_k; with SGLANG_RETURN_ORIGINAL_LOGPROB=1 in the server's
+environment (``SGLangConfig.return_original_logprob``) it returns log_softmax(logits)
+instead. ``check_logprob_support`` refuses requests whose protocol log-probs SGLang cannot
+give exactly, and ``to_samples`` maps the rest onto ``logprobs`` / ``raw_logprobs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket
+from dapo_megatron.rollout.sampling import row_seed
+
+
+@dataclasses.dataclass
+class SGLangConfig:
+    """How to launch and drive one SGLang server (one node or TP group).
+
+    model_path: HF checkpoint the server starts from (architecture, tokenizer, weights
+        of version `initial_weight_version`).
+    tp_size, base_gpu_id: the GPUs of this engine: base_gpu_id .. base_gpu_id+tp_size-1.
+    mem_fraction_static: share of GPU memory SGLang may hold for weights + KV cache; in
+        colocated mode the rest stays for the trainer while memory is resumed.
+    enable_memory_saver: required for release_memory / resume_memory (colocated mode).
+    return_original_logprob: start the server with SGLANG_RETURN_ORIGINAL_LOGPROB=1 so
+        that its log-probs are temperature-1 (raw) ones.
+    bucket_bytes: upper bound of one update_weights_from_tensor request's tensors.
+    launch_cmd: replaces `python -m sglang.launch_server ...` entirely (custom launchers,
+        tests); "{port}" in it is replaced by the chosen port.
+    """
+
+    model_path: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port at each (re)start
+    tp_size: int = 1
+    base_gpu_id: int = 0
+    mem_fraction_static: float = 0.5
+    enable_memory_saver: bool = True
+    random_seed: int = 0
+    dtype: str = "auto"
+    return_original_logprob: bool = False
+    bucket_bytes: int = 512 * 2**20
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 3600.0
+    max_restarts: int = 2
+    initial_weight_version: int = 0
+    extra_args: tuple[str, ...] = ()
+    launch_cmd: tuple[str, ...] | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def engine_configs_for_node(
+    base: SGLangConfig, gpus_per_node: int, tp_size: int
+) -> list[SGLangConfig]:
+    """One config per TP group on a node: GPUs [k*tp, (k+1)*tp) for k = 0 .. gpus/tp - 1."""
+    if tp_size < 1 or gpus_per_node % tp_size:
+        raise ValueError(
+            f"tp_size {tp_size} must divide gpus_per_node {gpus_per_node} for SGLang engines"
+        )
+    return [
+        dataclasses.replace(base, tp_size=tp_size, base_gpu_id=k * tp_size)
+        for k in range(gpus_per_node // tp_size)
+    ]
+
+
+def launch_command(cfg: SGLangConfig, port: int) -> list[str]:
+    """The argv that starts the server for cfg on port."""
+    if cfg.launch_cmd is not None:
+        return [part.replace("{port}", str(port)) for part in cfg.launch_cmd]
+    if not cfg.model_path:
+        raise ValueError("SGLangConfig.model_path is empty: set the HF checkpoint to serve")
+    cmd = [
+        sys.executable, "-m", "sglang.launch_server",
+        "--model-path", cfg.model_path,
+        "--host", cfg.host,
+        "--port", str(port),
+        "--tp-size", str(cfg.tp_size),
+        "--base-gpu-id", str(cfg.base_gpu_id),
+        "--mem-fraction-static", str(cfg.mem_fraction_static),
+        "--random-seed", str(cfg.random_seed),
+        "--dtype", cfg.dtype,
+        # Warm-up requests can outlast the health wait on a busy node; our health check
+        # (/health_generate) runs a real generation anyway.
+        "--skip-server-warmup",
+    ]
+    if cfg.enable_memory_saver:
+        cmd.append("--enable-memory-saver")
+    return cmd + list(cfg.extra_args)
+
+
+def launch_env(cfg: SGLangConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(cfg.env)
+    if cfg.return_original_logprob:
+        env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
+    return env
+
+
+# ---------------------------------------------------------------------- requests / responses
+def check_logprob_support(params: SamplingParams, original_logprob: bool) -> None:
+    """Raise if SGLang cannot return exactly the log-probs the protocol promises.
+
+    SGLang reports log_softmax(logits / T) (or log_softmax(logits) in original mode) of
+    the drawn token, never the top_p / top_k renormalised value.
+    """
+    if not params.return_logprobs and not params.return_raw_logprobs:
+        return  # tokens only (e.g. evaluation at top_p 0.7): nothing to get wrong
+    if params.truncates:
+        raise ValueError(
+            f"SGLang engine: top_p={params.top_p} / top_k={params.top_k} truncate the sampling "
+            "distribution but SGLang's log-probs are untruncated, so Sample.logprobs would be "
+            "wrong; sample with top_p=1, top_k=-1 where log-probs matter (training), set "
+            "return_logprobs=False where they do not (evaluation), or use the embedded engine"
+        )
+    if original_logprob and params.temperature != 1.0:
+        raise ValueError(
+            f"SGLang engine runs with return_original_logprob (temperature-1 log-probs) but the "
+            f"request samples at temperature {params.temperature}: Sample.logprobs would be "
+            "wrong; restart without return_original_logprob or sample at temperature 1"
+        )
+    if params.return_raw_logprobs and not original_logprob and params.temperature != 1.0:
+        raise ValueError(
+            "return_raw_logprobs at temperature != 1 needs an SGLang engine started with "
+            "return_original_logprob=True"
+        )
+
+
+def sample_rid(request_id: str, sample_index: int) -> str:
+    return f"{request_id}/{sample_index}"
+
+
+def build_generate_payload(
+    prompts: list[list[int]],
+    params: SamplingParams,
+    request_ids: list[str],
+) -> dict[str, Any]:
+    """The /generate body: every prompt repeated n times, one rid and seed per sample.
+
+    Samples are sent as separate requests (not SGLang's n) so each has its own rid (abort,
+    matching) and sampling_seed; SGLang's radix cache prefills the shared prompt once.
+    """
+    input_ids, sampling, rids = [], [], []
+    for prompt, rid in zip(prompts, request_ids):
+        for j in range(params.n):
+            sp: dict[str, Any] = {
+                "n": 1,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+                "max_new_tokens": params.max_new_tokens,
+                # Keep the stop string / token in the output: the trainer learns to stop.
+                "no_stop_trim": True,
+                "skip_special_tokens": False,
+                # 31 bits: SGLang hands the seed to torch / CUDA RNG as a plain int.
+                "sampling_seed": row_seed(params.seed, rid, j) & 0x7FFFFFFF,
+            }
+            if params.stop_token_ids:
+                sp["stop_token_ids"] = list(params.stop_token_ids)
+            if params.stop_strings:
+                sp["stop"] = list(params.stop_strings)
+            input_ids.append(list(prompt))
+            sampling.append(sp)
+            rids.append(sample_rid(rid, j))
+    return {
+        "input_ids": input_ids,
+        "sampling_params": sampling,
+        "rid": rids,
+        "return_logprob": params.return_logprobs or params.return_raw_logprobs,
+        "logprob_start_len": -1,  # output tokens only
+        "stream": False,
+    }
+
+
+def _finish_type(meta: dict[str, Any], rid: str) -> str:
+    reason = meta.get("finish_reason")
+    kind = reason.get("type") if isinstance(reason, dict) else reason
+    if kind not in ("stop", "length", "abort"):
+        raise ValueError(f"SGLang response for {rid}: unexpected finish_reason {reason!r}")
+    return kind
+
+
+def to_samples(
+    response: list[dict[str, Any]],
+    prompts: list[list[int]],
+    params: SamplingParams,
+    request_ids: list[str],
+    weight_version: int,
+    original_logprob: bool,
+) -> list[list[Sample]]:
+    """Parse /generate's answer (one entry per sample, request order) into Samples."""
+    expected = len(prompts) * params.n
+    if not isinstance(response, list) or len(response) != expected:
+        got = len(response) if isinstance(response, list) else type(response).__name__
+        raise ValueError(f"SGLang /generate returned {got} outputs, expected {expected}")
+    by_rid = {}
+    for k, out in enumerate(response):
+        meta = out.get("meta_info", {})
+        by_rid[meta.get("id", k)] = out
+    results: list[list[Sample]] = []
+    k = 0
+    for i, rid in enumerate(request_ids):
+        group = []
+        for j in range(params.n):
+            srid = sample_rid(rid, j)
+            # Match by id when SGLang echoes it, by position otherwise.
+            out = by_rid.get(srid, response[k])
+            k += 1
+            meta = out.get("meta_info", {})
+            wants = params.return_logprobs or params.return_raw_logprobs
+            triples = meta.get("output_token_logprobs")
+            if not wants:
+                if "output_ids" not in out:
+                    raise ValueError(f"SGLang response for {srid} has no output_ids")
+                triples = [(None, t, None) for t in out["output_ids"]]
+            elif triples is None:
+                raise ValueError(f"SGLang response for {srid} has no output_token_logprobs")
+            tokens = [int(t[1]) for t in triples]
+            lps = [float(t[0]) for t in triples] if wants else []
+            if "output_ids" in out and list(out["output_ids"]) != tokens:
+                raise ValueError(
+                    f"SGLang response for {srid}: output_ids disagree with output_token_logprobs"
+                )
+            # check_logprob_support guarantees lps is the sampling log-prob; it is also the
+            # raw one when the server reports temperature-1 values or T == 1.
+            raw = lps if params.return_raw_logprobs else None
+            group.append(
+                Sample(
+                    token_ids=tokens,
+                    logprobs=lps if params.return_logprobs else [],
+                    finish_reason=_finish_type(meta, srid),
+                    prompt_index=i,
+                    request_id=rid,
+                    sample_index=j,
+                    weight_version=weight_version,
+                    raw_logprobs=raw,
+                )
+            )
+        results.append(group)
+    return results
+
+
+def map_weight_names(
+    bucket: WeightBucket,
+    tie_word_embeddings: bool = False,
+    rename: dict[str, str] | None = None,
+) -> WeightBucket:
+    """HF names as SGLang's model loaders take them (its load_weights reads HF checkpoints).
+
+    Rules: rotary inv_freq buffers are dropped (SGLang computes them), lm_head.weight is
+    dropped when embeddings are tied (SGLang's loaders skip it too), `rename` maps any
+    remaining name explicitly.
+    """
+    out = []
+    for name, tensor in bucket:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if tie_word_embeddings and name == "lm_head.weight":
+            continue
+        out.append(((rename or {}).get(name, name), tensor))
+    return out
+
+
+def default_serializer(bucket: WeightBucket) -> str:
+    """SGLang's own serializer: CUDA tensors become IPC handles (colocated, zero copy)."""
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    return MultiprocessingSerializer.serialize(bucket, output_str=True)
+
+
+def serialize_bucket(
+    bucket: WeightBucket,
+    tie_word_embeddings: bool = False,
+    rename: dict[str, str] | None = None,
+    serializer=None,
+) -> tuple[str, int]:
+    """Trainer-side half of a colocated sync: (payload string, bytes) of one bucket.
+
+    Run in the process that owns the (CUDA) tensors; keep the tensors alive until the
+    engine's update_weights_serialized call for this bucket has returned.
+    """
+    mapped = map_weight_names(bucket, tie_word_embeddings, rename)
+    nbytes = sum(t.numel() * t.element_size() for _, t in mapped)
+    return (serializer or default_serializer)(mapped), nbytes

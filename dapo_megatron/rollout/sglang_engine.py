@@ -1,0 +1,502 @@
+"""SGLang rollout engine: one SGLang HTTP server per node or TP group, driven over HTTP.
+
+Written against SGLang 0.5.x's HTTP API (sglang.srt.entrypoints.http_server), the same
+endpoints its Python ``Engine`` wraps:
+
+- ``POST /generate``: see sglang_api.build_generate_payload / to_samples.
+- ``POST /update_weights_from_tensor`` with ``serialized_named_tensors`` (one
+  ``MultiprocessingSerializer.serialize(named_tensors, output_str=True)`` string per TP
+  rank; in colocated mode the tensors are CUDA tensors and travel as CUDA IPC handles),
+  ``flush_cache`` (only on the last bucket) and ``weight_version``.
+- ``POST /init_weights_update_group`` and ``POST /update_weights_from_distributed``
+  (names, dtypes, shapes; the trainer broadcasts the tensors over the NCCL group) when
+  the engine sits on other GPUs than the trainer.
+- ``POST /release_memory_occupation`` / ``POST /resume_memory_occupation`` (needs
+  ``--enable-memory-saver``), ``POST /abort_request`` ({"rid"}), ``GET /flush_cache``,
+  ``GET /health_generate``.
+
+If the server process dies, the engine restarts it, restores the last synced weights
+through ``weights_provider`` and retries the batch (``max_restarts`` times).
+sglang itself is imported lazily (only the default serializer needs it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, Iterable, Iterator
+
+from dapo_megatron.rollout.buckets import bucket_nbytes, rebucket
+from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, default_request_ids
+from dapo_megatron.rollout.sglang_api import (
+    SGLangConfig,
+    build_generate_payload,
+    engine_configs_for_node,
+    check_logprob_support,
+    default_serializer,
+    launch_command,
+    launch_env,
+    map_weight_names,
+    sample_rid,
+    to_samples,
+)
+
+logger = logging.getLogger(__name__)
+
+# Returns (buckets of the current weights, their version); called after a restart.
+WeightsProvider = Callable[[], tuple[Iterable[WeightBucket], int]]
+Serializer = Callable[[WeightBucket], str]
+
+
+def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EngineDied(RuntimeError):
+    """The server process exited; the engine restarts it."""
+
+
+# ---------------------------------------------------------------------- the engine
+class SGLangEngine:
+    """RolloutEngine over one SGLang server process (one node / TP group).
+
+    weights_provider: called after a restart to restore the latest synced weights; without
+        it a restart after any update_weights raises instead of serving stale weights.
+    serializer: bucket -> str for update_weights_from_tensor (default: SGLang's).
+    tie_word_embeddings, rename: see map_weight_names.
+    exit_on_death: inside a Ray actor, end the actor when the server cannot be recovered,
+        so the owner sees RayActorError and replaces the engine (and re-syncs weights).
+    """
+
+    def __init__(
+        self,
+        cfg: SGLangConfig,
+        *,
+        weights_provider: WeightsProvider | None = None,
+        serializer: Serializer | None = None,
+        tie_word_embeddings: bool = False,
+        rename: dict[str, str] | None = None,
+        start: bool = True,
+        exit_on_death: bool = False,
+    ):
+        self.cfg = cfg
+        self.weights_provider = weights_provider
+        self.serializer = serializer or default_serializer
+        self.tie_word_embeddings = tie_word_embeddings
+        self.rename = rename
+        self.exit_on_death = exit_on_death
+        self.weight_version = cfg.initial_weight_version
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.restarts = 0
+        self.last_sync: dict[str, float] = {}
+        self._inflight: dict[str, list[str]] = {}
+        self._inflight_lock = threading.Lock()
+        self._released: set[str] = set()  # memory tags currently released
+        self._synced = False  # weights differ from model_path's since an update
+        self._partial_sync = False  # an update_weights stopped part-way: refuse to sample
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ process
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        """Spawn the server and wait until /health_generate answers 200."""
+        self.port = self.cfg.port or _free_port(self.cfg.host)
+        cmd = launch_command(self.cfg, self.port)
+        logger.info("starting SGLang server: %s", " ".join(cmd))
+        # Own session: shutdown() can signal the server and its scheduler children at once.
+        self.process = subprocess.Popen(cmd, env=launch_env(self.cfg), start_new_session=True)
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while True:
+            if not self.alive():
+                raise EngineDied(
+                    f"SGLang server exited with code {self.process.returncode} during start-up "
+                    f"(command: {' '.join(cmd)}); see its log above"
+                )
+            if self._ping():
+                break
+            if time.monotonic() > deadline:
+                self._kill()
+                raise TimeoutError(
+                    f"SGLang server on port {self.port} not healthy after "
+                    f"{self.cfg.startup_timeout_s:.0f} s; raise SGLangConfig.startup_timeout_s"
+                )
+            time.sleep(0.2)
+        # An empty queue before the first release_memory (slime does the same).
+        self._request("GET", "/flush_cache", None, timeout=60)
+
+    def _ping(self) -> bool:
+        try:
+            self._request("GET", "/health_generate", None, timeout=5)
+            return True
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    def restart(self) -> None:
+        """Replace a dead (or wedged) server and restore the latest synced weights."""
+        self._kill()
+        self.restarts += 1
+        version, synced = self.weight_version, self._synced
+        self.weight_version = self.cfg.initial_weight_version
+        self._released, self._synced, self._partial_sync = set(), False, False
+        self.start()
+        if synced:
+            if self.weights_provider is None:
+                raise RuntimeError(
+                    f"SGLang server restarted with the weights of {self.cfg.model_path!r} but the "
+                    f"engine had synced version {version}; pass weights_provider to restore them"
+                )
+            buckets, provided = self.weights_provider()
+            self.update_weights(buckets, provided)
+        logger.warning("SGLang server restarted (%d so far), weights at v%d",
+                       self.restarts, self.weight_version)
+
+    def _kill(self) -> None:
+        """End the server's whole process group: after a crash of the HTTP process its
+        scheduler children may still hold GPU memory."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+        self.process = None
+
+    # ------------------------------------------------------------------ http
+    def _request(self, method: str, path: str, payload: Any, timeout: float) -> Any:
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(
+            self.base_url + path, data=data, method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:500]
+            raise ValueError(f"SGLang {method} {path} failed with HTTP {err.code}: {detail}") from err
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            return body.decode(errors="replace")
+
+    def _call(self, method: str, path: str, payload: Any = None, timeout: float = 600.0) -> Any:
+        """One request; a connection failure with a dead process becomes EngineDied."""
+        try:
+            return self._request(method, path, payload, timeout)
+        except (OSError, urllib.error.URLError) as err:
+            # The kernel closes a dying process's sockets just before it becomes a zombie:
+            # give the exit a moment to register before calling the server alive.
+            if self.process is not None:
+                try:
+                    self.process.wait(timeout=2.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            if not self.alive():
+                raise EngineDied(f"SGLang server died during {method} {path}: {err}") from err
+            raise
+
+    @staticmethod
+    def _check_success(answer: Any, what: str) -> None:
+        if isinstance(answer, dict) and answer.get("success") is False:
+            raise RuntimeError(f"SGLang {what} failed: {answer.get('message')}")
+
+    # ------------------------------------------------------------------ protocol
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        request_ids: list[str] | None = None,
+    ) -> list[list[Sample]]:
+        """Sample params.n responses per prompt; restarts the server and retries on death."""
+        request_ids = request_ids or default_request_ids(len(prompts))
+        if len(request_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request_ids")
+        check_logprob_support(params, self.cfg.return_original_logprob)
+        if self._partial_sync:
+            raise RuntimeError(
+                "SGLang engine: the last weight update failed part-way, the server holds mixed "
+                "weights; run a full, successful update_weights before generating"
+            )
+        payload = build_generate_payload(prompts, params, request_ids)
+        with self._inflight_lock:
+            for rid in request_ids:
+                self._inflight[rid] = [sample_rid(rid, j) for j in range(params.n)]
+        try:
+            for attempt in range(self.cfg.max_restarts + 1):
+                version = self.weight_version
+                try:
+                    answer = self._call("POST", "/generate", payload, self.cfg.request_timeout_s)
+                    break
+                except EngineDied as err:
+                    if attempt == self.cfg.max_restarts:
+                        self._unrecoverable(err)
+                    logger.warning("%s; restarting and retrying the batch", err)
+                    try:
+                        self.restart()
+                    except Exception as restart_err:
+                        self._unrecoverable(restart_err)
+        finally:
+            with self._inflight_lock:
+                for rid in request_ids:
+                    self._inflight.pop(rid, None)
+        return to_samples(answer, prompts, params, request_ids, version,
+                          self.cfg.return_original_logprob)
+
+    def _unrecoverable(self, err: Exception) -> None:
+        """Give up: raise err, or end the Ray actor so its owner replaces it (exit_on_death)."""
+        self._kill()
+        if self.exit_on_death:
+            import ray
+
+            logger.error("SGLang engine cannot recover (%s); exiting the actor", err)
+            ray.actor.exit_actor()
+        raise err
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort the samples of the named in-flight requests (they finish with "abort")."""
+        with self._inflight_lock:
+            rids = [s for rid in request_ids for s in self._inflight.get(rid, [])]
+        for srid in rids:
+            try:
+                self._call("POST", "/abort_request", {"rid": srid, "abort_all": False}, 30)
+            except (EngineDied, OSError, urllib.error.URLError) as err:
+                logger.warning("abort of %s failed: %s", srid, err)
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """Push HF-named tensors in buckets of <= cfg.bucket_bytes, serialized here.
+
+        Right when this process holds the tensors (in-process engine, or CPU tensors).
+        Colocated on GPUs behind Ray, serialize in the trainer process instead
+        (sglang_api.serialize_bucket) and call update_weights_serialized: CUDA tensors must not
+        travel through Ray's object store into a GPU-less actor.
+        """
+        mapped = (map_weight_names(b, self.tie_word_embeddings, self.rename) for b in buckets)
+        payloads = (
+            ([self.serializer(bucket)] * self.cfg.tp_size, bucket_nbytes(bucket))
+            for bucket in rebucket(mapped, self.cfg.bucket_bytes)
+        )
+        self._post_tensor_buckets(payloads, version)
+
+    def update_weights_serialized(
+        self, buckets: Iterable[list[str] | tuple[list[str], int]], version: int
+    ) -> None:
+        """Push buckets serialized by the trainer: per bucket, one string per TP rank
+        (the trainer rank on the GPU of SGLang's TP rank r makes entry r, so every CUDA IPC
+        handle is opened on its own device), optionally paired with the bucket's bytes."""
+        payloads = (b if isinstance(b, tuple) else (b, 0) for b in buckets)
+        self._post_tensor_buckets(payloads, version)
+
+    def _post_tensor_buckets(self, payloads: Iterable[tuple[list[str], int]], version: int) -> None:
+        start, total, count = time.perf_counter(), 0, 0
+        self._partial_sync = True
+        for (per_rank, nbytes), last in _with_last(payloads):
+            if len(per_rank) != self.cfg.tp_size:
+                raise ValueError(
+                    f"update_weights: a bucket has {len(per_rank)} serialized payloads but the "
+                    f"engine runs tp_size={self.cfg.tp_size}: send one per SGLang TP rank"
+                )
+            answer = self._call(
+                "POST",
+                "/update_weights_from_tensor",
+                {
+                    "serialized_named_tensors": list(per_rank),
+                    "load_format": None,
+                    # The KV/radix cache is stale after new weights: flush once, at the end.
+                    "flush_cache": last,
+                    "weight_version": str(version),
+                },
+                self.cfg.request_timeout_s,
+            )
+            self._check_success(answer, "update_weights_from_tensor")
+            total += nbytes
+            count += 1
+            self._synced = True
+        self.weight_version = int(version)
+        self._partial_sync = False
+        seconds = time.perf_counter() - start
+        self.last_sync = {"bytes": float(total), "seconds": seconds, "buckets": float(count)}
+        logger.info("SGLang weight sync v%d: %d buckets, %.1f MB in %.2f s",
+                    version, count, total / 1e6, seconds)
+
+    def init_weights_update_group(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+        group_name: str = "weight_update_group", backend: str = "nccl",
+    ) -> None:
+        """Join the trainer's NCCL group (separate-GPU mode); rank_offset = this engine's first rank."""
+        answer = self._call("POST", "/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port,
+            "rank_offset": rank_offset, "world_size": world_size,
+            "group_name": group_name, "backend": backend,
+        }, self.cfg.request_timeout_s)
+        self._check_success(answer, "init_weights_update_group")
+
+    def update_weights_from_distributed(
+        self,
+        buckets: Iterable[WeightBucket],
+        version: int,
+        broadcast: Callable[[WeightBucket], None],
+        group_name: str = "weight_update_group",
+    ) -> None:
+        """Separate-GPU sync: post each bucket's metadata, then broadcast its tensors.
+
+        broadcast(bucket) runs in the trainer process (rank 0 of the group) and must
+        torch.distributed.broadcast each tensor in order; the HTTP call blocks until the
+        server has received them, so it runs in a thread meanwhile.
+        """
+        self._partial_sync = True
+        mapped = (map_weight_names(b, self.tie_word_embeddings, self.rename) for b in buckets)
+        for bucket, last in _with_last(rebucket(mapped, self.cfg.bucket_bytes)):
+            payload = {
+                "names": [n for n, _ in bucket],
+                "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket],
+                "group_name": group_name,
+                "flush_cache": last,
+                "weight_version": str(version),
+            }
+            result: dict[str, Any] = {}
+
+            def post() -> None:
+                try:
+                    result["answer"] = self._call("POST", "/update_weights_from_distributed",
+                                                  payload, self.cfg.request_timeout_s)
+                except Exception as err:  # re-raised in the caller's thread below
+                    result["error"] = err
+
+            thread = threading.Thread(target=post)
+            thread.start()
+            broadcast(bucket)
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            self._check_success(result["answer"], "update_weights_from_distributed")
+            self._synced = True
+        self.weight_version = int(version)
+        self._partial_sync = False
+
+    def release_memory(self) -> None:
+        """Free weights and KV cache (colocated train phase); queue must be empty first."""
+        self._call("GET", "/flush_cache", None, 120)
+        self._call("POST", "/release_memory_occupation", {}, self.cfg.request_timeout_s)
+        self._released = {"weights", "kv_cache"}
+
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Re-acquire memory; tags ["weights"] then ["kv_cache"] lets a sync run in between."""
+        self._call("POST", "/resume_memory_occupation", {"tags": tags}, self.cfg.request_timeout_s)
+        # Resuming only "weights" still leaves the KV cache released, and vice versa.
+        self._released -= set(tags) if tags is not None else self._released
+
+    def health(self) -> bool:
+        """Alive and answering; /health_generate runs a real generation, so while memory is
+        released (no weights, no KV cache) only the process and /health are checked."""
+        if not self.alive():
+            return False
+        if self._released:
+            try:
+                self._request("GET", "/health", None, timeout=5)
+                return True
+            except (OSError, urllib.error.URLError, ValueError):
+                return False
+        return self._ping()
+
+    def get_weight_version(self) -> int:
+        return self.weight_version
+
+    def shutdown(self) -> None:
+        self._kill()
+
+
+def sglang_config_from(cfg: Any, engine_index: int = 0) -> SGLangConfig:
+    """The SGLangConfig of engine engine_index of a run (dapo_megatron.config.DapoConfig).
+
+    Engines are laid out per node in TP groups: engine k uses GPUs
+    [(k % groups) * tp, (k % groups + 1) * tp) of its node, groups = gpus_per_node // tp.
+    """
+    r, par = cfg.rollout, cfg.parallel
+    if not cfg.model.hf_dir:
+        raise ValueError(
+            "rollout.engine=sglang needs model.hf_dir: SGLang reads the architecture, tokenizer "
+            "and initial weights from an HF checkpoint directory"
+        )
+    groups = engine_configs_for_node(SGLangConfig(), par.gpus_per_node, r.engine_tp)
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.model.params_dtype, "auto")
+    return SGLangConfig(
+        model_path=cfg.model.hf_dir,
+        tp_size=r.engine_tp,
+        base_gpu_id=groups[engine_index % len(groups)].base_gpu_id,
+        mem_fraction_static=r.sglang_mem_fraction,
+        enable_memory_saver=par.colocate,
+        random_seed=cfg.trainer.seed + engine_index,
+        dtype=dtype,
+        bucket_bytes=r.weight_bucket_mb * 2**20,
+        # A Ray actor without GPUs may see no devices; base_gpu_id indexes the node's GPUs.
+        env={"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(par.gpus_per_node))},
+    )
+
+
+def create_sglang_actor(
+    cfg: Any,
+    hf_config: dict | None = None,
+    *,
+    engine_index: int = 0,
+    num_cpus: float = 1,
+    serializer: Serializer | None = None,
+    **ray_options: Any,
+):
+    """An SGLangEngine in a Ray actor; cfg is a DapoConfig or an SGLangConfig.
+
+    The actor reserves no GPU: the server process it starts uses the GPUs the colocated
+    training actors hold (placement is the caller's, via ray_options such as
+    scheduling_strategy). max_concurrency lets abort() reach a busy actor. A server that
+    dies is restarted in place while the weights are still the checkpoint's; after a sync
+    the actor exits instead (exit_on_death), and the caller replaces it and re-syncs.
+    """
+    import ray
+
+    scfg = cfg if isinstance(cfg, SGLangConfig) else sglang_config_from(cfg, engine_index)
+    tied = bool((hf_config or {}).get("tie_word_embeddings", False))
+    actor_cls = ray.remote(SGLangEngine)
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=0, max_concurrency=4, **ray_options).remote(
+        scfg, serializer=serializer, tie_word_embeddings=tied, exit_on_death=True
+    )

@@ -1,0 +1,101 @@
+"""RolloutManager over in-process engines: dispatch, streaming, abort, dead-engine retry."""
+
+import sys
+import time
+
+import pytest
+import torch
+
+from dapo_megatron.rollout.embedded import EmbeddedEngine
+from dapo_megatron.rollout.manager import RolloutManager
+from dapo_megatron.rollout.protocol import SamplingParams
+from dapo_megatron.rollout.sglang_api import SGLangConfig
+from dapo_megatron.rollout.sglang_engine import SGLangEngine
+from tests.rollout.reference import tiny_config
+from tests.rollout.test_sglang_engine import FAKE, expected_for, json_serializer, read_log
+
+PROMPTS = [[1 + i, 2, 3 + (i % 3)] for i in range(10)]
+
+
+def engine(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return EmbeddedEngine(tiny_config(), **kwargs)
+
+
+def test_round_equals_single_engine_generation():
+    params = SamplingParams(n=3, max_new_tokens=8, seed=4)
+    reference = engine().generate(PROMPTS, params, [f"t-{i}" for i in range(len(PROMPTS))])
+    manager = RolloutManager([engine(), engine(), engine()])
+    round_ = manager.submit(PROMPTS, params, tag="t", prompts_per_call=3)
+    got = {g.prompt_index: g for g in round_}
+    assert sorted(got) == list(range(len(PROMPTS)))
+    for i, group in got.items():
+        assert group.request_id == f"t-{i}"
+        assert [s.token_ids for s in group.samples] == [s.token_ids for s in reference[i]]
+        for got_s, ref_s in zip(group.samples, reference[i]):
+            assert got_s.logprobs == pytest.approx(ref_s.logprobs, abs=1e-5)
+
+
+def test_stream_then_abort_stops_inflight_and_pending_chunks():
+    manager = RolloutManager([engine(), engine()])
+    endless = SamplingParams(n=2, max_new_tokens=100000, seed=1)
+    round_ = manager.submit(PROMPTS, endless, tag="a", prompts_per_call=2)
+    time.sleep(0.5)
+    start = time.perf_counter()
+    round_.abort()  # both engines hold a chunk that would run for minutes; three are pending
+    assert time.perf_counter() - start < 20
+    assert list(round_) == []
+    # The engines are free again and serve the next round completely.
+    short = SamplingParams(n=2, max_new_tokens=4, seed=1)
+    got = list(manager.submit(PROMPTS, short, tag="b"))
+    assert sorted(g.prompt_index for g in got) == list(range(len(PROMPTS)))
+
+
+def test_consumer_can_stop_early_while_others_generate():
+    manager = RolloutManager([engine(), engine()])
+    params = SamplingParams(n=2, max_new_tokens=6, seed=2)
+    round_ = manager.submit(PROMPTS, params, tag="c", prompts_per_call=1)
+    taken = []
+    for group in round_:
+        taken.append(group)
+        if len(taken) == 3:
+            round_.abort()
+            break
+    assert len(taken) == 3 and all(len(g.samples) == 2 for g in taken)
+
+
+def test_dead_sglang_server_is_replaced_and_chunk_retried(tmp_path):
+    log = tmp_path / "events.jsonl"
+
+    def make(index):
+        cfg = SGLangConfig(max_restarts=0, startup_timeout_s=60, request_timeout_s=60,
+                           launch_cmd=(sys.executable, FAKE, "--port", "{port}", "--log", str(log),
+                                       "--die-marker", str(tmp_path / f"die{index}")))
+        return SGLangEngine(cfg, serializer=json_serializer)
+
+    manager = RolloutManager([make(0), make(1)], factory=make, max_restarts=1)
+    try:
+        manager.update_weights([[("w", torch.ones(3))]], version=4)
+        (tmp_path / "die1").write_text("x")  # engine 1's server exits on its next request
+        params = SamplingParams(n=2, max_new_tokens=5, seed=3)
+        got = {g.prompt_index: g for g in manager.submit(PROMPTS, params, tag="d", prompts_per_call=2)}
+        assert manager.restarts == 1 and sorted(got) == list(range(len(PROMPTS)))
+        expected = expected_for(PROMPTS, params, [f"d-{i}" for i in range(len(PROMPTS))], 4)
+        assert [[s.token_ids for s in got[i].samples] for i in range(len(PROMPTS))] == expected
+        syncs = [e for e in read_log(log) if e["path"] == "/update_weights_from_tensor"]
+        assert len(syncs) == 3  # two engines, then the replacement got version 4 too
+        assert all(s.weight_version == 4 for g in got.values() for s in g.samples)
+        # A second death exceeds max_restarts: the error reaches the caller.
+        (tmp_path / "die0").write_text("x")
+        (tmp_path / "die1").write_text("x")
+        with pytest.raises(RuntimeError, match="cannot be replaced"):
+            list(manager.submit(PROMPTS, params, tag="e"))
+    finally:
+        manager.shutdown()
+
+
+def test_real_errors_are_not_retried():
+    manager = RolloutManager([engine()], factory=lambda i: engine(), max_restarts=5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        list(manager.submit([[1], [10**6]], SamplingParams(max_new_tokens=2), tag="x"))
+    assert manager.restarts == 0
