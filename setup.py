@@ -24,6 +24,7 @@ setup(
         "numpy>=1.26",
         "pyarrow>=15",
         "matplotlib>=3.8",
+        "psutil>=5.9",  # megatron dist_checkpointing imports it
     ],
     extras_require={
         # GPU only; imported lazily. NVIDIA apex is detected at run time, never listed:

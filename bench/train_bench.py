@@ -1,0 +1,198 @@
+"""CPU benchmark of the policy train step and of the log-prob computation's memory.
+
+1. Train-step throughput (response + prompt tokens per second) on one rank, on a batch
+   whose sequence lengths spread 4x (shuffled), with token-budget micro-batching (sorted
+   by length, padded within a micro-batch) against naive fixed-size padded micro-batches
+   in batch order. Both use the same largest padded micro-batch (rows x longest).
+2. Peak memory allocated by ``token_logprobs_and_entropy`` (forward, and forward plus
+   backward) over what exists before it (the logits), divided by the logits' size; and the
+   same for a straightforward full ``log_softmax`` for comparison. Measured with the torch
+   profiler's allocation events (CPU allocator), in time order.
+
+Run:  .venv/bin/python bench/train_bench.py [--seqs 32] [--repeats 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _hf_model(vocab: int, hidden: int, layers: int, seed: int = 0):
+    from dapo_megatron.config import ModelConfig
+    from dapo_megatron.convert import model_args_from_hf
+    from dapo_megatron.convert.rules import hf_shapes
+
+    cfg = ModelConfig(architecture="llama", vocab_size=vocab, hidden_size=hidden,
+                      num_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=4 * hidden, max_position_embeddings=4096,
+                      tie_word_embeddings=False).hf_config_dict()
+    g = torch.Generator().manual_seed(seed)
+    state = {n: (1.0 if n.endswith("norm.weight") else 0.0) + 0.05 * torch.randn(s, generator=g)
+             for n, s in hf_shapes(model_args_from_hf(cfg)).items()}
+    return cfg, state
+
+
+def _spread_batch(n: int, short: int, vocab: int, seed: int = 0):
+    """``n`` sequences with lengths uniform in [short, 4 * short], in random order."""
+    from dapo_megatron.policy.microbatch import PolicyBatch
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(short, 4 * short, n).round().long()[torch.randperm(n, generator=g)]
+    seqs = [torch.randint(0, vocab, (int(L),), generator=g).tolist() for L in lengths]
+    masks = [[0] * 8 + [1] * (len(s) - 8) for s in seqs]
+    return PolicyBatch.from_sequences(seqs, masks, torch.randn(n, generator=g).tolist())
+
+
+def _trainer_worker(rank, world_size, args):
+    """One trainer; the two batching modes alternate repeat by repeat, so both see the
+    same machine load (the best time of each is kept)."""
+    from dapo_megatron.config import AlgoConfig, OptimizerConfig, ParallelConfig, TrainerConfig
+    from dapo_megatron.policy.train import PolicyTrainer
+
+    torch.set_num_threads(args["threads"])
+    hf = _hf_model(args["vocab"], args["hidden"], args["layers"])
+    longest = 4 * args["short"]
+    trainer = PolicyTrainer(
+        hf[0], parallel=ParallelConfig(), optim=OptimizerConfig(lr=1e-5, warmup_steps=0),
+        algo=AlgoConfig(),
+        trainer=TrainerConfig(train_batch_size=1, mini_batch_size=1, max_steps=100,
+                              max_tokens_per_microbatch=args["rows"] * longest),
+        hf_state_dict=hf[1])
+    batch = _spread_batch(args["seqs"], args["short"], args["vocab"])
+    batch.old_logprobs = trainer.compute_logprobs(batch)
+    modes = {"budget": None, "fixed": args["rows"]}
+    best: dict[str, float] = {}
+    metrics: dict[str, dict] = {}
+    for repeat in range(args["repeats"] + 1):  # the first round warms up
+        for mode, rows in modes.items():
+            trainer.fixed_micro_batch_size = rows
+            start = time.perf_counter()
+            metrics[mode] = trainer.train_step(batch)
+            seconds = time.perf_counter() - start
+            if repeat:
+                best[mode] = min(best.get(mode, float("inf")), seconds)
+    return {mode: {"tokens": metrics[mode]["actor/tokens"],
+                   "padded_tokens": metrics[mode]["actor/padded_tokens"],
+                   "padding_waste": metrics[mode]["actor/padding_waste"],
+                   "microbatches": metrics[mode]["actor/microbatches"],
+                   "seconds": best[mode],
+                   "tokens_per_s": metrics[mode]["actor/tokens"] / best[mode]}
+            for mode in modes}
+
+
+def throughput(args) -> dict:
+    from tests.dist import run_distributed
+
+    out = run_distributed(_trainer_worker, 1, args)[0]
+    out["speedup"] = out["budget"]["tokens_per_s"] / out["fixed"]["tokens_per_s"]
+    return out
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes allocated (above the start) while ``fn`` runs, from profiler events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path, encoding="utf-8") as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0))):
+        live += e["args"]["Bytes"]
+        peak = max(peak, live)
+    return peak
+
+
+def logprob_memory(batch: int, seq: int, vocab: int) -> dict:
+    from dapo_megatron.policy.logprobs import token_logprobs_and_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(batch, seq, vocab, requires_grad=True)
+    ids = torch.randint(0, vocab, (batch, seq))
+    weights = torch.randn(batch, seq)
+    logits_bytes = logits.numel() * logits.element_size()
+
+    def ours(backward: bool):
+        def run():
+            lp, ent = token_logprobs_and_entropy(logits, ids, vocab_size=vocab)
+            if backward:
+                ((lp * weights).sum() + (ent * weights).sum()).backward()
+        return run
+
+    def naive(backward: bool):
+        def run():
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            lp = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+            ent = -(logp.exp() * logp).sum(-1)
+            if backward:
+                ((lp * weights[:, 1:]).sum() + (ent * weights).sum()).backward()
+        return run
+
+    out = {"logits_bytes": logits_bytes}
+    for name, make in (("ours", ours), ("naive_log_softmax", naive)):
+        for backward in (False, True):
+            logits.grad = None
+            ctx = torch.enable_grad() if backward else torch.no_grad()
+            with ctx:
+                peak = _peak_bytes(make(backward))
+            key = f"{name}_{'fwd_bwd' if backward else 'fwd'}_peak_over_logits"
+            out[key] = peak / logits_bytes
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", type=int, default=32)
+    p.add_argument("--short", type=int, default=48, help="shortest sequence; longest is 4x")
+    p.add_argument("--rows", type=int, default=4, help="rows of the naive micro-batch")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mem-batch", type=int, default=4)
+    p.add_argument("--mem-seq", type=int, default=512)
+    p.add_argument("--mem-vocab", type=int, default=8192)
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = {"throughput": throughput(vars(args)),
+              "logprob_memory": logprob_memory(args.mem_batch, args.mem_seq, args.mem_vocab)}
+    t = result["throughput"]
+    m = result["logprob_memory"]
+    lines = [
+        f"train step, {args.seqs} seqs of {args.short}..{4 * args.short} tokens:",
+        f"  token budget : {t['budget']['tokens_per_s']:8.0f} tok/s  "
+        f"{t['budget']['microbatches']:.0f} micro-batches, padding waste "
+        f"{t['budget']['padding_waste']:.1%}",
+        f"  fixed {args.rows} rows : {t['fixed']['tokens_per_s']:8.0f} tok/s  "
+        f"{t['fixed']['microbatches']:.0f} micro-batches, padding waste "
+        f"{t['fixed']['padding_waste']:.1%}",
+        f"  speedup      : {t['speedup']:.2f}x",
+        f"log-prob peak memory over logits ({m['logits_bytes'] / 2**20:.0f} MiB logits):",
+        f"  vocab-parallel fn: forward {m['ours_fwd_peak_over_logits']:.2f}x, "
+        f"forward+backward {m['ours_fwd_bwd_peak_over_logits']:.2f}x",
+        f"  full log_softmax : forward {m['naive_log_softmax_fwd_peak_over_logits']:.2f}x, "
+        f"forward+backward {m['naive_log_softmax_fwd_bwd_peak_over_logits']:.2f}x",
+    ]
+    print("\n".join(lines))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    ok = t["speedup"] > 1.0 and m["ours_fwd_bwd_peak_over_logits"] < 2.0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

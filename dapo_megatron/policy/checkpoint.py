@@ -1,0 +1,297 @@
+"""Policy checkpoints with megatron.core.dist_checkpointing: atomic, reshardable.
+
+Layout of ``<root>/``:
+    step_00000012/     one checkpoint (a dist_checkpointing directory)
+    latest             text file naming the newest complete checkpoint
+    .tmp_step_*/       a save in progress (never read; removed by the next save)
+
+A checkpoint holds, under these top-level keys of the sharded state dict:
+    model        the GPTModel's ``sharded_state_dict()`` with prefix '' (the dict key only
+                 groups; the tensor keys are megatron's, e.g. ``decoder.layers.0...``,
+                 exactly what tools/convert_hf.py (convert/dist_ckpt.py) writes, so a
+                 converted HF checkpoint loads as initial weights without the optimizer)
+    optimizer    the distributed optimizer state, "fully_reshardable" format
+    scheduler    the lr/wd schedule (OptimizerParamScheduler.state_dict)
+    step         completed rollout steps
+    extra_state  an opaque, picklable dict from the controller (data position, ...)
+    layout       tp/pp/ep/dp it was written under
+    rng          per-rank RNG states (python, numpy, torch, CUDA, megatron's TP tracker)
+
+Model and optimizer tensors reload under any TP/PP/DP layout (megatron reshards them);
+RNG states are per rank and restored only when the layout is unchanged.
+
+Atomicity: every rank writes into ``.tmp_step_N``; after a barrier rank 0 renames it to
+``step_N`` (one rename, atomic on POSIX) and then updates ``latest``. A crash mid-save
+leaves only a temp directory. Checkpoints beyond the newest ``keep_last`` are deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["find_latest", "load_checkpoint", "save_checkpoint", "write_checkpoint"]
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Reshardable across TP/PP/DP; no per-chained-optimizer key prefix, so the keys do not
+# depend on how megatron splits dense and expert parameters into optimizers.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                   "chained_optim_avoid_prefix": True}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "ep": ps.get_expert_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _model_state(model_chunks) -> dict:
+    if len(model_chunks) != 1:
+        raise NotImplementedError("checkpoints support one model chunk per rank (no virtual "
+                                  "pipeline stages)")
+    return _unwrap(model_chunks[0]).sharded_state_dict()
+
+
+def _rng_object(data=None):
+    """This rank's RNG states as a ShardedObject indexed by (pp, tp, ep) rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = (ps.get_pipeline_model_parallel_world_size(),
+             ps.get_tensor_model_parallel_world_size(),
+             ps.get_expert_model_parallel_world_size())
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_expert_model_parallel_rank())
+    return ShardedObject("rng_state", data, shape, offset,
+                         replica_id=ps.get_expert_data_parallel_rank())
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def find_latest(root: str) -> str | None:
+    """The newest complete checkpoint under ``root`` (``latest`` file, else a scan)."""
+    marker = os.path.join(root, "latest")
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            name = f.read().strip()
+        if name and os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    steps = sorted(d for d in os.listdir(root) if _STEP_DIR.match(d)) if os.path.isdir(root) else []
+    return os.path.join(root, steps[-1]) if steps else None
+
+
+def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *,
+                     extra_state: dict | None = None) -> str:
+    """Collectively write a checkpoint straight into ``path`` (created if missing; must be
+    empty). The caller owns atomicity (e.g. the controller's temp-dir-then-rename);
+    ``save_checkpoint`` adds it. ``extra_state`` must be equal on every rank."""
+    from megatron.core import dist_checkpointing
+
+    if _rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        if os.listdir(path):
+            raise FileExistsError(f"checkpoint directory {path!r} is not empty; pass a new one")
+    _barrier()
+    model_state = _model_state(model_chunks)
+    state = {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False,
+                                                  metadata=_OPTIM_METADATA),
+        "scheduler": scheduler.state_dict(),
+        "step": int(step),
+        "extra_state": extra_state or {},
+        "layout": _layout(),
+        "rng": _rng_object(_rng_state()),
+    }
+    dist_checkpointing.save(state, path, content_metadata=dict(_OPTIM_METADATA))
+    _barrier()
+    return path
+
+
+def save_checkpoint(root: str, step: int, model_chunks, optimizer, scheduler, *,
+                    extra_state: dict | None = None, keep_last: int = 2) -> str:
+    """Atomically save ``step`` as ``<root>/step_<step>`` (see the module docstring) and
+    keep the newest ``keep_last``; returns the checkpoint's directory. ``root`` must be on
+    a file system every rank sees."""
+    name = f"step_{int(step):08d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp_{name}")
+    if _rank() == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # a crashed earlier attempt
+    _barrier()
+    write_checkpoint(tmp, step, model_chunks, optimizer, scheduler, extra_state=extra_state)
+    if _rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)  # re-saving a step replaces it
+        os.rename(tmp, final)
+        marker = os.path.join(root, "latest")
+        with open(marker + ".tmp", "w", encoding="utf-8") as f:
+            f.write(name + "\n")
+        os.replace(marker + ".tmp", marker)
+        steps = sorted(d for d in os.listdir(root) if _STEP_DIR.match(d))
+        for old in steps[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, model_chunks, optimizer=None, scheduler=None) -> dict:
+    """Load ``path`` (a checkpoint, or a root holding several: the newest) into the model
+    and, when given, the optimizer and scheduler; returns ``{"step", "extra_state",
+    "layout"}``. A model-only checkpoint (e.g. converted from HF) needs optimizer=None.
+    """
+    from megatron.core import dist_checkpointing
+
+    resolved = path if os.path.isfile(os.path.join(path, "metadata.json")) else find_latest(path)
+    if resolved is None or not os.path.isdir(resolved):
+        raise FileNotFoundError(f"no checkpoint at {path!r}: expected a dist_checkpointing "
+                                "directory (with metadata.json) or a root with step_* dirs")
+    common = dist_checkpointing.load_common_state_dict(resolved)
+    model_state = _model_state(model_chunks)
+    request = {"model": model_state}
+    if optimizer is not None:
+        if not _has_optimizer(resolved):
+            raise ValueError(f"{resolved} holds no optimizer state (a converted or model-only "
+                             "checkpoint?); load it with load_optimizer=False")
+        _ensure_torch_adam_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                            metadata=_OPTIM_METADATA)
+    same_layout = common.get("layout") == _layout()
+    if same_layout and "layout" in common:
+        request["rng"] = _rng_object()
+    loaded = dist_checkpointing.load(request, resolved)
+    _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+    if optimizer is not None:
+        _load_optimizer_state(optimizer, loaded["optimizer"])
+        if scheduler is not None and "scheduler" in common:
+            scheduler.load_state_dict(common["scheduler"])
+    if "rng" in request:
+        _set_rng_state(loaded["rng"])
+    elif "layout" in common:
+        logger.warning("checkpoint %s was written under layout %s, now %s: RNG states are not "
+                       "restored (they are per rank)", resolved, common["layout"], _layout())
+    logger.info("loaded checkpoint %s (step %s)", resolved, common.get("step"))
+    return {"step": common.get("step", 0), "extra_state": common.get("extra_state") or {},
+            "layout": common.get("layout")}
+
+
+def _ensure_torch_adam_state(optimizer) -> None:
+    """Give a never-stepped torch Adam(W) the state tensors it would have after a step.
+
+    Without Apex/TE (the CPU path) megatron's DistributedOptimizer.state_dict() reads a
+    per-parameter "step" (optimizer/distrib_optimizer.py, state_dict: ``assert
+    len(steps) == 1``), which torch creates only at the first step, so a fresh optimizer
+    cannot describe what it wants to load. Zeros are what torch would start from; the
+    checkpoint overwrites them.
+    """
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(sub, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if len(inner.state[param]) == 0:
+                    inner.state[param].update(
+                        step=torch.zeros((), dtype=torch.float32),
+                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
+
+
+@contextlib.contextmanager
+def _per_param_step_hidden(inner):
+    """Temporarily take torch Adam's per-parameter "step" out of its state.
+
+    Each parameter gets its own copy back: megatron's load_state_dict assigns one shared
+    step tensor to every parameter (distrib_optimizer.py, "Native PyTorch state dict
+    requires step"), and torch's Adam increments steps in place, so a shared tensor would
+    advance once per parameter per update and corrupt the bias correction.
+    """
+    saved = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
+    try:
+        yield
+    finally:
+        for p, step in saved.items():
+            inner.state[p]["step"] = step.detach().clone()
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    """``optimizer.load_state_dict`` for fully-reshardable distributed-optimizer state.
+
+    Works around megatron-core 0.16.1 with torch's Adam (no Apex/TE, the CPU path): the
+    distributed optimizer first loads torch's state, which adds a per-parameter "step",
+    then copies the parameter state over every key of that state
+    (optimizer/distrib_optimizer.py, _set_main_param_and_optimizer_states) while the
+    checkpoint's tensors have no "step": KeyError. Here the parameter state is loaded
+    separately with "step" hidden; the step itself comes from the param groups as usual.
+    """
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(subs) == 1 else [v for _, v in sorted(state.items())]
+    if len(states) != len(subs):
+        raise RuntimeError(f"checkpoint holds {len(states)} optimizer states, the model "
+                           f"{len(subs)} (dense/expert split changed?)")
+    for sub, sub_state in zip(subs, states):
+        param_state = sub_state.pop("param_state", None)
+        kind = sub_state.pop("param_state_sharding_type", None)
+        sub.load_state_dict(sub_state)
+        if param_state is None:
+            continue
+        if kind != "fully_reshardable":
+            raise ValueError(f"optimizer state in format {kind!r}; this trainer writes and "
+                             "reads 'fully_reshardable'")
+        with _per_param_step_hidden(sub.optimizer):
+            sub.load_parameter_state_from_fully_reshardable(param_state)
+
+
+def _has_optimizer(resolved: str) -> bool:
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(resolved)
+    return any(key.startswith("optimizer.") for key in metadata)

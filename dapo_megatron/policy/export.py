@@ -1,0 +1,173 @@
+"""Export sharded Megatron weights as HF-named full tensors, bucket by bucket.
+
+For the rollout weight sync and for writing HF checkpoints. ``export_hf_weights`` is a
+collective: every rank of the job iterates it in lock-step. For each canonical parameter,
+the TP shards of the first data-parallel replica that owns it (its PP stage; for routed
+experts, its EP rank) are all-gathered in its TP group, and the owner's TP rank 0 sends
+the full tensor to the receiving rank(s). The convert rules then turn it into HF tensors
+(Q/K/V split, gate/up split, vocab padding removed). A receiving rank holds at most one
+bucket (plus one full tensor), never the whole model.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from dapo_megatron.convert.load import canonical_name, partition_dim, tp_rank_and_size
+from dapo_megatron.convert.rules import canonical_names, megatron_to_hf
+from dapo_megatron.policy.model import unwrap
+
+
+def _local_params(chunks) -> tuple[object, dict]:
+    """canonical name -> (model, param, TP partition dim or None) of this rank."""
+    local = {}
+    model0 = None
+    for chunk in chunks:
+        model = unwrap(chunk)
+        model0 = model0 or model
+        for name, param in model.named_parameters():
+            canon = canonical_name(model, name)
+            if canon is not None:
+                local[canon] = (model, param, partition_dim(model, name, param))
+    return model0, local
+
+
+def _is_expert(canon: str) -> bool:
+    return ".mlp.experts." in canon
+
+
+def _first_replica(canon: str) -> bool:
+    from megatron.core import parallel_state as ps
+
+    if _is_expert(canon):
+        return ps.get_expert_data_parallel_rank() == 0
+    return ps.get_data_parallel_rank(with_context_parallel=True) == 0
+
+
+def _tp_group(canon: str):
+    from megatron.core import parallel_state as ps
+
+    if _is_expert(canon):
+        return ps.get_expert_tensor_parallel_group()
+    return ps.get_tensor_model_parallel_group()
+
+
+def _gather_full(model, canon: str, param: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Full tensor of ``param`` from the TP shards of this rank's TP group (collective in it)."""
+    data = param.detach()
+    if dim is None:
+        return data
+    rank, size = tp_rank_and_size(canon)
+    if size == 1:
+        return data
+    parts = [torch.empty_like(data) for _ in range(size)]
+    dist.all_gather(parts, data.contiguous(), group=_tp_group(canon))
+    if canon.endswith("linear_fc1.weight") and model.config.gated_linear_unit:
+        halves = [torch.chunk(p, 2, dim=0) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], dim), torch.cat([h[1] for h in halves], dim)])
+    return torch.cat(parts, dim=dim)
+
+
+def _plan(model, local, dtype):
+    """Global list of (canonical name, source rank, full shape, dtype), same on every rank."""
+    mine = []
+    for canon, (m, param, dim) in local.items():
+        if not _first_replica(canon):
+            continue
+        rank, size = tp_rank_and_size(canon)
+        if rank != 0:
+            continue
+        shape = list(param.shape)
+        if dim is not None and size > 1:
+            shape[dim] *= size
+        mine.append((canon, dist.get_rank(), tuple(shape), str(dtype or param.dtype)))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    by_name = {}
+    for entries in gathered:
+        for canon, src, shape, dt in entries:
+            by_name.setdefault(canon, (src, shape, dt))
+    args = model.model_args if model is not None else None
+    if args is None:  # a rank with no chunks cannot happen with GPTModel; keep a clear error
+        raise RuntimeError("export_hf_weights: this rank holds no model chunk")
+    # A tied output layer (last PP stage's copy of the embedding) is not an HF tensor.
+    order = [n for n in canonical_names(args) if n in by_name
+             and not (n == "output_layer.weight" and args.tie_word_embeddings)]
+    missing = [n for n in canonical_names(args) if n not in by_name
+               and not (n == "output_layer.weight" and args.tie_word_embeddings)]
+    if missing:
+        raise RuntimeError(f"export_hf_weights: no rank holds {missing[0]} (and {len(missing) - 1} more)")
+    return args, [(n, *by_name[n]) for n in order]
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    return getattr(torch, name.replace("torch.", ""))
+
+
+@torch.no_grad()
+def export_hf_weights(
+    model_chunks,
+    *,
+    bucket_bytes: int = 512 * 1024**2,
+    dst: int | None = 0,
+    dtype: torch.dtype | None = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield buckets of HF (name, full tensor) pairs; collective over all ranks.
+
+    ``dst``: the global rank that receives the tensors (None: every rank receives them).
+    Ranks that receive nothing yield empty lists, in lock-step with the receivers, so every
+    rank must consume the generator to the end. A bucket closes once it holds at least
+    ``bucket_bytes`` (a tensor larger than that is a bucket of its own). ``dtype`` casts
+    the exported tensors (default: the parameters' dtype).
+    """
+    if not isinstance(model_chunks, (list, tuple)):
+        model_chunks = [model_chunks]
+    model, local = _local_params(model_chunks)
+    args, plan = _plan(model, local, dtype)
+    me = dist.get_rank()
+    receiving = dst is None or me == dst
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for canon, src, shape, dt in plan:
+        full = None
+        if canon in local and _first_replica(canon):
+            m, param, dim = local[canon]
+            full = _gather_full(m, canon, param, dim)  # TP-group collective among the owners
+            if dtype is not None:
+                full = full.to(dtype)
+        if dst is None:
+            if me != src:
+                full = torch.empty(shape, dtype=_dtype_of(dt), device=_device())
+            dist.broadcast(full.contiguous() if me == src else full, src=src)
+        elif src != dst:
+            if me == src:
+                dist.send(full.contiguous(), dst=dst)
+            elif me == dst:
+                full = torch.empty(shape, dtype=_dtype_of(dt), device=_device())
+                dist.recv(full, src=src)
+        if receiving:
+            bucket.extend(megatron_to_hf(args, canon, full))
+        # Counted from the plan, not the tensors, so every rank closes buckets in step.
+        size += _numel(shape) * _dtype_of(dt).itemsize
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket or size:
+        yield bucket
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+
+
+__all__ = ["export_hf_weights"]

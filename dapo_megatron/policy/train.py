@@ -1,0 +1,541 @@
+"""The Megatron policy trainer: log-probs, the DAPO update, checkpoints, offload.
+
+``PolicyTrainer`` is what one training rank runs (a Ray actor or a torchrun process). Every
+rank is given the same whole ``PolicyBatch``; the trainer picks its data-parallel share.
+
+One ``train_step(batch)``:
+  1. old log-probs: recomputed by the current policy (forward only) unless the config says
+     the rollout engine's are used; the gap to the engine's log-probs is measured;
+  2. the batch is cut into ``num_mini_batches`` mini-batches; each is split over DP ranks
+     and into token-budget micro-batches (microbatch.py), run through megatron's
+     ``get_forward_backward_func`` (1F1B under pipeline parallelism) with the DAPO loss
+     from ``dapo_megatron.algo``, and applied by one optimizer update (optimizer.py).
+
+The loss normaliser is global: ``loss_scale_tokens`` is the mini-batch's response-token
+count summed over its micro-batches and DP ranks (one all-reduce). Megatron then scales
+each micro-batch loss by ``1 / num_microbatches`` (pipeline_parallel/schedules.py,
+forward_step_calc_loss) and DDP averages gradients over DP ranks (gradient_scaling_factor
+``1 / dp``, distributed/distributed_data_parallel.py); the loss handed to megatron is
+multiplied by ``num_microbatches * dp`` to undo both, so the reduced gradient is exactly
+the gradient of the global token-mean loss, however the batch is split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from dapo_megatron.algo import POLICY_METRIC_REDUCTIONS, aggregate_loss, policy_loss
+from dapo_megatron.policy.logprobs import (
+    broadcast_from_last_pipeline_stage,
+    token_logprobs_and_entropy,
+)
+from dapo_megatron.policy.microbatch import (
+    MicroBatch,
+    PolicyBatch,
+    collate,
+    plan_microbatches,
+    split_mini_batches,
+)
+from dapo_megatron.policy.optimizer import build_optimizer, optimizer_step
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PolicyBatch", "PolicyTrainer"]
+
+# Metrics of the trainer itself, reduced like POLICY_METRIC_REDUCTIONS' entries:
+# entropy and log-prob of the response tokens under the policy being updated.
+_EXTRA_REDUCTIONS = {"entropy": "token_mean", "logprob_mean": "token_mean"}
+_REDUCTIONS = {**POLICY_METRIC_REDUCTIONS, **_EXTRA_REDUCTIONS}
+
+
+def _ps():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+class PolicyTrainer:
+    """A Megatron GPT policy on this rank, with its optimizer and schedule.
+
+    Args:
+        hf_config: HF-style model config (dict or transformers config) for ``build_model``.
+        parallel: ``dapo_megatron.config.ParallelConfig`` (tp, pp, ep, cp,
+            use_distributed_optimizer, sequence_parallel).
+        optim: ``OptimizerConfig`` (lr, warmup_steps in rollout steps, decay, wd, clip).
+        algo: ``AlgoConfig`` (eps_low/high, clip_ratio_c, loss_agg, kl_coef, kl_estimator,
+            entropy_coef).
+        trainer: ``TrainerConfig`` (max_tokens_per_microbatch, train/mini batch sizes,
+            max_steps, seed).
+        rollout: ``RolloutConfig`` or None (temperature, old_logprobs "policy"/"engine").
+        rank, world_size, master_addr, master_port: for ``init_parallel`` inside Ray actors
+            (None: torchrun's environment, or an already initialised process group).
+        hf_state_dict: HF-named full tensors (or a lazy reader) to initialise the weights.
+        params_dtype: None: bf16 on GPU, fp32 on CPU.
+        fixed_micro_batch_size: instead of the token budget, this many rows per micro-batch
+            in batch order (naive padded batching: the benchmark's baseline).
+        model_overrides: extra keyword arguments for ``build_model`` (e.g. fp8, recompute).
+    """
+
+    def __init__(self, hf_config, *, parallel, optim, algo, trainer, rollout=None,
+                 rank=None, world_size=None, master_addr=None, master_port=None,
+                 hf_state_dict=None, params_dtype=None, fixed_micro_batch_size=None,
+                 **model_overrides):
+        from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.utils import get_model_config
+
+        from dapo_megatron.policy.model import build_model
+        from dapo_megatron.policy.parallel import init_parallel
+
+        if parallel.cp > 1:
+            raise ValueError(f"parallel.cp={parallel.cp}: the trainer does not split sequences "
+                             "for context parallelism yet; use cp=1 (and tp/pp for memory)")
+        self.algo, self.trainer_cfg = algo, trainer
+        self.fixed_micro_batch_size = fixed_micro_batch_size
+        self.temperature = float(getattr(rollout, "temperature", 1.0) or 1.0)
+        self.old_logprobs_source = getattr(rollout, "old_logprobs", "policy")
+        self.layout = init_parallel(parallel.tp, parallel.pp, parallel.ep, parallel.cp,
+                                    rank=rank, world_size=world_size, master_addr=master_addr,
+                                    master_port=master_port, seed=trainer.seed)
+        self.on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else \
+            torch.device("cpu")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, average_in_collective=False,
+            use_distributed_optimizer=parallel.use_distributed_optimizer)
+        self.params_dtype = _resolve_dtype(params_dtype, self.on_gpu)
+        overrides = dict(model_overrides)
+        overrides.setdefault("sequence_parallel", parallel.sequence_parallel and self.on_gpu)
+        is_moe = bool(_model_args(hf_config).is_moe)
+        # Micro-batches differ in shape. Pipeline p2p then has to exchange shapes first
+        # (variable_seq_lengths), which TransformerConfig refuses with the allgather MoE
+        # dispatcher (transformer_config.py, __post_init__), the default type even for dense
+        # models. Dense models name alltoall (unused without experts); MoE on CPU must keep
+        # allgather (alltoall needs CUDA streams) and runs every micro-batch at one shape.
+        self.uniform_shapes = is_moe and not self.on_gpu
+        if parallel.pp > 1 and not self.uniform_shapes:
+            overrides.setdefault("variable_seq_lengths", True)
+            if not is_moe:
+                overrides.setdefault("moe_token_dispatcher_type", "alltoall")
+        # deallocate_pipeline_outputs frees sent activations under PP (megatron-LM's default)
+        # and makes the schedules call the C++ autograd engine directly (schedules.py,
+        # custom_backward). On CPU that matters: torch.autograd.backward() would be routed
+        # through the CPU layer's TorchFunctionMode, which is inactive while its handler runs,
+        # so factory calls with device=cuda inside backward (the MoE allgather dispatcher's
+        # tensor_parallel/mappings.py, _gather_along_first_dim) would escape the redirect.
+        overrides.setdefault("deallocate_pipeline_outputs", True)
+        self.model = build_model(hf_config, params_dtype=self.params_dtype, wrap_ddp=ddp_config,
+                                 pipeline_dtype=self.params_dtype, **overrides)
+        if hf_state_dict is not None:
+            from dapo_megatron.convert import load_hf_state_dict
+
+            load_hf_state_dict(self.model, hf_state_dict)
+            for chunk in self.model:  # start every DP replica from the same weights
+                chunk.broadcast_params()
+        self.vocab_size = self.model[0].model_args.vocab_size
+        self.model_config = get_model_config(self.model[0])
+        num_mini = max(1, trainer.num_mini_batches)
+        self.num_mini_batches = num_mini
+        self.optimizer, self.scheduler = build_optimizer(
+            self.model, optim, total_updates=max(1, trainer.max_steps) * num_mini,
+            warmup_updates=optim.warmup_steps * num_mini,
+            use_distributed_optimizer=parallel.use_distributed_optimizer,
+            params_dtype=self.params_dtype)
+        cfg = self.model_config
+        cfg.finalize_model_grads_func = finalize_model_grads
+        cfg.grad_scale_func = self.optimizer.scale_loss
+        cfg.no_sync_func = self.model[0].no_sync if len(self.model) == 1 else \
+            [m.no_sync for m in self.model]
+        self.pad_multiple = parallel.tp if cfg.sequence_parallel else 1
+        if overrides.get("fp8"):
+            self.pad_multiple = self.pad_multiple * 16  # TE fp8 GEMMs want dims % 16 == 0
+        self.step = 0  # completed train_step calls (rollout steps)
+        self._lr_override: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg, hf_config, *, rank=None, world_size=None, master_addr=None,
+                    master_port=None) -> PolicyTrainer:
+        """Build from the run's ``DapoConfig`` and initialise the weights, layout-independently:
+
+        1. ``cfg.model.load``: a converted Megatron checkpoint (model weights only);
+        2. else ``cfg.model.hf_dir`` holding ``*.safetensors``: the HF weights;
+        3. else (from scratch): an HF model built by transformers from ``hf_config`` after
+           ``torch.manual_seed(cfg.trainer.seed)``, so every layout starts identical.
+        """
+        m = cfg.model
+        overrides = {}
+        if m.fp8:
+            overrides.update(fp8=m.fp8, fp8_recipe=m.fp8_recipe)
+        if m.recompute_activations:
+            overrides["recompute"] = True
+        hf_state = None
+        if not m.load:
+            hf_state = _initial_hf_weights(m.hf_dir, hf_config, cfg.trainer.seed)
+        trainer = cls(hf_config, parallel=cfg.parallel, optim=cfg.optimizer, algo=cfg.algo,
+                      trainer=cfg.trainer, rollout=cfg.rollout, rank=rank, world_size=world_size,
+                      master_addr=master_addr, master_port=master_port, hf_state_dict=hf_state,
+                      params_dtype=m.params_dtype, **overrides)
+        if m.load:
+            from dapo_megatron.policy.checkpoint import load_checkpoint
+
+            load_checkpoint(m.load, trainer.model)
+        return trainer
+
+    @contextlib.contextmanager
+    def temporary_lr(self, lr: float):
+        """Run updates at a constant ``lr`` (e.g. a warm start); the schedule is untouched
+        and resumes where it was afterwards."""
+        previous, self._lr_override = self._lr_override, float(lr)
+        try:
+            yield self
+        finally:
+            self._lr_override = previous
+            self.scheduler.step(increment=0)  # put the schedule's lr back
+
+    # ----- data layout -------------------------------------------------------------------
+
+    @property
+    def dp_rank(self) -> int:
+        return _ps().get_data_parallel_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return _ps().get_data_parallel_world_size()
+
+    def _enter(self) -> None:
+        """Per-call setup: the CPU layer's device redirect is per thread, and a Ray actor
+        may call from another thread than the one that built the trainer."""
+        if not self.on_gpu:
+            from dapo_megatron.policy.compat import enable_cpu_execution
+
+            enable_cpu_execution()
+
+    def _micro_batches(self, batch: PolicyBatch):
+        """This DP rank's micro-batches of ``batch`` and the plan they come from."""
+        if self.fixed_micro_batch_size:
+            plan = plan_microbatches(batch.seq_lens, self.dp_size,
+                                     micro_batch_size=self.fixed_micro_batch_size)
+        else:
+            plan = plan_microbatches(batch.seq_lens, self.dp_size,
+                                     self.trainer_cfg.max_tokens_per_microbatch)
+        shape = {}
+        if self.uniform_shapes:
+            shape = dict(min_rows=max(len(m) for per in plan.per_rank for m in per),
+                         min_width=int(batch.seq_lens.max()))
+        micro = [collate(batch, rows, self.pad_multiple, **shape)
+                 for rows in plan.per_rank[self.dp_rank]]
+        return micro, plan
+
+    def _run(self, micro: list[MicroBatch], loss_func, forward_only: bool):
+        """Megatron forward(/backward) over this rank's micro-batches; returns what the
+        last pipeline stage's ``loss_func`` reported (empty elsewhere)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from dapo_megatron.policy.model import causal_attention_mask
+
+        device = self.device
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            n, width = mb.input_ids.shape
+            ids = mb.input_ids.to(device)
+            positions = torch.arange(width, device=device).expand(n, width)
+            real = (positions < mb.seq_lens.to(device)[:, None])
+            mask = causal_attention_mask(real, width)
+            output = model(ids, positions, mask)
+            return output, partial(loss_func, mb)
+
+        max_rows = max(mb.input_ids.shape[0] for mb in micro)
+        max_len = max(mb.input_ids.shape[1] for mb in micro)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
+            num_microbatches=len(micro), seq_length=max_len, micro_batch_size=max_rows,
+            forward_only=forward_only)
+
+    # ----- log-probs ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: PolicyBatch, *, with_entropy: bool = False):
+        """Log-probs (and entropy) of every token of ``batch`` under the current weights.
+
+        Returns:
+            ``logprobs``, or ``(logprobs, entropy)`` with ``with_entropy``: fp32 CPU
+            ``[batch, seq]`` on every rank, aligned with ``batch.input_ids`` (column t scores
+            token t given tokens < t; column 0 and padding are 0).
+        """
+        self._enter()
+        micro, _ = self._micro_batches(batch)
+        shape = tuple(batch.input_ids.shape)
+        out = torch.zeros((2,) + shape, dtype=torch.float32, device=self.device)
+
+        def loss_func(mb, logits):
+            lp, ent = token_logprobs_and_entropy(logits, mb.input_ids.to(logits.device),
+                                                 vocab_size=self.vocab_size,
+                                                 temperature=self.temperature)
+            return logits.new_zeros(()), {"rows": mb.rows, "lp": lp, "ent": ent}
+
+        for record in self._run(micro, loss_func, forward_only=True):
+            if not record["rows"]:
+                continue
+            rows = torch.as_tensor(record["rows"], device=self.device)
+            n, width = len(rows), record["lp"].shape[1]  # filler rows come after the real
+            width = min(width, shape[1])
+            out[0, rows, :width] = record["lp"][:n, :width].float()
+            out[1, rows, :width] = record["ent"][:n, :width].float()
+        ps = _ps()
+        if ps.is_pipeline_last_stage() and self.dp_size > 1:
+            dist.all_reduce(out, group=ps.get_data_parallel_group())  # rows are disjoint
+        out = broadcast_from_last_pipeline_stage(out, out.shape, device=self.device)
+        valid = torch.arange(shape[1])[None, :] < batch.seq_lens[:, None]
+        out = out.cpu() * valid
+        return (out[0], out[1]) if with_entropy else out[0]
+
+    # ----- training ----------------------------------------------------------------------
+
+    def _global_counts(self, micro: list[MicroBatch]) -> tuple[float, float]:
+        """Response tokens and scored sequences of this mini-batch over all DP ranks."""
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for mb in micro:
+            mask = mb.response_mask
+            local[0] += float(mask.sum())
+            local[1] += float(mask.any(dim=-1).sum())
+        if self.dp_size > 1:
+            dist.all_reduce(local, group=_ps().get_data_parallel_group())
+        return float(local[0]), float(local[1])
+
+    def _loss_func(self, scale_tokens, scale_seqs, grad_multiplier, mb: MicroBatch, logits):
+        algo = self.algo
+        ids = mb.input_ids.to(logits.device)
+        lp, ent = token_logprobs_and_entropy(logits, ids, vocab_size=self.vocab_size,
+                                             temperature=self.temperature,
+                                             with_entropy=True)
+        mask = mb.response_mask.to(logits.device)
+        ref = None if mb.ref_logprobs is None else mb.ref_logprobs.to(logits.device)
+        loss, metrics = policy_loss(
+            lp, mb.old_logprobs.to(logits.device), mb.advantages.to(logits.device), mask,
+            eps_low=algo.eps_low, eps_high=algo.eps_high, agg=algo.loss_agg,
+            clip_ratio_c=algo.clip_ratio_c, loss_scale_tokens=scale_tokens,
+            loss_scale_seqs=scale_seqs, ref_logprobs=ref, kl_coef=algo.kl_coef,
+            kl_kind=algo.kl_estimator)
+        if algo.entropy_coef:
+            loss = loss - algo.entropy_coef * aggregate_loss(
+                ent, mask, algo.loss_agg, loss_scale_tokens=scale_tokens,
+                loss_scale_seqs=scale_seqs)
+        with torch.no_grad():
+            count = mask.sum().clamp(min=1)
+            metrics["entropy"] = (ent * mask).sum() / count
+            metrics["logprob_mean"] = (lp.detach() * mask).sum() / count
+        return loss * grad_multiplier, metrics
+
+    def _train_mini_batch(self, batch: PolicyBatch) -> tuple[dict, object, dict]:
+        micro, plan = self._micro_batches(batch)
+        scale_tokens, scale_seqs = self._global_counts(micro)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss_func = partial(self._loss_func, max(scale_tokens, 1.0), max(scale_seqs, 1.0),
+                            float(len(micro) * self.dp_size))
+        records = self._run(micro, loss_func, forward_only=False)
+        result = optimizer_step(self.optimizer, self.scheduler, lr_override=self._lr_override)
+        layout = {"real_tokens": sum(plan.real_tokens), "padded_tokens": sum(plan.padded_tokens),
+                  "num_microbatches": plan.num_microbatches}
+        return _reduce_metrics(records, self.device), result, layout
+
+    def train_step(self, batch: PolicyBatch, single_update: bool = False) -> dict[str, float]:
+        """One rollout step: old log-probs, then ``num_mini_batches`` optimizer updates
+        (one with ``single_update``).
+
+        ``batch`` is the whole rollout batch (the same on every rank); see ``PolicyBatch``
+        for shapes. Returns plain-float metrics named ``actor/*``, identical on every rank:
+        the loss terms, clip fractions, approx_kl (pi_old vs pi_theta), entropy and
+        logprob_mean of the response tokens (means over the updates); grad_norm (mean of
+        finite norms), grad_norm_max, lr (of the last update), skipped_steps (non-finite
+        gradient norm), tokens, padded_tokens, padding_waste, microbatches (per DP rank,
+        max), seconds, tokens_per_s; with engine log-probs, logprob_abs_diff_mean/_max
+        (the train/inference mismatch of the response tokens).
+        """
+        self._enter()
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        old = batch.old_logprobs
+        if self.old_logprobs_source == "engine" and batch.engine_logprobs is not None:
+            old = batch.engine_logprobs
+        if old is None:
+            t0 = time.perf_counter()
+            old = self.compute_logprobs(batch)
+            metrics["old_logprobs_seconds"] = time.perf_counter() - t0
+        if batch.engine_logprobs is not None and old is not batch.engine_logprobs:
+            metrics.update(_mismatch(old, batch.engine_logprobs, batch.response_mask))
+        batch = PolicyBatch(batch.input_ids, batch.seq_lens, batch.response_mask,
+                            batch.advantages, old_logprobs=old,
+                            engine_logprobs=batch.engine_logprobs,
+                            ref_logprobs=batch.ref_logprobs)
+        per_update, results, real, padded, n_micro = [], [], 0, 0, 0
+        num_updates = 1 if single_update else min(self.num_mini_batches, max(1, batch.size))
+        for rows in split_mini_batches(batch.size, num_updates):
+            reduced, result, layout = self._train_mini_batch(batch.select(rows))
+            per_update.append(reduced)
+            results.append(result)
+            real += layout["real_tokens"]
+            padded += layout["padded_tokens"]
+            n_micro = max(n_micro, layout["num_microbatches"])
+        self.step += 1
+        for name, how in _REDUCTIONS.items():
+            values = [m[name] for m in per_update]
+            metrics[name] = max(values) if how == "max" else sum(values) / len(values)
+        norms = [r.grad_norm for r in results]
+        finite = [g for g in norms if torch.isfinite(torch.tensor(g))]
+        seconds = time.perf_counter() - start
+        metrics.update(
+            grad_norm=sum(finite) / len(finite) if finite else float("nan"),
+            grad_norm_max=max(finite) if finite else float("nan"),
+            lr=results[-1].lr, skipped_steps=float(sum(r.skipped for r in results)),
+            updates=float(len(results)), tokens=float(real), padded_tokens=float(padded),
+            padding_waste=1.0 - real / padded if padded else 0.0,
+            microbatches=float(n_micro), seconds=seconds, tokens_per_s=real / seconds,
+            step=float(self.step))
+        return {f"actor/{k}": float(v) for k, v in metrics.items()}
+
+    # ----- checkpoints, weights, memory --------------------------------------------------
+
+    def save(self, path: str, extra_state: dict | None = None) -> str:
+        """Collectively write model, optimizer, scheduler, step, RNG and ``extra_state``
+        (e.g. the data position) into the directory ``path`` (created if missing, must be
+        empty; the caller publishes it atomically, or use ``checkpoint.save_checkpoint``)."""
+        from dapo_megatron.policy.checkpoint import write_checkpoint
+
+        self._enter()
+        return write_checkpoint(path, self.step, self.model, self.optimizer, self.scheduler,
+                                extra_state=extra_state)
+
+    def load(self, path: str, *, load_optimizer: bool = True) -> dict:
+        """Restore a checkpoint written by ``save`` under any TP/PP/DP layout (or the newest
+        under a root of ``step_*`` checkpoints); returns its ``extra_state``.
+        ``load_optimizer=False`` loads the weights only (e.g. a converted HF checkpoint)."""
+        from dapo_megatron.policy.checkpoint import load_checkpoint
+
+        self._enter()
+        state = load_checkpoint(path, self.model,
+                                self.optimizer if load_optimizer else None,
+                                self.scheduler if load_optimizer else None)
+        if load_optimizer:
+            self.step = int(state.get("step", self.step))
+        return state.get("extra_state") or {}
+
+    def export_weights(self, bucket_bytes: int = 512 * 2**20):
+        """HF-named full weights in buckets for the rollout engines' weight sync.
+
+        A collective generator (every rank must iterate it to the end): rank 0's buckets are
+        lists of ``(hf_name, full tensor)``; other ranks get empty lists in lock-step.
+        """
+        from dapo_megatron.policy.export import export_hf_weights
+
+        self._enter()
+        return export_hf_weights(self.model, bucket_bytes=bucket_bytes, dst=0)
+
+    def offload(self) -> None:
+        """Move params, grads and optimizer state off the GPU (no-op on CPU)."""
+        from dapo_megatron.policy.offload import offload_to_cpu
+
+        offload_to_cpu(self.model, self.optimizer)
+
+    def onload(self) -> None:
+        """Bring back what ``offload`` moved (no-op on CPU)."""
+        from dapo_megatron.policy.offload import reload_to_gpu
+
+        reload_to_gpu(self.model, self.optimizer)
+
+
+def _initial_hf_weights(hf_dir, hf_config, seed: int):
+    """HF-named initial weights: a lazy reader of the safetensors under ``hf_dir`` (each rank
+    reads only its shards), else a seeded random HF model (identical on every rank)."""
+    import glob
+
+    if hf_dir and glob.glob(os.path.join(hf_dir, "*.safetensors")):
+        from dapo_megatron.convert.hf_io import SafetensorsReader
+
+        return SafetensorsReader(hf_dir)
+    from dapo_megatron.rollout.embedded import build_hf_model
+
+    torch.manual_seed(seed)
+    return build_hf_model(hf_config).state_dict()
+
+
+def _model_args(hf_config):
+    from dapo_megatron.convert import model_args_from_hf
+
+    return model_args_from_hf(hf_config)
+
+
+def _resolve_dtype(params_dtype, on_gpu: bool) -> torch.dtype:
+    """ModelConfig.params_dtype ("auto", "fp32", "bf16") or a torch dtype -> torch dtype."""
+    if isinstance(params_dtype, torch.dtype):
+        return params_dtype
+    if params_dtype in (None, "auto"):
+        return torch.bfloat16 if on_gpu else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16}
+    if params_dtype not in table:
+        raise ValueError(f"params_dtype {params_dtype!r} is not supported by the trainer; use "
+                         "'auto', 'fp32' or 'bf16'")
+    return table[params_dtype]
+
+
+def _mismatch(policy_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Train/inference mismatch: abs gap of the policy's and the engine's log-probs."""
+    mask = mask.bool()
+    if not bool(mask.any()):
+        return {"logprob_abs_diff_mean": 0.0, "logprob_abs_diff_max": 0.0}
+    diff = (policy_lp.float() - engine_lp.float()).abs()[mask]
+    return {"logprob_abs_diff_mean": float(diff.mean()), "logprob_abs_diff_max": float(diff.max())}
+
+
+def _reduce_metrics(records: list[dict], device) -> dict[str, float]:
+    """Combine micro-batch metrics over this rank's micro-batches, DP ranks and PP stages.
+
+    Only the last pipeline stage has records; it reduces over DP and broadcasts to the
+    other stages, so every rank returns the same floats.
+    """
+    ps = _ps()
+    names = list(_REDUCTIONS)
+    sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
+    maxes = torch.full((len(names),), float("-inf"), dtype=torch.float64, device=device)
+    for record in records:
+        weight = float(record["num_tokens"])
+        for k, name in enumerate(names):
+            if name not in record:
+                continue
+            value = float(record[name])
+            how = _REDUCTIONS[name]
+            if how == "sum":
+                sums[2 * k] += value
+            elif how == "max":
+                maxes[k] = max(float(maxes[k]), value)
+            else:
+                sums[2 * k] += value * weight
+                sums[2 * k + 1] += weight
+    last = ps.is_pipeline_last_stage()
+    if last and ps.get_data_parallel_world_size() > 1:
+        group = ps.get_data_parallel_group()
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    packed = broadcast_from_last_pipeline_stage(torch.cat([sums, maxes]), (3 * len(names),),
+                                                dtype=torch.float64, device=device)
+    sums, maxes = packed[: 2 * len(names)], packed[2 * len(names):]
+    out = {}
+    for k, name in enumerate(names):
+        how = _REDUCTIONS[name]
+        if how == "sum":
+            out[name] = float(sums[2 * k])
+        elif how == "max":
+            out[name] = float(maxes[k]) if float(maxes[k]) != float("-inf") else 0.0
+        else:
+            weight = float(sums[2 * k + 1])
+            out[name] = float(sums[2 * k]) / weight if weight > 0 else 0.0
+    return out
