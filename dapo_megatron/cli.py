@@ -42,14 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "plan":
-            # The planner checks the layout against the cluster it is given, not the config's.
-            overrides = list(args.overrides) + [
-                f"parallel.nodes={args.nodes}", f"parallel.gpus_per_node={args.gpus_per_node}",
-            ]
-            cfg = load_config(args.config, overrides)
-        else:
-            cfg = load_config(args.config, args.overrides)
+        # `plan` checks the layout against the cluster it is given (--nodes), not the config's.
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"dapo-megatron: config error: {e}", file=sys.stderr)
         return 2

@@ -141,6 +141,7 @@ class AlgoConfig:
     soft_overlong: bool = True  # soft overlong punishment R_len
     overlong_filter: bool = False  # mask truncated samples out of the loss
     adv_eps: float = 1e-6
+    adv_std_unbiased: bool = True  # std over the G rewards divides by G-1 (torch.std, verl)
     kl_coef: float = 0.0  # DAPO drops the KL term (sec. 2.3); > 0 gives GRPO's KL loss
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
@@ -172,13 +173,15 @@ class DataConfig:
     prompt_key: str = "prompt"
     question_key: str = "question"
     answer_key: str = "reward_model.ground_truth"
+    data_source_key: str = "data_source"
     template: Literal["dapo", "as-is"] = "dapo"
     tokenizer: str = ""  # HF tokenizer dir; empty: model.hf_dir, or the embedded tokenizer
     shuffle: bool = True
-    # The embedded task (used when train_path is empty): a+b*c arithmetic with worked steps.
+    # The embedded task (used when train_path is empty): a+b*c with a worked solution.
     synthetic_train_size: int = 20000
     synthetic_eval_size: int = 300
-    synthetic_max_operand: int = 30
+    synthetic_max_addend: int = 20  # a in a+b*c
+    synthetic_max_factor: int = 9  # b and c
 
 
 @dataclass
@@ -208,6 +211,7 @@ class TrainerConfig:
     mini_batch_size: int = 32  # prompts per optimizer step: 512/32 = 16 updates per step
     max_tokens_per_microbatch: int = 32768
     max_steps: int = 100
+    sample_budget: int = 0  # stop once this many responses were generated (0: no budget)
     seed: int = 42
     run_dir: str = ""  # empty: runs/<config file name>
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -392,6 +396,12 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` (no dot) as a string; accept what Python reads as a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
         return float(value)

@@ -44,6 +44,9 @@ def test_yaml_and_overrides(tmp_path):
 def test_int_widens_to_float_but_not_bool(tmp_path):
     cfg = load_config(None, ["optimizer.lr=1"])
     assert isinstance(cfg.optimizer.lr, float)
+    # YAML 1.1 reads 1e-3 as a string; it is still a number to us.
+    assert load_config(None, ["optimizer.lr=1e-3"]).optimizer.lr == 1e-3
+    assert load_config(_write(tmp_path, "optimizer:\n  lr: 3e-4\n")).optimizer.lr == 3e-4
     with pytest.raises(ConfigError, match="algo.eps_high"):
         load_config(None, ["algo.eps_high=true"])
 

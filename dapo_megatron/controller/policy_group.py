@@ -1,0 +1,118 @@
+"""The Megatron policy as a group of Ray actors, one per training rank.
+
+Every rank receives the same calls (Megatron ranks run collectives together); results
+that exist once (log-probs, metrics, exported weights) are taken from rank 0, which the
+policy guarantees holds them (log-probs are broadcast from the last pipeline stage, metrics
+are all-reduced, weights are gathered to rank 0 bucket by bucket).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import ray
+import torch
+
+from dapo_megatron.controller.batch import RolloutBatch
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyGroup:
+    def __init__(self, cfg, hf_config: dict) -> None:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from dapo_megatron.controller.policy_worker import PolicyWorker
+
+        self.cfg = cfg
+        world = cfg.parallel.world_size
+        use_gpu = _use_gpu(cfg)
+        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+        # One bundle per rank; PACK puts consecutive ranks (a TP group) on one node.
+        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
+        ray.get(self.pg.ready(), timeout=600)
+        # Rank 0's node hosts the torch.distributed rendezvous: ask a task on its bundle.
+        master_addr, master_port = ray.get(
+            ray.remote(_address_and_port).options(
+                num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
+            ).remote()
+        )
+        actor_cls = ray.remote(PolicyWorker)
+        self.workers = [
+            actor_cls.options(
+                num_cpus=1, num_gpus=1 if use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(cfg, hf_config, rank, world, master_addr, master_port)
+            for rank in range(world)
+        ]
+        ray.get([w.ready.remote() for w in self.workers])
+        logger.info("policy: %d Megatron ranks up (tp=%d pp=%d ep=%d dp=%d)", world, cfg.parallel.tp,
+                    cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.data_parallel_size)
+
+    def _all(self, method: str, *args):
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def old_logprobs(self, batch: RolloutBatch, *, use_engine: bool) -> tuple[list[torch.Tensor], dict]:
+        """pi_old of every response token, and the train/inference mismatch against the engine.
+
+        The policy always recomputes (that is the mismatch metric); with
+        `rollout.old_logprobs=engine` the engine's values are then used as pi_old.
+        """
+        ref = ray.put(batch)
+        policy_lp = self._all("compute_logprobs", ref)[0]
+        diffs = [
+            (p - torch.tensor(e, dtype=p.dtype)).abs()
+            for p, e in zip(policy_lp, batch.engine_logprobs) if len(e)
+        ]
+        flat = torch.cat(diffs) if diffs else torch.zeros(1)
+        mismatch = {
+            "mismatch/logprob_abs_diff_max": float(flat.max()),
+            "mismatch/logprob_abs_diff_mean": float(flat.mean()),
+        }
+        if use_engine:
+            return [torch.tensor(e, dtype=torch.float32) for e in batch.engine_logprobs], mismatch
+        return policy_lp, mismatch
+
+    def train(self, batch: RolloutBatch, old_logprobs: list[torch.Tensor]) -> dict[str, float]:
+        return self._all("train_step", ray.put(batch), ray.put(old_logprobs))[0]
+
+    def warm_start(self, task, trainer_cfg) -> None:
+        metrics = self._all("warm_start", ray.put(task.train), ray.put(task.tokenizer))[0]
+        logger.info("warm start: %d supervised steps, final loss %.3f", trainer_cfg.warm_start_steps,
+                    metrics.get("loss", float("nan")))
+
+    def export_weights(self, bucket_mb: int) -> list:
+        return self._all("export_weights", bucket_mb)[0]
+
+    def save(self, path: str, extra_state: dict) -> None:
+        self._all("save", path, extra_state)
+
+    def load(self, path: str) -> dict:
+        return self._all("load", path)[0]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        try:
+            ray.util.remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _use_gpu(cfg) -> bool:
+    if cfg.trainer.device == "cpu":
+        return False
+    if cfg.trainer.device == "cuda":
+        return True
+    return bool(ray.cluster_resources().get("GPU", 0))
+
+
+def _address_and_port() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]

@@ -1,0 +1,114 @@
+"""One Megatron training rank inside a Ray actor.
+
+The actor sets up torch.distributed and Megatron's parallel state from the rank, world
+size and master address the controller hands it, builds the policy, and translates the
+controller's `RolloutBatch` into the policy's `PolicyBatch` ([batch, seq] tensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from dapo_megatron.controller.batch import RolloutBatch
+
+logger = logging.getLogger(__name__)
+
+
+def to_policy_batch(batch: RolloutBatch, old_logprobs: list[torch.Tensor] | None, pad_id: int = 0):
+    """[batch, seq] tensors: the response mask covers response tokens of unmasked samples,
+    and per-token log-probs sit at the positions of the tokens they score."""
+    from dapo_megatron.policy.microbatch import PolicyBatch
+
+    masks, olds, engines = [], [], []
+    for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lengths)):
+        n = len(ids) - p
+        keep = bool(batch.loss_weights[i] > 0)
+        masks.append([False] * p + [keep] * n)
+        engines.append([0.0] * p + list(batch.engine_logprobs[i]))
+        if old_logprobs is not None:
+            olds.append([0.0] * p + old_logprobs[i].tolist())
+    return PolicyBatch.from_sequences(
+        batch.input_ids, masks, batch.advantages.tolist(),
+        old_logprobs=olds if old_logprobs is not None else None, engine_logprobs=engines, pad_id=pad_id,
+    )
+
+
+def response_logprobs(batch: RolloutBatch, token_logprobs: torch.Tensor) -> list[torch.Tensor]:
+    """Cut [batch, seq] per-token log-probs back into per-response vectors."""
+    out = []
+    for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lengths)):
+        out.append(token_logprobs[i, p : len(ids)].float().clone())
+    return out
+
+
+class PolicyWorker:
+    """Ray actor body: a `PolicyTrainer` on one rank."""
+
+    def __init__(self, cfg, hf_config: dict, rank: int, world_size: int, master_addr: str, master_port: int):
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        from dapo_megatron.policy.train import PolicyTrainer
+
+        self.cfg = cfg
+        self.rank = rank
+        self.trainer = PolicyTrainer.from_config(
+            cfg, hf_config, rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
+        )
+
+    def ready(self) -> bool:
+        return True
+
+    def compute_logprobs(self, batch: RolloutBatch) -> list[torch.Tensor]:
+        lp = self.trainer.compute_logprobs(to_policy_batch(batch, None))
+        return response_logprobs(batch, lp)
+
+    def train_step(self, batch: RolloutBatch, old_logprobs: list[torch.Tensor]) -> dict[str, float]:
+        return self.trainer.train_step(to_policy_batch(batch, old_logprobs))
+
+    def warm_start(self, examples, tokenizer) -> dict[str, float]:
+        """Supervised warm start on worked solutions (the embedded task only).
+
+        The DAPO loss with advantage +1 and pi_old = pi_theta (ratio exactly 1, no clipping)
+        has the gradient of the token-mean negative log-likelihood, so the warm start goes
+        through the same train step, optimizer and parallel layout as RL.
+        """
+        import random
+
+        t = self.cfg.trainer
+        rng = random.Random(t.seed)
+        metrics: dict[str, float] = {}
+        with self.trainer.temporary_lr(t.warm_start_lr):
+            for step in range(t.warm_start_steps):
+                chosen = rng.sample(range(len(examples)), min(t.warm_start_batch_size, len(examples)))
+                ids, plens = [], []
+                for i in chosen:
+                    ex = examples[i]
+                    prompt = tokenizer.encode_prompt(ex.messages)
+                    response = tokenizer.encode(ex.metadata["solution"]) + [tokenizer.eos_id]
+                    ids.append(prompt + response)
+                    plens.append(len(prompt))
+                n = len(ids)
+                batch = RolloutBatch(
+                    input_ids=ids, prompt_lengths=plens, advantages=torch.ones(n), loss_weights=torch.ones(n),
+                    engine_logprobs=[[0.0] * (len(s) - p) for s, p in zip(ids, plens)],
+                    rewards=torch.ones(n), correct=torch.ones(n, dtype=torch.bool),
+                    truncated=torch.zeros(n, dtype=torch.bool),
+                )
+                old = self.compute_logprobs(batch)
+                metrics = self.trainer.train_step(to_policy_batch(batch, old), single_update=True)
+                if self.rank == 0 and (step + 1) % 50 == 0:
+                    logger.info("warm start %d/%d: nll %.3f", step + 1, t.warm_start_steps,
+                                -metrics.get("actor/logprob_mean", float("nan")))
+        return metrics
+
+    def export_weights(self, bucket_mb: int) -> list | None:
+        buckets = list(self.trainer.export_weights(bucket_mb * 2**20))
+        return buckets if self.rank == 0 else None
+
+    def save(self, path: str, extra_state: dict) -> None:
+        self.trainer.save(path, extra_state)
+
+    def load(self, path: str) -> dict:
+        return self.trainer.load(path)

@@ -1,0 +1,65 @@
+"""What a run trains and evaluates on: prompts, references and the tokenizer.
+
+Either the user's files (DAPO-Math-17K-style jsonl/parquet, data.train_path / eval_path)
+with an HF tokenizer, or the embedded arithmetic task with its character tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from dapo_megatron.config import DapoConfig
+from dapo_megatron.data.datasets import PromptExample, PromptFields, drop_long_prompts, load_prompt_dataset
+from dapo_megatron.data.synthetic import arithmetic_splits
+from dapo_megatron.data.templates import user_message
+from dapo_megatron.data.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Task:
+    train: list[PromptExample]
+    eval: list[PromptExample]
+    tokenizer: Tokenizer
+    # The embedded task's worked solutions, for the supervised warm start; None otherwise.
+    solutions: dict[int, str] | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.solutions is not None
+
+
+def load_task(cfg: DapoConfig) -> Task:
+    d = cfg.data
+    if not d.train_path:
+        train, eval_ = arithmetic_splits(d.synthetic_max_addend, d.synthetic_max_factor,
+                                         d.synthetic_eval_size, d.synthetic_train_size)
+        to_example = lambda i, p, src: PromptExample(  # noqa: E731
+            messages=user_message(p.prompt), ground_truth=p.answer, data_source=src, index=i,
+            metadata={"solution": p.solution},
+        )
+        train_ex = [to_example(i, p, "arithmetic") for i, p in enumerate(train)]
+        eval_ex = [to_example(i, p, "arithmetic-heldout") for i, p in enumerate(eval_)]
+        return Task(train_ex, eval_ex, load_tokenizer(d.tokenizer or "char"),
+                    solutions={ex.index: ex.metadata["solution"] for ex in train_ex})
+
+    tok_path = d.tokenizer or cfg.model.hf_dir
+    if not tok_path:
+        raise ValueError("data.tokenizer: a dataset from data.train_path needs an HF tokenizer "
+                         "(set data.tokenizer or model.hf_dir)")
+    tokenizer = load_tokenizer(tok_path)
+    train = _load_file(cfg, d.train_path, tokenizer)
+    eval_ex = _load_file(cfg, d.eval_path, tokenizer) if d.eval_path else []
+    return Task(train, eval_ex, tokenizer)
+
+
+def _load_file(cfg: DapoConfig, path: str, tokenizer: Tokenizer) -> list[PromptExample]:
+    d = cfg.data
+    fields = PromptFields(prompt_key=d.prompt_key, question_key=d.question_key, answer_key=d.answer_key,
+                          data_source_key=d.data_source_key)
+    examples = load_prompt_dataset(path, fields, d.template).examples
+    kept, _ = drop_long_prompts(examples, lambda e: len(tokenizer.encode_prompt(e.messages)),
+                                cfg.rollout.max_prompt_length)
+    return kept

@@ -1,0 +1,129 @@
+"""Dynamic sampling in the controller, with a scripted reward distribution.
+
+The engines are replaced by a scripted pool whose responses are just the answers we want
+scored; the reward is the real scorer. The test follows the rounds, the kept counts, the
+early abort, and checks that no all-correct or all-wrong group reaches the loss.
+"""
+
+import torch
+
+from dapo_megatron.algo import BatchAssembler
+from dapo_megatron.config import load_config
+from dapo_megatron.controller.batch import build_rollout_batch
+from dapo_megatron.controller.rollout_phase import collect_train_groups
+from dapo_megatron.data.datasets import PromptExample
+from dapo_megatron.data.sampler import PromptSampler
+from dapo_megatron.data.tokenizer import CharTokenizer
+from dapo_megatron.reward import compute_score
+from dapo_megatron.rollout.protocol import Sample
+
+
+class InlineScorer:
+    def score(self, texts, refs):
+        return [compute_score(t, r) for t, r in zip(texts, refs)]
+
+
+class ScriptedEngines:
+    """Prompt p's group has `script[p]` correct answers out of G (the rest wrong)."""
+
+    def __init__(self, tokenizer, script, chunk=4):
+        self.tok, self.script, self.chunk = tokenizer, script, chunk
+        self.generated_chunks = 0
+        self.aborts = 0
+        self.restarts = 0
+
+    def generate_streaming(self, prompts, params, tag):
+        for start in range(0, len(prompts), self.chunk):
+            idx = list(range(start, min(start + self.chunk, len(prompts))))
+            out = []
+            for i in idx:
+                text = self.tok.decode(prompts[i][1:])  # "<a>+<b>*<c>="
+                key = int(text.split("+")[0])
+                n_correct = self.script[key]
+                a, rest = text.rstrip("=").split("+")
+                b, c = rest.split("*")
+                answer = int(a) + int(b) * int(c)
+                group = []
+                for j in range(params.n):
+                    given = answer if j < n_correct else answer + 1
+                    ids = self.tok.encode(f"Answer: {given}") + [self.tok.eos_id]
+                    group.append(Sample(ids, [-0.1] * len(ids), "stop", i, f"{tag}-{i}", j))
+                out.append(group)
+            self.generated_chunks += 1
+            yield idx, out
+
+    def abort_all(self):
+        self.aborts += 1
+
+
+def _examples(n):
+    # Prompt key a = i + 1 identifies the scripted number of correct answers.
+    return [
+        PromptExample(messages=[{"role": "user", "content": f"{i + 1}+2*3="}], ground_truth=str(i + 1 + 6), index=i)
+        for i in range(n)
+    ]
+
+
+def _cfg(**over):
+    items = ["algo.group_size=4", "trainer.train_batch_size=5", "trainer.mini_batch_size=5",
+             "rollout.gen_batch_size=8", "algo.max_gen_batches=5", "algo.max_response_length=16",
+             "algo.overlong_buffer=4", "rollout.max_prompt_length=16", "model.max_position_embeddings=64",
+             "trainer.max_tokens_per_microbatch=64"]
+    return load_config(None, items + [f"{k}={v}" for k, v in over.items()])
+
+
+def test_rounds_kept_counts_and_no_flat_group_reaches_loss():
+    cfg = _cfg()
+    tok = CharTokenizer()
+    # 16 prompts; G=4. Correct counts cycle through 0..4: only 1..3 carry signal (3 of 5).
+    script = {i + 1: i % 5 for i in range(16)}
+    engines = ScriptedEngines(tok, script)
+    sampler = PromptSampler(_examples(16), seed=0, shuffle=False)
+    assembler = BatchAssembler(5, 5, "drop")
+    result = collect_train_groups(cfg=cfg, step=1, sampler=sampler, tokenizer=tok, engines=engines,
+                                  scorer=InlineScorer(), assembler=assembler)
+    # Round 1 (prompts 1..8: counts 0,1,2,3,4,0,1,2) keeps 1,2,3,1,2 = 5 groups; the 5th kept
+    # group arrives in the second chunk, which fills the batch: abort, no second round.
+    assert result.stats.rounds == 1
+    assert result.stats.kept == 5 and result.stats.generated == 8 and result.stats.dropped == 3
+    assert engines.aborts == 1
+    assert len(result.groups) == 5
+    for g in result.groups:
+        assert 0 < sum(g.correct) < len(g.correct)
+    batch = build_rollout_batch(result.groups, cfg.algo)
+    adv = batch.advantages.view(5, 4)
+    assert torch.all(adv.abs().sum(dim=1) > 0)  # every group carries a gradient signal
+    # Correct responses have positive advantage, wrong ones negative.
+    assert torch.all((adv > 0) == batch.correct.view(5, 4))
+
+
+def test_round_limit_returns_short_batch():
+    cfg = _cfg(**{"algo.max_gen_batches": 2})
+    tok = CharTokenizer()
+    script = {i + 1: (2 if i == 3 else 4) for i in range(16)}  # one useful prompt per 16
+    engines = ScriptedEngines(tok, script)
+    sampler = PromptSampler(_examples(16), seed=0, shuffle=False)
+    result = collect_train_groups(cfg=cfg, step=1, sampler=sampler, tokenizer=tok, engines=engines,
+                                  scorer=InlineScorer(), assembler=BatchAssembler(5, 2, "drop"))
+    assert result.stats.rounds == 2 and result.stats.partial
+    assert result.stats.generated == 16 and len(result.groups) == 1
+
+
+def test_overlong_shaping_and_filtering_in_batch():
+    cfg = _cfg(**{"algo.overlong_filter": True})
+    tok = CharTokenizer()
+    engines = ScriptedEngines(tok, {i + 1: 2 for i in range(16)})
+    sampler = PromptSampler(_examples(16), seed=0, shuffle=False)
+    result = collect_train_groups(cfg=cfg, step=1, sampler=sampler, tokenizer=tok, engines=engines,
+                                  scorer=InlineScorer(), assembler=BatchAssembler(5, 5, "drop"))
+    g = result.groups[0]
+    # Make sample 0 truncated at L_max=16 and sample 1 inside the soft band (13 tokens > 12).
+    g.samples[0] = Sample(list(range(3, 19)), [0.0] * 16, "length", 0, "x", 0)
+    g.samples[1] = Sample(list(range(3, 16)), [0.0] * 13, "stop", 0, "x", 1)
+    batch = build_rollout_batch(result.groups, cfg.algo)
+    expected = torch.tensor(g.scores, dtype=torch.float64)
+    expected[0] += -1.0  # |y| = L_max: ((16-4)-16)/4 = -1
+    expected[1] += (12 - 13) / 4
+    assert torch.allclose(batch.rewards[:4].double(), expected, atol=1e-6)
+    assert batch.loss_weights[:4].tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert bool(batch.truncated[0]) and not bool(batch.truncated[1])
