@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default=None, help="continue from this HF checkpoint dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -113,6 +114,13 @@ def main(argv=None) -> int:
     hf_config = cfg.model.hf_config_dict(vocab_size=cfg.model.vocab_size or task.tokenizer.vocab_size)
     torch.manual_seed(args.seed)
     model = build_hf_model(hf_config)
+    if args.init:
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(load_file(os.path.join(args.init, "model.safetensors")), strict=False)
+        if unexpected or [k for k in missing if k != "lm_head.weight"]:
+            raise SystemExit(f"--init {args.init}: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # Cosine decay to 0 over --max-steps: the late, small steps are what get digits exact.
