@@ -60,7 +60,12 @@ def main(argv=None) -> int:
                         format="%(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore")
     from dapo_megatron.convert.dist_ckpt import (
-        ConversionError, hf_to_megatron, limit_malloc_retention, megatron_to_hf, verify)
+        ConversionError,
+        hf_to_megatron,
+        limit_malloc_retention,
+        megatron_to_hf,
+        verify,
+    )
     from dapo_megatron.convert.hf_io import CheckpointError
 
     limit_malloc_retention()

@@ -85,13 +85,21 @@ def partition_dim(model, local_name: str, param: torch.Tensor) -> int | None:
     if hasattr(param, "tensor_model_parallel"):
         return param.partition_dim if param.tensor_model_parallel else None
     from megatron.core.tensor_parallel import (
-        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+    )
 
     owner_name, _, leaf = local_name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     if isinstance(owner, (ColumnParallelLinear, VocabParallelEmbedding)) and leaf in ("weight", "bias"):
         return 0
     if isinstance(owner, RowParallelLinear) and leaf == "weight":
+        return 1
+    mode = getattr(owner, "parallel_mode", None)  # Transformer Engine linear modules
+    if mode == "column" and leaf.startswith(("weight", "bias")):
+        return 0
+    if mode == "row" and leaf.startswith("weight"):
         return 1
     return None
 

@@ -183,7 +183,7 @@ def megatron_to_hf(
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return [(sources[0], full[: args.vocab_size])]
     if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
-        return list(zip(sources, _qkv_split(args, full)))
+        return list(zip(sources, _qkv_split(args, full), strict=True))
     if len(sources) == 2:
         gate, up = torch.chunk(full, 2, dim=0)
         return [(sources[0], gate), (sources[1], up)]

@@ -74,7 +74,7 @@ def _gather_full(model, canon: str, param: torch.Tensor, dim: int | None) -> tor
 def _plan(model, local, dtype):
     """Global list of (canonical name, source rank, full shape, dtype), same on every rank."""
     mine = []
-    for canon, (m, param, dim) in local.items():
+    for canon, (_, param, dim) in local.items():
         if not _first_replica(canon):
             continue
         rank, size = tp_rank_and_size(canon)

@@ -211,6 +211,8 @@ def build_model(
     ep = ps.get_expert_model_parallel_world_size()
     if args.is_moe and args.num_experts % ep:
         raise ValueError(f"ep={ep} must divide num_experts={args.num_experts}")
+    if ps.get_context_parallel_world_size() > 1 and not use_te:
+        raise ValueError("context parallelism (cp > 1) needs the Transformer Engine spec (GPU)")
     if not args.is_moe and ep > 1:
         raise ValueError(f"ep={ep} > 1 needs an MoE model ({args.architecture} is dense)")
 

@@ -36,6 +36,14 @@ class ParallelLayout:
 _LAYOUT: ParallelLayout | None = None
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def check_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1) -> int:
     """Validate a layout for ``world_size`` ranks and return the derived DP size."""
     for name, value in (("tp", tp), ("pp", pp), ("ep", ep), ("cp", cp)):
@@ -98,7 +106,7 @@ def init_parallel(
                     "init_parallel: no master_port given and MASTER_PORT is unset; pass "
                     "master_addr/master_port (Ray actors) or run under torchrun"
                 )
-            port = 29500
+            port = _free_port()
         check_layout(world_size, tp, pp, ep, cp)
         if on_gpu:
             local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))

@@ -7,7 +7,13 @@ import torch
 
 from dapo_megatron.convert.arch import UnsupportedModelError, model_args_from_hf
 from dapo_megatron.convert.rules import (
-    MissingTensorError, canonical_names, hf_names, hf_shapes, hf_to_megatron, megatron_to_hf)
+    MissingTensorError,
+    canonical_names,
+    hf_names,
+    hf_shapes,
+    hf_to_megatron,
+    megatron_to_hf,
+)
 from tests.convert.tiny import FAMILIES, tiny_config
 
 

@@ -9,6 +9,13 @@ import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "qwen2_moe")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe")
+# Config variants worth a logits check of their own: name -> (family, config overrides).
+VARIANTS = {
+    "llama3_rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    "qwen3_moe_dense0": ("qwen3_moe", {"mlp_only_layers": [0], "norm_topk_prob": False}),
+}
 VOCAB = 200  # not a multiple of 128: exercises vocab padding
 
 
@@ -23,8 +30,7 @@ def tiny_config(family: str, **overrides):
     if family == "llama":
         cfg = tf.LlamaConfig(**common, rope_theta=50000.0)
     elif family == "qwen2":
-        cfg = tf.Qwen2Config(**common, tie_word_embeddings_=None) if False else tf.Qwen2Config(
-            **{**common, "tie_word_embeddings": True})
+        cfg = tf.Qwen2Config(**{**common, "tie_word_embeddings": True})  # tied + qkv bias
     elif family == "qwen3":
         cfg = tf.Qwen3Config(**common, head_dim=24)
     elif family == "qwen3_moe":
@@ -45,9 +51,14 @@ def tiny_config(family: str, **overrides):
 
 
 def make_hf_model(family: str, out_dir: str, seed: int = 0, **overrides):
-    """Random HF model saved to ``out_dir`` (config.json + model.safetensors); returns it."""
+    """Random HF model saved to ``out_dir`` (config.json + model.safetensors); returns it.
+
+    ``family`` may also be a VARIANTS name."""
     import transformers as tf
 
+    if family in VARIANTS:
+        family, extra = VARIANTS[family]
+        overrides = {**extra, **overrides}
     torch.manual_seed(seed)
     cfg = tiny_config(family, **overrides)
     model = getattr(tf, cfg.architectures[0])(cfg).eval()

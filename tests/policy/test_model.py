@@ -9,7 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.convert.tiny import FAMILIES, MOE_FAMILIES, make_hf_model, prompt_ids
+from tests.convert.tiny import FAMILIES, MOE_FAMILIES, VARIANTS, make_hf_model, prompt_ids
+
+ALL = FAMILIES + tuple(VARIANTS)
+MOE = MOE_FAMILIES + tuple(v for v, (fam, _) in VARIANTS.items() if fam in MOE_FAMILIES)
 from tests.dist import run_distributed
 
 TOL = 1e-4  # fp32 on CPU; measured ~3e-7
@@ -19,7 +22,7 @@ TOL = 1e-4  # fp32 on CPU; measured ~3e-7
 def hf_models(tmp_path_factory):
     """family -> (hf dir, HF reference logits on the fixed prompt)."""
     out = {}
-    for fam in FAMILIES:
+    for fam in ALL:
         d = tmp_path_factory.mktemp(fam)
         hf = make_hf_model(fam, str(d))
         with torch.no_grad():
@@ -31,8 +34,8 @@ def _logits_worker(rank, world, layout, dirs):
     from transformers import AutoConfig
 
     from dapo_megatron.convert import load_hf_state_dict
-    from dapo_megatron.policy.parallel import destroy_parallel, init_parallel
     from dapo_megatron.policy.model import build_model
+    from dapo_megatron.policy.parallel import destroy_parallel, init_parallel
     from tests.convert.tiny import megatron_logits, prompt_ids, read_hf_dir
 
     init_parallel(**layout)
@@ -52,7 +55,7 @@ def _logits_worker(rank, world, layout, dirs):
     ids=["tp1", "tp2", "pp2", "ep2"],
 )
 def test_logits_match_hf(hf_models, layout, world):
-    fams = MOE_FAMILIES if "ep" in layout else FAMILIES
+    fams = MOE if "ep" in layout else ALL
     dirs = {f: hf_models[f][0] for f in fams}
     results = run_distributed(_logits_worker, world, layout, dirs)
     for rank, per_family in enumerate(results):
@@ -109,3 +112,82 @@ def test_mask_and_padding_helpers():
     m = causal_attention_mask(None, 4, segment_ids=seg)[0, 0]
     # token 2 (segment 1) must not see tokens 0,1; token 1 sees 0
     assert m[2, 0] and m[2, 1] and not m[2, 2] and not m[1, 0] and m[0, 1]
+
+
+def _compat_worker(rank, world, pretend_gpu):
+    import threading
+
+    import torch
+
+    from dapo_megatron.policy import compat
+
+    if pretend_gpu:
+        original = torch.cuda.current_device
+        torch.cuda.is_available = lambda: True
+        return [compat.enable_cpu_execution(), torch.cuda.current_device is original]
+    out = [compat.enable_cpu_execution(), compat.enable_cpu_execution()]
+    out.append(torch.cuda.current_device() == 0)
+    out.append(torch.zeros(2, device="cuda").device.type == "cpu")
+    out.append(torch.ones(2).cuda().device.type == "cpu")
+
+    seen = []
+
+    def other_thread():
+        compat.enable_cpu_execution()
+        seen.append(torch.empty(1, device=torch.cuda.current_device()).device.type)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join()
+    out.append(seen == ["cpu"])
+    from megatron.core.optimizer import clip_grads
+
+    out.append(getattr(clip_grads.clip_grad_by_total_norm_fp32, "_dapo_cpu_wrapped", False))
+    out.append(torch.zeros(1).type() == "torch.FloatTensor")  # only inside wrapped calls
+    return out
+
+
+@pytest.mark.dist
+def test_cpu_execution_layer_is_idempotent_and_off_with_gpu():
+    assert all(run_distributed(_compat_worker, 1, False)[0])
+    assert run_distributed(_compat_worker, 1, True)[0] == [False, True]
+
+
+def _packing_worker(rank, world, hf_dir):
+    from transformers import AutoConfig
+
+    from dapo_megatron.convert import load_hf_state_dict
+    from dapo_megatron.policy.model import build_model, causal_attention_mask
+    from dapo_megatron.policy.parallel import init_parallel
+    from tests.convert.tiny import read_hf_dir
+
+    init_parallel()
+    chunks = build_model(AutoConfig.from_pretrained(hf_dir))
+    load_hf_state_dict(chunks, read_hf_dir(hf_dir))
+    model = chunks[0].eval()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 200, (1, 5), generator=g), torch.randint(0, 200, (1, 7), generator=g)
+    seg = torch.tensor([[0] * 5 + [1] * 7])
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    padded[0, :5], padded[1] = a[0], b[0]
+    keep = torch.tensor([[1] * 5 + [0] * 2, [1] * 7])
+    with torch.no_grad():
+        def run(ids, mask):
+            return model(input_ids=ids, position_ids=None, attention_mask=mask)
+
+        packed = run(torch.cat([a, b], 1), causal_attention_mask(None, 12, segment_ids=seg))
+        alone_a = run(a, causal_attention_mask(None, 5))
+        alone_b = run(b, causal_attention_mask(None, 7))
+        pad = run(padded, causal_attention_mask(keep, 7))
+    return [float((packed[0, :5] - alone_a[0]).abs().max()),
+            float((packed[0, 5:] - alone_b[0]).abs().max()),
+            float((pad[0, :5] - alone_a[0]).abs().max()),
+            float((pad[1] - alone_b[0]).abs().max())]
+
+
+@pytest.mark.dist
+def test_packed_and_padded_rows_match_separate_sequences(hf_models):
+    """Local attention + RoPE use positions 0..S-1 per row; RoPE is relative, so a
+    block-diagonal causal mask makes packed rows equal separate ones."""
+    diffs = run_distributed(_packing_worker, 1, hf_models["qwen3"][0])[0]
+    assert max(diffs) < 1e-5, diffs
