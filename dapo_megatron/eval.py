@@ -64,7 +64,9 @@ def run_eval(cfg, *, ckpt: str | None, data_path: str | None, k: int | None, out
         cfg.data.eval_path = data_path
     trainer = Trainer(cfg, for_eval=True)
     try:
-        trainer.restore(ckpt)
+        if not trainer.restore(ckpt):
+            logger.warning("no checkpoint in %s: evaluating the initial weights", cfg.checkpoint_dir)
+            trainer.sync_weights()
         metrics = trainer.evaluate(k=k, out_path=out_path)
     finally:
         trainer.shutdown()

@@ -42,8 +42,10 @@ def load_task(cfg: DapoConfig) -> Task:
         )
         train_ex = [to_example(i, p, "arithmetic") for i, p in enumerate(train)]
         eval_ex = [to_example(i, p, "arithmetic-heldout") for i, p in enumerate(eval_)]
-        return Task(train_ex, eval_ex, load_tokenizer(d.tokenizer or "char"),
-                    solutions={ex.index: ex.metadata["solution"] for ex in train_ex})
+        tokenizer = load_tokenizer(d.tokenizer or "char")
+        if d.eval_path:  # an eval file replaces the held-out split
+            eval_ex = _load_file(cfg, d.eval_path, tokenizer)
+        return Task(train_ex, eval_ex, tokenizer, solutions={ex.index: ex.metadata["solution"] for ex in train_ex})
 
     tok_path = d.tokenizer or cfg.model.hf_dir
     if not tok_path:

@@ -107,3 +107,26 @@ def test_sigkill_resume_matches_uninterrupted(single_rank_run, tmp_path):
     records, log = _train(run_dir, *common)
     assert "resumed from" in open(log).read()
     _assert_close(records[2], ref[2], COMPARED + ["eval/avg@k"], 1e-5)
+
+
+def test_eval_command_on_a_checkpoint_and_a_data_file(tmp_path):
+    # A plain {"problem", "answer"} jsonl, as a user would bring; as-is keeps the prompt text.
+    data = tmp_path / "probs.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{a}+2*3=", "answer": str(a + 6)}) + "\n" for a in range(1, 7))
+                    + "not json\n")
+    out = tmp_path / "eval.jsonl"
+    run_dir = str(tmp_path / "run")
+    args = [sys.executable, "-m", "dapo_megatron.cli", "eval", "examples/tiny_cpu.yaml", *TINY,
+            f"trainer.run_dir={run_dir}", "data.template=as-is", "eval.top_p=1.0",
+            "--data", str(data), "--k", "4", "--out", str(out)]
+    proc = subprocess.run(args, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "evaluating the initial weights" in proc.stderr
+    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert metrics["eval/num_prompts"] == 6 and metrics["eval/k"] == 4
+    assert 0.0 < metrics["eval/avg@k"] <= metrics["eval/pass@k"] <= 1.0  # the warm start adds well
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["responses"]) == 4 for r in rows)
+    # avg@k is the mean of the per-prompt correct fractions written out.
+    assert abs(metrics["eval/avg@k"] - sum(sum(r["correct"]) / 4 for r in rows) / 6) < 1e-9
