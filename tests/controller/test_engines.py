@@ -49,18 +49,24 @@ def test_streaming_matches_direct_generation_and_restart(ray_local, caplog):
         assert sorted(first) == list(range(8))
         assert all(len(g) == 4 and g[0].weight_version == 3 for g in first.values())
 
-        # Kill the engine actor between steps of a run: the next round's call fails, the
-        # manager replaces the engine, replays the current weights into it and retries the
-        # chunk. Sampling is seeded per request, so the retried groups equal the first ones.
+        # Kill the engine actor while the round is generating: right after the first group
+        # arrives, the second chunk is running on it. The manager replaces the engine, replays
+        # the current weights into it and retries the chunk; sampling is seeded per request,
+        # so the retried groups equal the ones generated before the kill.
         caplog.set_level(logging.WARNING, logger="dapo_megatron.rollout.manager")
-        ray.kill(pool.engines[0])
-        got = {i: g for idx, groups in pool.generate_streaming(prompts, params, tag="a")
-               for i, g in zip(idx, groups)}
+        long = SamplingParams(n=4, max_new_tokens=100, seed=11)
+        reference = {i: g for idx, groups in pool.generate_streaming(prompts, long, tag="a")
+                     for i, g in zip(idx, groups)}
+        got = {}
+        for idx, groups in pool.generate_streaming(prompts, long, tag="a"):
+            if not got:
+                ray.kill(pool.engines[0])
+            got.update(zip(idx, groups))
         assert pool.restarts == 1
         assert any("replacing it" in r.message for r in caplog.records)
         assert sorted(got) == list(range(8))
         for i in range(8):
-            assert [s.token_ids for s in got[i]] == [s.token_ids for s in first[i]]
+            assert [s.token_ids for s in got[i]] == [s.token_ids for s in reference[i]]
             assert got[i][0].weight_version == 3
     finally:
         pool.shutdown()
