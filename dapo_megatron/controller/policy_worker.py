@@ -104,7 +104,10 @@ class PolicyWorker:
         return metrics
 
     def export_weights(self, bucket_mb: int) -> list | None:
-        buckets = list(self.trainer.export_weights(bucket_mb * 2**20))
+        # Host copies travel through Ray to any engine; a colocated SGLang engine could take
+        # CUDA IPC handles instead (rollout.sglang_api.serialize_bucket), not wired yet.
+        buckets = [[(name, t.detach().cpu()) for name, t in bucket]
+                   for bucket in self.trainer.export_weights(bucket_mb * 2**20)]
         return buckets if self.rank == 0 else None
 
     def save(self, path: str, extra_state: dict) -> None:

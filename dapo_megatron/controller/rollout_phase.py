@@ -58,6 +58,8 @@ def sampling_params(cfg, *, n: int, seed: int, stop_ids: tuple[int, ...], eval_m
         max_new_tokens=cfg.algo.max_response_length,
         stop_token_ids=stop_ids,
         seed=seed,
+        # Evaluation needs no log-probs, and SGLang cannot return them under top_p < 1.
+        return_logprobs=not eval_mode,
     )
 
 
