@@ -11,8 +11,9 @@ K experts per token, fe expert width, V vocab, L layers; t, p, e, c = TP, PP, EP
 micro-batch; dp_dense = world/(t*p), dp_expert = world/(t*e*p)):
 
 Parameters (exact count from the shape, per rank):
-  embedding / output layer   V_pad*h/t, V_pad = V rounded up to a multiple of 128*t
-                             (Megatron-LM `_vocab_size_with_padding`, make_vocab_size_divisible_by=128);
+  embedding / output layer   V_pad*h/t, V_pad = V rounded up to a multiple of lcm(128, t), as
+                             our model builder pads (convert.arch.padded_vocab_size; Megatron-LM's
+                             `_vocab_size_with_padding` uses 128*t);
                              the embedding sits on the first stage, the output layer on the last;
                              tied embeddings with p > 1 keep a copy on the last stage too
                              (Megatron's shared embedding group).
@@ -70,7 +71,6 @@ from typing import Any, Optional
 from dapo_megatron.config import ConfigError, DapoConfig, ModelConfig
 
 GIB = 2**30
-VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
 
 # --------------------------------------------------------------------------- model shape
@@ -98,46 +98,42 @@ class ModelShape:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config") -> "ModelShape":
-        def need(key: str) -> Any:
+        """The shape as the model builder reads it (one interpretation of HF configs:
+        dapo_megatron.convert.arch.model_args_from_hf)."""
+        from dapo_megatron.convert.arch import UnsupportedModelError, model_args_from_hf
+
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
             if key not in hf:
                 raise ConfigError(f"{source}: {key} is missing; the planner needs the model's shape")
-            return hf[key]
-
-        arch = hf.get("model_type", "llama")
-        h, layers, heads = need("hidden_size"), need("num_hidden_layers"), need("num_attention_heads")
-        vocab = need("vocab_size")
-        if not vocab:
+        if not hf["vocab_size"]:
             raise ConfigError(f"{source}: vocab_size is 0 (the tokenizer's size); set model.vocab_size "
                               f"for planning")
-        experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
-        moe_layers: tuple[bool, ...] = (False,) * layers
-        if experts:
-            dense_only = set(hf.get("mlp_only_layers") or ())
-            step = int(hf.get("decoder_sparse_step") or 1)
-            # Qwen3-MoE's rule (transformers modeling_qwen3_moe): MoE where (i + 1) % step == 0.
-            moe_layers = tuple(i not in dense_only and (i + 1) % step == 0 for i in range(layers))
+        try:
+            args = model_args_from_hf(hf)
+        except (UnsupportedModelError, KeyError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from None
         return cls(
-            architecture=arch,
-            vocab_size=int(vocab),
-            hidden_size=int(h),
-            num_layers=int(layers),
-            num_heads=int(heads),
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or h // heads),
-            ffn_hidden=int(hf.get("intermediate_size") or 0),
-            num_experts=experts,
-            experts_per_token=int(hf.get("num_experts_per_tok") or 0) if experts else 0,
-            # Mixtral's config names the expert width intermediate_size.
-            expert_ffn_hidden=int(hf.get("moe_intermediate_size") or hf.get("intermediate_size") or 0) if experts else 0,
-            moe_layers=moe_layers,
-            tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", arch == "qwen2")),
-            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            architecture=hf.get("model_type", args.family),
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            num_kv_heads=args.num_kv_heads,
+            head_dim=args.head_dim,
+            ffn_hidden=args.ffn_hidden_size,
+            num_experts=args.num_experts,
+            experts_per_token=args.moe_top_k,
+            expert_ffn_hidden=args.moe_ffn_hidden_size,
+            moe_layers=tuple(args.is_moe_layer(i) for i in range(args.num_layers)),
+            tied_embeddings=args.tie_word_embeddings,
+            qkv_bias=args.qkv_bias,
+            qk_norm=args.qk_norm,
         )
 
     def padded_vocab(self, tp: int) -> int:
-        multiple = VOCAB_DIVISIBLE_BY * tp
-        return -(-self.vocab_size // multiple) * multiple
+        from dapo_megatron.convert.arch import padded_vocab_size
+
+        return padded_vocab_size(self.vocab_size, tp)
 
     def layer_params(self, moe: bool) -> tuple[int, int]:
         """(dense, expert) parameters of one whole layer, no parallelism."""

@@ -25,8 +25,9 @@ def _cfg(path, *overrides, nodes=None):
 # Qwen2.5-32B (config.json): vocab 152064, hidden 5120, 64 layers, 40 heads, 8 KV heads of 128,
 # SwiGLU 27648, QKV bias, untied head. Layout of the example: tp 8, pp 2.
 def _qwen32b_last_stage_params_by_hand() -> int:
-    padded_vocab = 149 * 1024  # 152064 / (128 * 8) = 148.5 -> 149 blocks of 1024
-    assert padded_vocab == 152576
+    # Padded to a multiple of lcm(128, tp) = 128 (layout-independent checkpoints):
+    # 152064 = 1188 * 128 is already a multiple.
+    padded_vocab = 1188 * 128
     q, k, v = 5120 * 5120, 5120 * 1024, 5120 * 1024  # 40 and 8 heads of 128
     qkv_bias = 5120 + 1024 + 1024
     out_proj = 5120 * 5120
@@ -55,7 +56,7 @@ def test_qwen32b_params_grads_optimizer_by_hand(nodes):
     # The last stage holds the output layer and the final norm: 5120 more than the first.
     assert m.stage == 1
     n = _qwen32b_last_stage_params_by_hand()
-    assert n == 2_048_361_472
+    assert n == 2_048_033_792
     assert m.param_count == n and m.expert_params == 0
     assert m.params == 2 * n  # bf16
     assert m.grads == 4 * n  # fp32 main grads, full buffer
@@ -71,7 +72,7 @@ def test_qwen32b_activations_by_hand():
     kept = 32 * 2 * 5120 / 8  # each layer's input, sequence-split over 8 ranks
     # one layer's full set while it is recomputed (per token, one rank: 5 q heads, 1 kv head)
     one_layer = 8 * 5120 / 8 + 2 * (5 + 2) * 128 + 2 * 5 * 128 + 4 * 5 + 6 * 27648 / 8
-    logits = (2 + 4) * 152576 / 8
+    logits = (2 + 4) * 152064 / 8  # padded vocab: 152064 is a multiple of lcm(128, 8)
     assert report.memory.activations == pytest.approx((kept + one_layer + logits) * tokens)
     assert report.memory.activations_recompute == report.memory.activations
     assert report.memory.activations_no_recompute > 4 * report.memory.activations
@@ -101,7 +102,7 @@ def test_moe_example_expert_split_by_hand():
     m = report.memory
     attn = (4096 * 64 * 128 + 2 * 4096 * 4 * 128 + 64 * 128 * 4096) / 4
     replicated = 2 * 4096 + 2 * 128 + 4096 * 128  # norms, q/k norms, router
-    padded_vocab = 297 * 512  # 151936 / 512 = 296.75
+    padded_vocab = 1187 * 128  # 151936 = 1187 * 128: a multiple of lcm(128, tp=4) already
     dense_last = 47 * (attn + replicated) + padded_vocab * 4096 / 4 + 4096
     experts = 47 * (128 // 16) * 3 * 4096 * 1536 / 4
     assert (m.stage, m.dense_params, m.expert_params) == (1, dense_last, experts)
