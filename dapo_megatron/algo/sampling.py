@@ -213,6 +213,17 @@ class BatchAssembler:
         self._stats.dropped += len(groups) - len(kept)
         return len(kept)
 
+    def carried_groups(self) -> list[Group]:
+        """Kept groups waiting for the next batch (surplus="carry"), for a checkpoint."""
+        return list(self._buffer)
+
+    def restore_carried(self, groups: Sequence[Group]) -> None:
+        """Put checkpointed carried groups back before the first round of a resumed run."""
+        if self._stats.rounds or self._buffer:
+            raise RuntimeError("restore_carried must be called on a fresh assembler")
+        self._buffer = list(groups)
+        self._stats = SamplingStats(carried_in=len(self._buffer))
+
     def take(self) -> AssembledBatch:
         """Return the train batch and start the next one.
 

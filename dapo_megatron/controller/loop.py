@@ -180,7 +180,7 @@ class Trainer:
             "step": self.step,
             "generated_samples": self.generated_samples,
             "sampler": self.sampler.state_dict(),
-            "assembler_buffer": None,  # surplus groups are regenerated, not saved (see note)
+            "carried_groups": self.assembler.carried_groups(),  # surplus="carry" only
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -197,6 +197,7 @@ class Trainer:
         self.step = int(state["step"])
         self.generated_samples = int(state.get("generated_samples", 0))
         self.sampler.load_state_dict(state["sampler"])
+        self.assembler.restore_carried(state.get("carried_groups") or [])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
