@@ -82,7 +82,11 @@ class Trainer:
             self.sync_weights()
             if cfg.eval.every:
                 self.metrics.log(0, self.evaluate())
-        logger.info("training steps %d..%d", self.step + 1, cfg.trainer.max_steps)
+        if self.step >= cfg.trainer.max_steps:
+            logger.info("the run is complete at step %d (trainer.max_steps=%d); raise trainer.max_steps "
+                        "to continue it", self.step, cfg.trainer.max_steps)
+        else:
+            logger.info("training steps %d..%d", self.step + 1, cfg.trainer.max_steps)
         while self.step < cfg.trainer.max_steps and not self._budget_spent():
             self.step += 1
             self.metrics.log(self.step, self.train_step())
