@@ -64,6 +64,7 @@ class Trainer:
             filter_groups=a.dynamic_sampling,
         )
         self.step = 0
+        self._saved_step = 0  # the step of the newest checkpoint (resumed or written)
         self.generated_samples = 0
         self.metrics: MetricsLogger | None = None
 
@@ -75,6 +76,7 @@ class Trainer:
         self.metrics = MetricsLogger(
             cfg.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, config=cfg.to_dict(), resume_step=self.step,
+            max_steps=cfg.trainer.max_steps,
         )
         if not resumed:
             if self.task.embedded and cfg.trainer.warm_start_steps > 0:
@@ -87,18 +89,17 @@ class Trainer:
                         "to continue it", self.step, cfg.trainer.max_steps)
         else:
             logger.info("training steps %d..%d", self.step + 1, cfg.trainer.max_steps)
+        every = cfg.checkpoint.save_every
         while self.step < cfg.trainer.max_steps and not self._budget_spent():
             self.step += 1
             self.metrics.log(self.step, self.train_step())
-            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+            if every and self.step % every == 0:
                 self.save()
             if self._stop_signal is not None:
                 logger.warning("received %s: checkpointing at step %d and exiting (rerun to resume)",
                                signal.Signals(self._stop_signal).name, self.step)
-                if not (cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0):
-                    self.save()
-                return self.metrics.records
-        if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every != 0:
+                break
+        if (every or self._stop_signal is not None) and self._saved_step != self.step:
             self.save()
         plot_metrics(self.metrics.records, os.path.join(cfg.run_dir, "metrics.png"))
         return self.metrics.records
@@ -190,6 +191,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
         path = ckpt_io.save(self.cfg, self.step, lambda d: self.policy.save(d, state))
+        self._saved_step = self.step
         logger.info("step %d: checkpoint written to %s", self.step, path)
 
     def restore(self, path: str | None) -> bool:
@@ -198,7 +200,7 @@ class Trainer:
         if path is None:
             return False
         state = self.policy.load(path)
-        self.step = int(state["step"])
+        self.step = self._saved_step = int(state["step"])
         self.generated_samples = int(state.get("generated_samples", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.assembler.restore_carried(state.get("carried_groups") or [])
@@ -210,9 +212,8 @@ class Trainer:
         return True
 
     def shutdown(self) -> None:
-        for part in (self.metrics, ):
-            if part is not None:
-                part.close()
+        if self.metrics is not None:
+            self.metrics.close()
         self.scorer.close()
         self.engines.shutdown()
         self.policy.shutdown()

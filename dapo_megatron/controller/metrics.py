@@ -32,7 +32,8 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str, *, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "dapo-megatron", config: dict | None = None,
-                 resume_step: int = 0) -> None:
+                 resume_step: int = 0, max_steps: int | None = None) -> None:
+        self.max_steps = max_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         os.makedirs(run_dir, exist_ok=True)
         self.records = _read_records(self.path, upto_step=resume_step)
@@ -69,7 +70,7 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=step)
-        logger.info(console_line(step, record))
+        logger.info(console_line(step, record, self.max_steps))
 
     def close(self) -> None:
         if self._tb is not None:

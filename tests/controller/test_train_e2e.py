@@ -145,3 +145,23 @@ def test_eval_command_on_a_checkpoint_and_a_data_file(tmp_path):
     assert len(rows) == 6 and all(len(r["responses"]) == 4 for r in rows)
     # avg@k is the mean of the per-prompt correct fractions written out.
     assert abs(metrics["eval/avg@k"] - sum(sum(r["correct"]) / 4 for r in rows) / 6) < 1e-9
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_exits_cleanly(tmp_path):
+    """What Slurm's `--signal=B:USR1` / a preemption asks of the trainer (slurm/launch.sh)."""
+    run_dir = str(tmp_path / "preempted")
+    proc, log = _train(run_dir, "trainer.max_steps=50", "eval.every=0", "checkpoint.save_every=0", wait=False)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.monotonic() + 900
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(metrics) and any('"step": 1' in line for line in open(metrics)):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, open(log).read()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=600) == 0, open(log).read()[-3000:]
+    text = open(log).read()
+    assert "received SIGTERM" in text
+    steps = sorted(_records(run_dir))
+    assert 1 <= steps[-1] < 50
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{steps[-1]:06d}"))
