@@ -23,12 +23,9 @@ class Task:
     train: list[PromptExample]
     eval: list[PromptExample]
     tokenizer: Tokenizer
-    # The embedded task's worked solutions, for the supervised warm start; None otherwise.
-    solutions: dict[int, str] | None = None
-
-    @property
-    def embedded(self) -> bool:
-        return self.solutions is not None
+    # The embedded arithmetic task: its train examples carry metadata["solution"], the
+    # worked solution that the supervised warm start trains on.
+    embedded: bool = False
 
 
 def load_task(cfg: DapoConfig) -> Task:
@@ -45,7 +42,7 @@ def load_task(cfg: DapoConfig) -> Task:
         tokenizer = load_tokenizer(d.tokenizer or "char")
         if d.eval_path:  # an eval file replaces the held-out split
             eval_ex = _load_file(cfg, d.eval_path, tokenizer)
-        return Task(train_ex, eval_ex, tokenizer, solutions={ex.index: ex.metadata["solution"] for ex in train_ex})
+        return Task(train_ex, eval_ex, tokenizer, embedded=True)
 
     tok_path = d.tokenizer or cfg.model.hf_dir
     if not tok_path:

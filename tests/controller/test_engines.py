@@ -30,66 +30,71 @@ def _cfg():
     ])
 
 
-def _weights(hf_config):
-    torch.manual_seed(0)
-    model = build_hf_model(hf_config)
-    return [[(k, v.clone()) for k, v in model.state_dict().items()]]
+@pytest.fixture
+def synced_pool(ray_local):
+    """An EnginePool of one embedded engine given seeded random weights at `version`."""
+    pools = []
 
+    def make(version):
+        cfg = _cfg()
+        hf = cfg.model.hf_config_dict(vocab_size=64)
+        torch.manual_seed(0)
+        model = build_hf_model(hf)
+        pool = EnginePool(cfg, hf)
+        pools.append(pool)
+        pool.update_weights([[(k, v.clone()) for k, v in model.state_dict().items()]], version=version)
+        return pool
 
-def test_streaming_matches_direct_generation_and_restart(ray_local, caplog):
-    cfg = _cfg()
-    hf = cfg.model.hf_config_dict(vocab_size=64)
-    pool = EnginePool(cfg, hf)
-    try:
-        pool.update_weights(_weights(hf), version=3)
-        prompts = [[1, 5 + i, 9] for i in range(8)]
-        params = SamplingParams(n=4, max_new_tokens=8, seed=11)
-        first = {i: g for idx, groups in pool.generate_streaming(prompts, params, tag="a")
-                 for i, g in zip(idx, groups)}
-        assert sorted(first) == list(range(8))
-        assert all(len(g) == 4 and g[0].weight_version == 3 for g in first.values())
-
-        # Kill the engine actor while the round is generating: right after the first group
-        # arrives, the second chunk is running on it. The manager replaces the engine, replays
-        # the current weights into it and retries the chunk; sampling is seeded per request,
-        # so the retried groups equal the ones generated before the kill.
-        caplog.set_level(logging.WARNING, logger="dapo_megatron.rollout.manager")
-        long = SamplingParams(n=4, max_new_tokens=100, seed=11)
-        reference = {i: g for idx, groups in pool.generate_streaming(prompts, long, tag="a")
-                     for i, g in zip(idx, groups)}
-        got = {}
-        for idx, groups in pool.generate_streaming(prompts, long, tag="a"):
-            if not got:
-                ray.kill(pool.engines[0])
-            got.update(zip(idx, groups))
-        assert pool.restarts == 1
-        assert any("replacing it" in r.message for r in caplog.records)
-        assert sorted(got) == list(range(8))
-        for i in range(8):
-            assert [s.token_ids for s in got[i]] == [s.token_ids for s in reference[i]]
-            assert got[i][0].weight_version == 3
-    finally:
+    yield make
+    for pool in pools:
         pool.shutdown()
 
 
-def test_abort_all_stops_inflight_chunks(ray_local):
-    cfg = _cfg()
-    hf = cfg.model.hf_config_dict(vocab_size=64)
-    pool = EnginePool(cfg, hf)
-    try:
-        pool.update_weights(_weights(hf), version=1)
-        prompts = [[1, 5 + i, 9] for i in range(16)]
-        done = []
-        t0 = time.perf_counter()
-        for idx, _ in pool.generate_streaming(prompts, SamplingParams(n=4, max_new_tokens=100, seed=1), tag="b"):
-            done.extend(idx)
-            pool.abort_all()  # the first group is enough: drop the rest of the round
-            break
-        assert len(done) == 1
-        assert time.perf_counter() - t0 < 60
-        # The pool serves the next round normally.
-        rest = [i for idx, _ in pool.generate_streaming(prompts[:2], SamplingParams(n=2, max_new_tokens=4), tag="c")
-                for i in idx]
-        assert sorted(rest) == [0, 1]
-    finally:
-        pool.shutdown()
+def _collect(stream):
+    """{prompt index: its samples} of a whole streamed round."""
+    return {i: g for idx, groups in stream for i, g in zip(idx, groups)}
+
+
+def test_streaming_matches_direct_generation_and_restart(synced_pool, caplog):
+    pool = synced_pool(version=3)
+    prompts = [[1, 5 + i, 9] for i in range(8)]
+    params = SamplingParams(n=4, max_new_tokens=8, seed=11)
+    first = _collect(pool.generate_streaming(prompts, params, tag="a"))
+    assert sorted(first) == list(range(8))
+    assert all(len(g) == 4 and g[0].weight_version == 3 for g in first.values())
+
+    # Kill the engine actor while the round is generating: right after the first group
+    # arrives, the second chunk is running on it. The manager replaces the engine, replays
+    # the current weights into it and retries the chunk; sampling is seeded per request,
+    # so the retried groups equal the ones generated before the kill.
+    caplog.set_level(logging.WARNING, logger="dapo_megatron.rollout.manager")
+    long = SamplingParams(n=4, max_new_tokens=100, seed=11)
+    reference = _collect(pool.generate_streaming(prompts, long, tag="a"))
+    got = {}
+    for idx, groups in pool.generate_streaming(prompts, long, tag="a"):
+        if not got:
+            ray.kill(pool.engines[0])
+        got.update(zip(idx, groups))
+    assert pool.restarts == 1
+    assert any("replacing it" in r.message for r in caplog.records)
+    assert sorted(got) == list(range(8))
+    for i in range(8):
+        assert [s.token_ids for s in got[i]] == [s.token_ids for s in reference[i]]
+        assert got[i][0].weight_version == 3
+
+
+def test_abort_all_stops_inflight_chunks(synced_pool):
+    pool = synced_pool(version=1)
+    prompts = [[1, 5 + i, 9] for i in range(16)]
+    done = []
+    t0 = time.perf_counter()
+    for idx, _ in pool.generate_streaming(prompts, SamplingParams(n=4, max_new_tokens=100, seed=1), tag="b"):
+        done.extend(idx)
+        pool.abort_all()  # the first group is enough: drop the rest of the round
+        break
+    assert len(done) == 1
+    assert time.perf_counter() - t0 < 60
+    # The pool serves the next round normally.
+    rest = [i for idx, _ in pool.generate_streaming(prompts[:2], SamplingParams(n=2, max_new_tokens=4), tag="c")
+            for i in idx]
+    assert sorted(rest) == [0, 1]
