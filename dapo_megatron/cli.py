@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # `plan` checks the layout against the cluster it is given (--nodes), not the config's.
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check_layout=args.command != "plan")
     except ConfigError as e:
         print(f"dapo-megatron: config error: {e}", file=sys.stderr)
         return 2

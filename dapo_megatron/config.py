@@ -34,6 +34,9 @@ class ModelConfig:
     # checkpoint written by tools/convert_hf.py); without it, from the HF safetensors.
     hf_dir: Optional[str] = None
     load: Optional[str] = None
+    # A copy of the model's config.json, read when hf_dir has none yet (to plan before the
+    # download); once both exist their shapes must agree. Examples ship theirs.
+    hf_config: Optional[str] = None
     # Shape of a model built from scratch when hf_dir is empty (the embedded default, tests).
     # Field names are the HF config's, so the same builder reads both.
     architecture: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
@@ -282,17 +285,26 @@ class DapoConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "DapoConfig":
+    def validate(self, check_layout: bool = True) -> "DapoConfig":
         _validate(self)
+        if check_layout:
+            # The model's shape against the layout, lengths and engines: one place.
+            from dapo_megatron.resolve import resolve
+
+            resolve(self)
         return self
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DapoConfig:
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_layout: bool = True) -> DapoConfig:
     """Read a YAML config (or the defaults when `path` is None), apply `a.b=value` overrides,
-    check types and cross-field rules. The run name defaults to the file's stem."""
+    check types and cross-field rules. The run name defaults to the file's stem.
+
+    check_layout=False leaves out the model-against-layout check (dapo_megatron.resolve), for
+    the planner, which reports a layout's errors and suggests one that works instead."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -312,7 +324,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         apply_override(cfg, item)
     try:
-        return cfg.validate()
+        return cfg.validate(check_layout=check_layout)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -430,48 +442,20 @@ def _validate(cfg: DapoConfig) -> None:
     p, a, t, m, r = cfg.parallel, cfg.algo, cfg.trainer, cfg.model, cfg.rollout
     for name in ("tp", "pp", "ep", "cp", "nodes", "gpus_per_node"):
         _check(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
-    model_parallel = p.tp * p.pp * p.cp
-    _check(
-        p.world_size % model_parallel == 0,
-        "parallel.tp",
-        f"tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel} does not divide the world size "
-        f"nodes*gpus_per_node = {p.nodes}*{p.gpus_per_node} = {p.world_size}",
-    )
     if p.dp is not None:
         _check(
             p.tp * p.pp * p.cp * p.dp == p.world_size,
             "parallel.dp",
             f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} must equal the world size {p.world_size}",
         )
-    if p.ep > 1:
-        _check(m.hf_dir is not None or m.num_experts > 0, "parallel.ep", "ep > 1 needs a MoE model")
-        # Megatron lays experts out over (expert-tensor-parallel = tp) x ep within each PP stage.
-        _check(
-            p.world_size % (p.tp * p.ep * p.pp) == 0,
-            "parallel.ep",
-            f"tp*ep*pp = {p.tp * p.ep * p.pp} must divide the world size {p.world_size}",
-        )
-        if m.hf_dir is None:
-            _check(m.num_experts % p.ep == 0, "parallel.ep", f"ep={p.ep} must divide model.num_experts={m.num_experts}")
-    if m.hf_dir is None:
-        _check(m.num_attention_heads % p.tp == 0, "parallel.tp",
-               f"tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
-        _check(m.num_key_value_heads % p.tp == 0 or p.tp % m.num_key_value_heads == 0, "parallel.tp",
-               f"tp={p.tp} and model.num_key_value_heads={m.num_key_value_heads} must divide one another")
-        _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
-               "must divide model.num_attention_heads")
-        _check(m.num_layers % p.pp == 0, "parallel.pp", f"pp={p.pp} must divide model.num_layers={m.num_layers}")
-        if m.architecture in ("qwen3_moe", "mixtral"):
-            _check(m.num_experts > 0, "model.num_experts", f"must be > 0 for architecture {m.architecture}")
-            _check(0 < m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
-                   "must be in 1..num_experts")
-        _check(
-            r.max_prompt_length + a.max_response_length <= m.max_position_embeddings,
-            "algo.max_response_length",
-            f"rollout.max_prompt_length + algo.max_response_length = "
-            f"{r.max_prompt_length + a.max_response_length} exceeds model.max_position_embeddings="
-            f"{m.max_position_embeddings}",
-        )
+    _check(p.cp == 1, "parallel.cp", "context parallelism is not wired into the packed-sequence data path "
+           "yet; use parallel.cp=1 (split long sequences over TP with sequence_parallel instead)")
+    _check(m.params_dtype != "fp16", "model.params_dtype",
+           "fp16 needs dynamic loss scaling, which this trainer does not run; use bf16 (GPU) or fp32")
+    if m.hf_dir is None and m.hf_config is None and m.architecture in ("qwen3_moe", "mixtral"):
+        _check(m.num_experts > 0, "model.num_experts", f"must be > 0 for architecture {m.architecture}")
+        _check(0 < m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
+               "must be in 1..num_experts")
     _check(a.group_size >= 2, "algo.group_size", "must be >= 2 (advantages are relative within a group)")
     _check(0 <= a.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
     _check(a.eps_high >= 0, "algo.eps_high", "must be >= 0")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from dapo_megatron.resolve import EngineSlot, engine_layout
 from dapo_megatron.rollout.manager import RolloutManager, call_engine
 from dapo_megatron.rollout.protocol import SamplingParams
 
@@ -29,13 +30,18 @@ class WeightSource(Protocol):
 
 
 class EnginePool:
-    def __init__(self, cfg, hf_config: dict, weight_source: WeightSource | None = None) -> None:
+    def __init__(self, cfg, hf_config: dict, weight_source: WeightSource | None = None,
+                 slots: tuple[EngineSlot, ...] | None = None, policy_pg=None) -> None:
+        """slots: where each engine runs (dapo_megatron.resolve; default: resolved from cfg).
+        policy_pg: the policy's placement group, whose bundles colocated engines share."""
         self.cfg = cfg
         self.hf_config = hf_config
         self.weight_source = weight_source
         self.weight_version: int | None = None  # of the last completed sync
-        n = cfg.rollout.num_engines or max(1, cfg.parallel.nodes)
-        self.manager = RolloutManager([self._start_engine(i) for i in range(n)], factory=self._start_engine,
+        self.slots = slots if slots is not None else engine_layout(cfg)
+        self.policy_pg = policy_pg
+        self.manager = RolloutManager([self._start_engine(i) for i in range(len(self.slots))],
+                                      factory=self._start_engine,
                                       max_restarts=cfg.rollout.max_engine_restarts,
                                       on_replace=self._resync)
         self._round = None
@@ -49,14 +55,21 @@ class EnginePool:
         return self.manager.restarts
 
     def _start_engine(self, index: int):
-        r = self.cfg.rollout
+        slot, r = self.slots[index], self.cfg.rollout
+        placement = {}
+        if slot.policy_bundle is not None and self.policy_pg is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            # Colocated: on the node of the training rank whose GPUs the engine serves.
+            placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.policy_pg, placement_group_bundle_index=slot.policy_bundle)
         if r.engine == "sglang":
             from dapo_megatron.rollout.sglang_engine import create_sglang_actor
 
-            return create_sglang_actor(self.cfg, self.hf_config, engine_index=index)
+            return create_sglang_actor(self.cfg, self.hf_config, engine_index=index, slot=slot, **placement)
         from dapo_megatron.rollout.embedded import create_embedded_actor
 
-        return create_embedded_actor(self.hf_config, num_cpus=r.engine_num_cpus,
+        return create_embedded_actor(self.hf_config, num_cpus=slot.resources["CPU"],
                                      max_batch_size=EMBEDDED_BATCH_ROWS, num_threads=r.engine_num_cpus)
 
     # ------------------------------------------------------------------ weights and memory

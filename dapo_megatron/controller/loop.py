@@ -33,6 +33,7 @@ from dapo_megatron.controller.policy_group import PolicyGroup
 from dapo_megatron.controller.rollout_phase import collect_train_groups
 from dapo_megatron.controller.task import load_task
 from dapo_megatron.data.sampler import PromptSampler
+from dapo_megatron.resolve import Resolved, resolve
 from dapo_megatron.reward import RewardPool
 
 logger = logging.getLogger("dapo_megatron")
@@ -55,10 +56,15 @@ class Trainer:
             dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         _seed_everything(cfg.trainer.seed)
         self.task = load_task(cfg)
-        self.hf_config = _hf_config(cfg, self.task.tokenizer.vocab_size)
-        _init_ray(cfg)
+        self.resolved = resolve(cfg, vocab_size=self.task.tokenizer.vocab_size)
+        self.hf_config = self.resolved.hf_config
+        _init_ray(cfg, self.resolved)
         self.policy = PolicyGroup(cfg, self.hf_config)
-        self.engines = EnginePool(cfg, self.hf_config, weight_source=self.policy)
+        if cfg.trainer.offload:
+            # Before the engines start: SGLang sizes its memory from what is free then.
+            self.policy.offload()
+        self.engines = EnginePool(cfg, self.hf_config, weight_source=self.policy,
+                                  slots=self.resolved.engines, policy_pg=self.policy.pg)
         r = cfg.reward
         self.scorer = RewardPool(num_workers=r.num_workers, timeout_s=r.timeout_s,
                                  correct_score=r.correct_score, incorrect_score=r.incorrect_score)
@@ -241,20 +247,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _hf_config(cfg: DapoConfig, vocab_size: int) -> dict:
-    """The policy's HF-style config: the checkpoint's config.json, or the inline shape."""
-    if cfg.model.hf_dir:
-        import json
-
-        path = os.path.join(cfg.model.hf_dir, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"model.hf_dir: no config.json in {cfg.model.hf_dir}")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return cfg.model.hf_config_dict(vocab_size=cfg.model.vocab_size or vocab_size)
-
-
-def _init_ray(cfg: DapoConfig) -> None:
+def _init_ray(cfg: DapoConfig, resolved: Resolved) -> None:
     import ray
 
     if ray.is_initialized():
@@ -265,6 +258,6 @@ def _init_ray(cfg: DapoConfig) -> None:
         return
     # A local cluster: enough logical CPUs for every policy rank, engine and the driver,
     # whatever this machine has (actors mostly wait on one another).
-    needed = cfg.parallel.world_size + max(1, cfg.rollout.num_engines) * cfg.rollout.engine_num_cpus
+    needed = cfg.parallel.world_size + int(sum(slot.resources.get("CPU", 0) for slot in resolved.engines))
     ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
              log_to_driver=True, configure_logging=False)

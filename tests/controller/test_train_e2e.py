@@ -174,3 +174,18 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_exits_cleanly(tmp_path):
     steps = sorted(_records(run_dir))
     assert 1 <= steps[-1] < 50
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", f"step_{steps[-1]:06d}"))
+
+
+def test_nested_text_config_trains(tmp_path):
+    """A checkpoint whose config.json nests the language model under text_config (as
+    multimodal checkpoints do) trains: every component reads the shape through resolve()."""
+    import json
+    import shutil
+
+    nested = tmp_path / "nested"
+    shutil.copytree(os.path.join(ROOT, "examples", "tiny_warm_start"), nested)
+    inner = json.loads((nested / "config.json").read_text())
+    (nested / "config.json").write_text(json.dumps({"model_type": "some_vlm", "text_config": inner}))
+    records, _ = _train(str(tmp_path / "run"), f"model.hf_dir={nested}", "trainer.max_steps=1", "eval.every=0",
+                        "checkpoint.save_every=0")
+    assert records[1]["mismatch/logprob_abs_diff_max"] < 1e-5
