@@ -168,6 +168,9 @@ class RolloutConfig:
     # weights as CUDA IPC handles); disaggregated: engines on GPUs of their own, weights
     # broadcast over a weight-update group (NCCL; gloo on CPU).
     placement: Literal["colocated", "disaggregated"] = "colocated"
+    # Seconds an engine may take over one weight-sync call (a bucket, opening or closing the
+    # session) before it counts as hung: it is killed, replaced and the sync runs again.
+    hang_timeout_s: float = 600.0
     max_engine_restarts: int = 3
 
 
@@ -492,6 +495,8 @@ def _validate(cfg: DapoConfig) -> None:
     _check(0 < r.temperature, "rollout.temperature", "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(0 < r.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction", "must be in (0, 1)")
+    _check(r.hang_timeout_s > 0, "rollout.hang_timeout_s", "must be > 0 seconds")
+    _check(r.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
     _check(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")

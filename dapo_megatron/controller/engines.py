@@ -40,8 +40,9 @@ class EnginePool:
         self.weight_version: int | None = None  # of the last completed sync
         self.slots = slots if slots is not None else engine_layout(cfg)
         self.policy_pg = policy_pg
-        self.manager = RolloutManager([self._start_engine(i) for i in range(len(self.slots))],
-                                      factory=self._start_engine,
+        engines = [self._start_engine(i) for i in range(len(self.slots))]
+        _wait_started(engines)
+        self.manager = RolloutManager(engines, factory=self._replacement,
                                       max_restarts=cfg.rollout.max_engine_restarts,
                                       on_replace=self._resync)
         self._round = None
@@ -53,6 +54,11 @@ class EnginePool:
     @property
     def restarts(self) -> int:
         return self.manager.restarts
+
+    def _replacement(self, index: int):
+        engine = self._start_engine(index)
+        _wait_started([engine])
+        return engine
 
     def _start_engine(self, index: int):
         slot, r = self.slots[index], self.cfg.rollout
@@ -91,17 +97,20 @@ class EnginePool:
                 self.weight_version = version
                 return stats
             except Exception as err:  # noqa: BLE001 - sorted into engine death vs a real error
-                dead = [i for i, e in enumerate(self.engines) if not _alive(e)]
+                patience = min(60.0, self.cfg.rollout.hang_timeout_s)
+                dead = [i for i, e in enumerate(self.engines) if not _alive(e, patience)]
                 if not dead:
                     raise
                 self.weight_version = None  # replacements get their weights from the retry
                 for i in dead:
+                    _kill(self.engines[i])  # a hung (not dead) engine must not linger
                     self.manager.replace(i, err)
 
     def _push(self, version: int, engines: list) -> dict[str, float]:
-        _on_all(engines, "begin_weight_update", version)
+        timeout = self.cfg.rollout.hang_timeout_s
+        _on_all(engines, "begin_weight_update", version, timeout=timeout)
         stats = self.weight_source.push_weights(engines, version)
-        _on_all(engines, "end_weight_update")
+        _on_all(engines, "end_weight_update", timeout=timeout)
         return stats
 
     def _resync(self, engine) -> None:
@@ -143,7 +152,7 @@ class EnginePool:
                 pass
 
 
-def _on_all(engines: list, method: str, *args) -> None:
+def _on_all(engines: list, method: str, *args, timeout: float | None = None) -> None:
     """engine.method(*args) on every engine, at once for Ray handles; waits for all."""
     remote = [e for e in engines if hasattr(getattr(e, method), "remote")]
     for e in engines:
@@ -152,13 +161,32 @@ def _on_all(engines: list, method: str, *args) -> None:
     if remote:
         import ray
 
-        ray.get([getattr(e, method).remote(*args) for e in remote])
+        ray.get([getattr(e, method).remote(*args) for e in remote], timeout=timeout)
 
 
-def _alive(engine) -> bool:
-    """The engine (its actor) answers at all; unlike health(), true mid-sync."""
+def _wait_started(engines: list, timeout: float = 1800.0) -> None:
+    """Block until every new engine actor answers: start-up (imports, model build, an SGLang
+    server's launch) is not a hang, so hang timeouts only apply from here on."""
+    import ray
+
+    for engine in engines:
+        if isinstance(engine, ray.actor.ActorHandle):
+            call_engine(engine, "get_weight_version", timeout=timeout)
+
+
+def _alive(engine, timeout: float = 60.0) -> bool:
+    """The engine (its actor) answers at all within timeout; unlike health(), true mid-sync."""
     try:
-        call_engine(engine, "get_weight_version", timeout=60)
+        call_engine(engine, "get_weight_version", timeout=timeout)
         return True
-    except Exception:  # noqa: BLE001 - a dead actor answers with any error
+    except Exception:  # noqa: BLE001 - a dead or frozen actor answers with an error or not at all
         return False
+
+
+def _kill(engine) -> None:
+    try:
+        import ray
+
+        ray.kill(engine)
+    except Exception:  # noqa: BLE001 - already gone, or an in-process engine
+        pass

@@ -117,21 +117,30 @@ class PolicyWorker:
 
         r = self.cfg.rollout
         start, sent = time.perf_counter(), 0
-        group = None
-        if r.placement == "disaggregated" and sources_anything(self.trainer.model):
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            group = WeightUpdateGroup(engines, backend, f"weights-v{version}-rank{self.rank}")
+        group, error = None, None
         try:
-            for bucket in self.trainer.export_weights(r.weight_bucket_mb * 2**20):
-                if group is not None:
-                    group.push(bucket)
-                else:
-                    push_bucket_colocated(engines, bucket, r.engine, r.engine_tp)
-                sent += sum(t.numel() * t.element_size() for _, t in bucket)
-                del bucket
-        finally:
-            if group is not None:
-                group.close()
+            if r.placement == "disaggregated" and sources_anything(self.trainer.model):
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                group = WeightUpdateGroup(engines, backend, f"weights-v{version}-rank{self.rank}", r.hang_timeout_s)
+        except Exception as err:  # noqa: BLE001 - reported after the collective export below
+            error = err
+        # A failed push (a dead or hung engine) stops this rank's pushing but not its part in
+        # the export's TP all-gathers: the other ranks must not be left waiting in one.
+        for bucket in self.trainer.export_weights(r.weight_bucket_mb * 2**20):
+            if error is None:
+                try:
+                    if group is not None:
+                        group.push(bucket)
+                    else:
+                        push_bucket_colocated(engines, bucket, r.engine, r.engine_tp, r.hang_timeout_s)
+                    sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                except Exception as err:  # noqa: BLE001
+                    error = err
+            del bucket
+        if group is not None:
+            group.close()
+        if error is not None:
+            raise error
         return {"bytes": float(sent), "seconds": time.perf_counter() - start}
 
     def onload(self) -> None:

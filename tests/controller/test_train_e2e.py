@@ -96,7 +96,10 @@ def test_tp2_step1_equals_single_rank(single_rank_run, tmp_path, placement):
                         "parallel.tp=2", "parallel.gpus_per_node=2", f"rollout.placement={placement}",
                         "rollout.weight_bucket_mb=1")
     _assert_close(records[1], ref[1], COMPARED, 1e-4)
-    assert records[2]["mismatch/logprob_abs_diff_max"] < 1e-5
+    # fp32 log-probs of magnitude ~1-10: the vocab-parallel reduction over 2 ranks sums in
+    # another order than the engine's, which moves the largest one by ~1e-5.
+    assert records[2]["mismatch/logprob_abs_diff_mean"] < 1e-5
+    assert records[2]["mismatch/logprob_abs_diff_max"] < 5e-5
     assert records[2]["sync/bytes"] > 0
 
 
