@@ -8,7 +8,7 @@ Layout of ``<root>/``:
 A checkpoint holds, under these top-level keys of the sharded state dict:
     model        the GPTModel's ``sharded_state_dict()`` with prefix '' (the dict key only
                  groups; the tensor keys are megatron's, e.g. ``decoder.layers.0...``,
-                 exactly what tools/convert_hf.py (convert/dist_ckpt.py) writes, so a
+                 exactly what tools/convert_hf.py (dapo_megatron/convert_hf.py) writes, so a
                  converted HF checkpoint loads as initial weights without the optimizer)
     optimizer    the distributed optimizer state, "fully_reshardable" format
     scheduler    the lr/wd schedule (OptimizerParamScheduler.state_dict)

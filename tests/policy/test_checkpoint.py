@@ -136,7 +136,7 @@ def _converted_worker(rank, world_size, hf_dir, megatron_dir, seqs):
 def test_hf_weights_and_converted_checkpoint_start_from_the_hf_model(tmp_path):
     """from_config's initial weights (HF safetensors under TP=2; tools/convert_hf.py's
     checkpoint under PP=2) score tokens like the HF model itself (float64 reference)."""
-    from dapo_megatron.convert.dist_ckpt import hf_to_megatron
+    from dapo_megatron.convert_hf import hf_to_megatron
     from tests.convert.tiny import VOCAB, make_hf_model
 
     hf_dir, megatron_dir = str(tmp_path / "hf"), str(tmp_path / "megatron")

@@ -1,5 +1,8 @@
 """HF checkpoint <-> Megatron distributed checkpoint (the logic behind tools/convert_hf.py).
 
+This driver spawns ranks and builds models with policy/, so it sits above policy/; the
+name/layout rules it applies live in convert/, which imports nothing above itself.
+
 A converted checkpoint directory holds exactly ``model.sharded_state_dict()`` (prefix '' by
 default) saved with ``megatron.core.dist_checkpointing`` (loadable under any TP/PP/EP), plus:
 - ``hf_config.json``: the source config.json, byte for byte (written back verbatim);
