@@ -23,6 +23,7 @@ from dapo_megatron.config import DapoConfig, dump_config
 from dapo_megatron.controller import checkpoint as ckpt_io
 from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
+from dapo_megatron.controller.eval_phase import evaluate
 from dapo_megatron.controller.metrics import MetricsLogger, plot_metrics
 from dapo_megatron.controller.policy_group import PolicyGroup
 from dapo_megatron.controller.rollout_phase import collect_train_groups
