@@ -215,10 +215,6 @@ class TrainerConfig:
     seed: int = 42
     run_dir: str = ""  # empty: runs/<config file name>
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Supervised warm start on the embedded task's worked solutions (0: none).
-    warm_start_steps: int = 0
-    warm_start_lr: float = 3e-3
-    warm_start_batch_size: int = 64
 
     @property
     def num_mini_batches(self) -> int:

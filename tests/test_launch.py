@@ -343,7 +343,7 @@ def test_train_tiny_config_across_two_ray_nodes(slurm_sandbox):
     train on the tiny CPU config for 2 steps; parallel.nodes=2 comes from the allocation."""
     env, tmp_path, started = slurm_sandbox
     run_dir = tmp_path / "run"
-    cmd = ["bash", LAUNCH_SH, "examples/tiny_cpu.yaml", "trainer.max_steps=2", "trainer.warm_start_steps=20",
+    cmd = ["bash", LAUNCH_SH, "examples/tiny_cpu.yaml", "trainer.max_steps=2",
            "eval.every=0", "parallel.gpus_per_node=1", f"trainer.run_dir={run_dir}"]
     with open(tmp_path / "batch.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

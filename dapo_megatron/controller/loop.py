@@ -80,8 +80,6 @@ class Trainer:
             max_steps=cfg.trainer.max_steps,
         )
         if not resumed:
-            if self.task.embedded and cfg.trainer.warm_start_steps > 0:
-                self.policy.warm_start(self.task, cfg.trainer)
             self.sync_weights()
             if cfg.eval.every:
                 self.metrics.log(0, self.evaluate())
@@ -175,8 +173,6 @@ class Trainer:
         self.engines.update_weights(self.policy.export_weights(self.cfg.rollout.weight_bucket_mb), self.step)
 
     def evaluate(self, k: int | None = None, out_path: str | None = None) -> dict[str, float]:
-        from dapo_megatron.eval import evaluate
-
         return evaluate(self.cfg, self.task.eval, self.task.tokenizer, self.engines, self.scorer,
                         k=k, seed=self.cfg.trainer.seed, out_path=out_path)
 

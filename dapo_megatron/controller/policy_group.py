@@ -78,11 +78,6 @@ class PolicyGroup:
     def train(self, batch: RolloutBatch, old_logprobs: list[torch.Tensor]) -> dict[str, float]:
         return self._all("train_step", ray.put(batch), ray.put(old_logprobs))[0]
 
-    def warm_start(self, task, trainer_cfg) -> None:
-        metrics = self._all("warm_start", ray.put(task.train), ray.put(task.tokenizer))[0]
-        logger.info("warm start: %d supervised steps, final loss %.3f", trainer_cfg.warm_start_steps,
-                    metrics.get("loss", float("nan")))
-
     def export_weights(self, bucket_mb: int) -> list:
         return self._all("export_weights", bucket_mb)[0]
 

@@ -24,7 +24,7 @@ TINY = [
     "algo.group_size=4", "algo.max_response_length=32", "algo.overlong_buffer=4", "algo.max_gen_batches=2",
     "rollout.gen_batch_size=8", "rollout.max_prompt_length=16",
     "trainer.train_batch_size=4", "trainer.mini_batch_size=2", "trainer.max_tokens_per_microbatch=256",
-    "trainer.warm_start_steps=0", "optimizer.lr=3e-4", "optimizer.warmup_steps=0",
+    "optimizer.lr=3e-4", "optimizer.warmup_steps=0",
     "data.synthetic_eval_size=8", "eval.k=2", "reward.num_workers=1",
 ]
 
