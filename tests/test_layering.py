@@ -19,16 +19,18 @@ PKG = "dapo_megatron"
 # a subpackage or a top-level module; imports inside one part are always allowed.
 ALLOWED = {
     "config": set(),
+    "dtypes": set(),
+    "ports": set(),
     "algo": set(),
     "reward": set(),
     "data": {"reward"},
     "convert": set(),
-    "rollout": set(),
-    "policy": {"algo", "convert", "rollout"},
+    "rollout": {"dtypes", "ports"},
+    "policy": {"algo", "convert", "dtypes", "ports", "rollout"},
     "plan": {"config", "convert"},
     "launch": {"config"},
-    "convert_hf": {"convert", "policy"},
-    "controller": {"algo", "config", "data", "policy", "reward", "rollout"},
+    "convert_hf": {"convert", "dtypes", "policy", "ports"},
+    "controller": {"algo", "config", "data", "policy", "ports", "reward", "rollout"},
     "eval": {"controller"},
     "cli": {"config", "controller", "eval", "plan"},
 }

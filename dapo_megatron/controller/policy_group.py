@@ -9,12 +9,12 @@ are all-reduced, weights are gathered to rank 0 bucket by bucket).
 from __future__ import annotations
 
 import logging
-import socket
 
 import ray
 import torch
 
 from dapo_megatron.controller.batch import RolloutBatch
+from dapo_megatron.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,4 @@ def _use_gpu(cfg) -> bool:
 
 
 def _address_and_port() -> tuple[str, int]:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+    return ray.util.get_node_ip_address(), free_port("")

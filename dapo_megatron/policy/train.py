@@ -31,6 +31,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from dapo_megatron import dtypes
 from dapo_megatron.algo import (
     POLICY_METRIC_REDUCTIONS,
     aggregate_loss,
@@ -482,16 +483,11 @@ def _model_args(hf_config):
 
 def _resolve_dtype(params_dtype, on_gpu: bool) -> torch.dtype:
     """ModelConfig.params_dtype ("auto", "fp32", "bf16") or a torch dtype -> torch dtype."""
-    if isinstance(params_dtype, torch.dtype):
-        return params_dtype
-    if params_dtype in (None, "auto"):
-        return torch.bfloat16 if on_gpu else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16}
-    if params_dtype not in table:
+    dtype = dtypes.params_dtype(params_dtype, on_gpu)
+    if dtype == torch.float16:
         raise ValueError(f"params_dtype {params_dtype!r} is not supported by the trainer; use "
                          "'auto', 'fp32' or 'bf16'")
-    return table[params_dtype]
+    return dtype
 
 
 def _mismatch(policy_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor) -> dict:
