@@ -244,6 +244,9 @@ class LoggingConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "dapo-megatron"
+    # Decoded responses logged per data source every step, with reward and length (verl's
+    # num_examine); evaluation logs one per data source. 0: none.
+    num_examine: int = 1
 
 
 @dataclass
@@ -505,6 +508,7 @@ def _validate(cfg: DapoConfig) -> None:
     _check(cfg.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(cfg.eval.k >= 1, "eval.k", "must be >= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(cfg.logging.num_examine >= 0, "logging.num_examine", "must be >= 0 (0: log no responses)")
     if m.fp8 is not None:
         _check(m.params_dtype in ("auto", "bf16"), "model.fp8", "FP8 training needs bf16 params")
 

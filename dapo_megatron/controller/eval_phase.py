@@ -13,6 +13,7 @@ import json
 import logging
 import time
 
+from dapo_megatron.controller.examine import log_examples
 from dapo_megatron.controller.rollout_phase import sampling_params, score_groups
 
 logger = logging.getLogger(__name__)
@@ -32,17 +33,23 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
     correct = [None] * len(examples)
     lengths = []
     rows = []
+    shown = {}  # data source -> its first prompt's group (chunks arrive in any order)
     for chunk, samples in engines.generate_streaming(prompt_ids, params, tag=f"eval{seed}"):
         groups, _, _ = score_groups([examples[i] for i in chunk], [prompt_ids[i] for i in chunk],
                                     samples, tokenizer, scorer)
         for i, g in zip(chunk, groups):
             correct[i] = g.correct
             lengths.extend(len(s.token_ids) for s in g.samples)
+            first = shown.get(g.example.data_source)
+            if first is None or g.example.index < first.example.index:
+                shown[g.example.data_source] = g
             if out_path:
                 rows.append({"index": g.example.index, "ground_truth": g.example.ground_truth,
                              "correct": g.correct, "responses": g.texts})
     if any(c is None for c in correct):
         raise RuntimeError("evaluation lost prompts: an engine returned fewer groups than asked")
+    if cfg.logging.num_examine:
+        log_examples(sorted(shown.values(), key=lambda g: g.example.index), 1, tag="eval")
     avg = sum(sum(c) / len(c) for c in correct) / len(correct)
     pass_k = sum(any(c) for c in correct) / len(correct)
     if out_path:

@@ -24,6 +24,7 @@ from dapo_megatron.controller import checkpoint as ckpt_io
 from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
 from dapo_megatron.controller.eval_phase import evaluate
+from dapo_megatron.controller.examine import log_examples
 from dapo_megatron.controller.metrics import MetricsLogger, plot_metrics
 from dapo_megatron.controller.policy_group import PolicyGroup
 from dapo_megatron.controller.rollout_phase import collect_train_groups
@@ -133,6 +134,7 @@ class Trainer:
             engines=self.engines, scorer=self.scorer, assembler=self.assembler,
         )
         self.generated_samples += rollout.stats.generated * cfg.algo.group_size
+        log_examples(rollout.groups, cfg.logging.num_examine, tag=f"step {self.step}")
         metrics = {
             **rollout.stats.as_metrics(),
             "reward/timeouts": float(rollout.reward_timeouts),

@@ -83,6 +83,11 @@ def test_short_run_logs_every_phase(single_rank_run):
     assert step["mismatch/logprob_abs_diff_max"] < 1e-4
     assert os.path.exists(os.path.join(run_dir, "metrics.png"))
     assert "step 2/2" in open(log).read() or "step 2" in open(log).read()
+    # logging.num_examine=1: one decoded response per data source, each step and each eval
+    text = open(log).read()
+    for tag in ("[step 1] data_source=", "[step 2] data_source=", "[eval] data_source="):
+        assert text.count(tag) == (2 if tag.startswith("[eval]") else 1), tag
+    assert "[response] " in text and "[ground_truth] " in text
 
 
 def test_tp2_step1_equals_single_rank(single_rank_run, tmp_path):
