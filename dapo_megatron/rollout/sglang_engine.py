@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator
 
-from dapo_megatron.dtypes import name_of, params_dtype
+from dapo_megatron.dtypes import name_of
 from dapo_megatron.ports import free_port
 from dapo_megatron.rollout.buckets import bucket_nbytes, rebucket
 from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, default_request_ids
@@ -456,7 +456,7 @@ def sglang_config_from(cfg: Any, engine_index: int = 0) -> SGLangConfig:
         )
     groups = engine_configs_for_node(SGLangConfig(), par.gpus_per_node, r.engine_tp)
     # "auto" lets SGLang take the checkpoint's dtype, as the policy does on GPU.
-    dtype = "auto" if cfg.model.params_dtype == "auto" else name_of(params_dtype(cfg.model.params_dtype, True))
+    dtype = "auto" if cfg.model.params_dtype == "auto" else name_of(cfg.model.params_dtype)
     return SGLangConfig(
         model_path=cfg.model.hf_dir,
         tp_size=r.engine_tp,
