@@ -21,9 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or inconsistent."""
+from dapo_megatron.errors import ConfigError  # noqa: F401 - part of this module's interface
 
 
 @dataclass
@@ -227,10 +225,6 @@ class TrainerConfig:
     # Colocated GPU runs: move params, grads and optimizer state to host memory after each
     # update, so the engines' KV cache gets the memory back (a no-op on CPU).
     offload: bool = False
-    # Supervised warm start on the embedded task's worked solutions (0: none).
-    warm_start_steps: int = 0
-    warm_start_lr: float = 3e-3
-    warm_start_batch_size: int = 64
 
     @property
     def num_mini_batches(self) -> int:
@@ -260,6 +254,9 @@ class LoggingConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "dapo-megatron"
+    # Decoded responses logged per data source every step, with reward and length (verl's
+    # num_examine); evaluation logs one per data source. 0: none.
+    num_examine: int = 1
 
 
 @dataclass
@@ -504,6 +501,7 @@ def _validate(cfg: DapoConfig) -> None:
     _check(cfg.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(cfg.eval.k >= 1, "eval.k", "must be >= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+    _check(cfg.logging.num_examine >= 0, "logging.num_examine", "must be >= 0 (0: log no responses)")
     if m.fp8 is not None:
         _check(m.params_dtype in ("auto", "bf16"), "model.fp8", "FP8 training needs bf16 params")
 

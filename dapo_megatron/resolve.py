@@ -25,8 +25,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dapo_megatron.config import ConfigError, DapoConfig
 from dapo_megatron.convert.arch import ModelArgs, UnsupportedModelError, model_args_from_hf
+from dapo_megatron.errors import ConfigError
+
+# `cfg` below is a dapo_megatron.config.DapoConfig; config.py calls resolve() from its
+# validation, so this module does not import it back.
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class Resolved:
         return len(self.engines)
 
 
-def read_hf_config(cfg: DapoConfig, vocab_size: int | None = None) -> tuple[dict[str, Any], str]:
+def read_hf_config(cfg: "DapoConfig", vocab_size: int | None = None) -> tuple[dict[str, Any], str]:
     """The policy's HF-style config dict and where it came from: hf_dir's config.json, else
     the copy named by model.hf_config, else the inline shape (from-scratch models). A nested
     ``text_config`` (multimodal checkpoints) is what the policy reads."""
@@ -171,7 +174,7 @@ def layout_errors(args: ModelArgs, tp: int, pp: int, ep: int, cp: int, world: in
     return errors
 
 
-def engine_layout(cfg: DapoConfig) -> tuple[EngineSlot, ...]:
+def engine_layout(cfg: "DapoConfig") -> tuple[EngineSlot, ...]:
     """The rollout engines of the run (module docstring); raises ConfigError naming the key."""
     p, r = cfg.parallel, cfg.rollout
     world, gpn = p.world_size, p.gpus_per_node
@@ -201,7 +204,7 @@ def engine_layout(cfg: DapoConfig) -> tuple[EngineSlot, ...]:
                             {"CPU": 1.0, "GPU": float(et)}) for k in range(r.num_engines))
 
 
-def resolve(cfg: DapoConfig, vocab_size: int | None = None) -> Resolved:
+def resolve(cfg: "DapoConfig", vocab_size: int | None = None) -> Resolved:
     """Read the shape, check the layout, lay out the engines; ConfigError on any problem.
 
     vocab_size: the tokenizer's size, for an inline shape with model.vocab_size=0 (without

@@ -13,7 +13,13 @@ from .advantages import group_advantages
 from .aggregate import AGG_MODES, aggregate_loss, loss_scale_counts, masked_mean
 from .entropy import entropy_from_logits
 from .kl import KL_KINDS, kl_loss, kl_penalty
-from .loss import POLICY_METRIC_REDUCTIONS, policy_loss, reduce_policy_metrics
+from .loss import (
+    POLICY_METRIC_REDUCTIONS,
+    finish_metrics,
+    metric_partials,
+    policy_loss,
+    reduce_policy_metrics,
+)
 from .overlong import overlong_filter_mask, overlong_penalty
 from .sampling import (
     SURPLUS_MODES,
@@ -36,12 +42,14 @@ __all__ = [
     "SamplingStats",
     "aggregate_loss",
     "entropy_from_logits",
+    "finish_metrics",
     "group_advantages",
     "keep_mask",
     "kl_loss",
     "kl_penalty",
     "loss_scale_counts",
     "masked_mean",
+    "metric_partials",
     "overlong_filter_mask",
     "overlong_penalty",
     "policy_loss",

@@ -28,6 +28,8 @@ from dapo_megatron.config import DapoConfig, dump_config
 from dapo_megatron.controller import checkpoint as ckpt_io
 from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
+from dapo_megatron.controller.eval_phase import evaluate
+from dapo_megatron.controller.examine import log_examples
 from dapo_megatron.controller.metrics import MetricsLogger, plot_metrics
 from dapo_megatron.controller.policy_group import PolicyGroup
 from dapo_megatron.controller.rollout_phase import collect_train_groups
@@ -90,8 +92,6 @@ class Trainer:
             max_steps=cfg.trainer.max_steps,
         )
         if not resumed:
-            if self.task.embedded and cfg.trainer.warm_start_steps > 0:
-                self.policy.warm_start(self.task, cfg.trainer)
             self.sync_weights()
             if cfg.eval.every:
                 self.metrics.log(0, self.evaluate())
@@ -145,6 +145,7 @@ class Trainer:
             engines=self.engines, scorer=self.scorer, assembler=self.assembler,
         )
         self.generated_samples += rollout.stats.generated * cfg.algo.group_size
+        log_examples(rollout.groups, cfg.logging.num_examine, tag=f"step {self.step}")
         metrics = {
             **rollout.stats.as_metrics(),
             "reward/timeouts": float(rollout.reward_timeouts),
@@ -196,8 +197,6 @@ class Trainer:
         return {"sync/bytes": stats["bytes"], "sync/gb_per_s": stats["bytes"] / 1e9 / max(stats["seconds"], 1e-9)}
 
     def evaluate(self, k: int | None = None, out_path: str | None = None) -> dict[str, float]:
-        from dapo_megatron.eval import evaluate
-
         return evaluate(self.cfg, self.task.eval, self.task.tokenizer, self.engines, self.scorer,
                         k=k, seed=self.cfg.trainer.seed, out_path=out_path)
 

@@ -7,14 +7,11 @@ controller's `RolloutBatch` into the policy's `PolicyBatch` ([batch, seq] tensor
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from dapo_megatron.controller.batch import RolloutBatch
-
-logger = logging.getLogger(__name__)
 
 
 def to_policy_batch(batch: RolloutBatch, old_logprobs: list[torch.Tensor] | None, pad_id: int = 0):
@@ -66,42 +63,6 @@ class PolicyWorker:
 
     def train_step(self, batch: RolloutBatch, old_logprobs: list[torch.Tensor]) -> dict[str, float]:
         return self.trainer.train_step(to_policy_batch(batch, old_logprobs))
-
-    def warm_start(self, examples, tokenizer) -> dict[str, float]:
-        """Supervised warm start on worked solutions (the embedded task only).
-
-        The DAPO loss with advantage +1 and pi_old = pi_theta (ratio exactly 1, no clipping)
-        has the gradient of the token-mean negative log-likelihood, so the warm start goes
-        through the same train step, optimizer and parallel layout as RL.
-        """
-        import random
-
-        t = self.cfg.trainer
-        rng = random.Random(t.seed)
-        metrics: dict[str, float] = {}
-        with self.trainer.temporary_lr(t.warm_start_lr):
-            for step in range(t.warm_start_steps):
-                chosen = rng.sample(range(len(examples)), min(t.warm_start_batch_size, len(examples)))
-                ids, plens = [], []
-                for i in chosen:
-                    ex = examples[i]
-                    prompt = tokenizer.encode_prompt(ex.messages)
-                    response = tokenizer.encode(ex.metadata["solution"]) + [tokenizer.eos_id]
-                    ids.append(prompt + response)
-                    plens.append(len(prompt))
-                n = len(ids)
-                batch = RolloutBatch(
-                    input_ids=ids, prompt_lengths=plens, advantages=torch.ones(n), loss_weights=torch.ones(n),
-                    engine_logprobs=[[0.0] * (len(s) - p) for s, p in zip(ids, plens)],
-                    rewards=torch.ones(n), correct=torch.ones(n, dtype=torch.bool),
-                    truncated=torch.zeros(n, dtype=torch.bool),
-                )
-                old = self.compute_logprobs(batch)
-                metrics = self.trainer.train_step(to_policy_batch(batch, old), single_update=True)
-                if self.rank == 0 and (step + 1) % 50 == 0:
-                    logger.info("warm start %d/%d: nll %.3f", step + 1, t.warm_start_steps,
-                                -metrics.get("actor/logprob_mean", float("nan")))
-        return metrics
 
     def push_weights(self, engines: list, version: int) -> dict[str, float]:
         """Send this rank's share of the weights straight to ``engines`` (Ray handles).

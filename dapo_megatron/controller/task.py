@@ -24,7 +24,7 @@ class Task:
     eval: list[PromptExample]
     tokenizer: Tokenizer
     # The embedded arithmetic task: its train examples carry metadata["solution"], the
-    # worked solution that the supervised warm start trains on.
+    # worked solution that tools/make_warm_start.py trains on.
     embedded: bool = False
 
 

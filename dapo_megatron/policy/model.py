@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dapo_megatron import dtypes
 from dapo_megatron.convert.arch import ModelArgs, model_args_from_hf
 from dapo_megatron.policy.compat import enable_cpu_execution
 
@@ -38,13 +39,6 @@ def have_transformer_engine() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return False
     return True
-
-
-def _dtype(name):
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(name)]
 
 
 def make_transformer_config(
@@ -197,7 +191,7 @@ def build_model(
         use_te = on_gpu and have_transformer_engine()
     if use_te and not have_transformer_engine():
         raise ValueError("use_te=True but transformer_engine does not import")
-    params_dtype = _dtype(params_dtype) or (torch.bfloat16 if on_gpu else torch.float32)
+    params_dtype = dtypes.params_dtype(params_dtype, on_gpu)
 
     from dapo_megatron.resolve import layout_errors
 

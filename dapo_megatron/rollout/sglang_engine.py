@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,6 +33,8 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator
 
+from dapo_megatron.dtypes import name_of
+from dapo_megatron.ports import free_port
 from dapo_megatron.rollout.buckets import bucket_nbytes, rebucket
 from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, default_request_ids
 from dapo_megatron.rollout.sglang_api import (
@@ -65,12 +66,6 @@ def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         yield prev, False
         prev = item
     yield prev, True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class EngineDied(RuntimeError):
@@ -129,7 +124,7 @@ class SGLangEngine:
 
     def start(self) -> None:
         """Spawn the server and wait until /health_generate answers 200."""
-        self.port = self.cfg.port or _free_port(self.cfg.host)
+        self.port = self.cfg.port or free_port(self.cfg.host)
         cmd = launch_command(self.cfg, self.port)
         logger.info("starting SGLang server: %s", " ".join(cmd))
         # Own session: shutdown() can signal the server and its scheduler children at once.
@@ -442,7 +437,7 @@ class SGLangEngine:
         for bucket, last in _with_last(rebucket(mapped, self.cfg.bucket_bytes)):
             payload = {
                 "names": [n for n, _ in bucket],
-                "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                "dtypes": [name_of(t.dtype) for _, t in bucket],
                 "shapes": [list(t.shape) for _, t in bucket],
                 "group_name": group_name,
                 "flush_cache": last,
@@ -514,7 +509,8 @@ def sglang_config_from(cfg: Any, engine_index: int = 0, slot: Any = None) -> SGL
         from dapo_megatron.resolve import engine_layout
 
         slot = engine_layout(cfg)[engine_index]
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.model.params_dtype, "auto")
+    # "auto" lets SGLang take the checkpoint's dtype, as the policy does on GPU.
+    dtype = "auto" if cfg.model.params_dtype == "auto" else name_of(cfg.model.params_dtype)
     return SGLangConfig(
         model_path=cfg.model.hf_dir,
         tp_size=r.engine_tp,

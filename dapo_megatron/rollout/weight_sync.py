@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dapo_megatron.dtypes import name_of, to_torch
+from dapo_megatron.ports import free_port
 from dapo_megatron.rollout.protocol import WeightBucket
 
 logger = logging.getLogger(__name__)
@@ -44,15 +45,8 @@ class BucketMeta:
 
     @classmethod
     def of(cls, bucket: WeightBucket) -> "BucketMeta":
-        return cls(tuple(n for n, _ in bucket), tuple(str(t.dtype).removeprefix("torch.") for _, t in bucket),
+        return cls(tuple(n for n, _ in bucket), tuple(name_of(t.dtype) for _, t in bucket),
                    tuple(tuple(t.shape) for _, t in bucket))
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on this host."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def open_process_group(master_address: str, master_port: int, rank: int, world_size: int,
@@ -83,7 +77,7 @@ def receive_bucket(group, meta: BucketMeta, device: torch.device | str) -> Weigh
     """An engine's side of ``broadcast_bucket``: the tensors, allocated from ``meta``."""
     bucket = []
     for name, dtype, shape in zip(meta.names, meta.dtypes, meta.shapes):
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        tensor = torch.empty(shape, dtype=to_torch(dtype), device=device)
         group.broadcast([tensor]).wait()
         bucket.append((name, tensor))
     return bucket
@@ -126,7 +120,7 @@ class WeightUpdateGroup:
         self.engines = list(engines)
         self.group_name = group_name
         self.timeout = timeout
-        address, port = ray.util.get_node_ip_address(), free_port()
+        address, port = ray.util.get_node_ip_address(), free_port("")
         world = len(self.engines) + 1
         joins = [e.init_weights_update_group.remote(address, port, i + 1, world, group_name, backend)
                  for i, e in enumerate(self.engines)]

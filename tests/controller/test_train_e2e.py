@@ -24,7 +24,7 @@ TINY = [
     "algo.group_size=4", "algo.max_response_length=32", "algo.overlong_buffer=4", "algo.max_gen_batches=2",
     "rollout.gen_batch_size=8", "rollout.max_prompt_length=16",
     "trainer.train_batch_size=4", "trainer.mini_batch_size=2", "trainer.max_tokens_per_microbatch=256",
-    "trainer.warm_start_steps=0", "optimizer.lr=3e-4", "optimizer.warmup_steps=0",
+    "optimizer.lr=3e-4", "optimizer.warmup_steps=0",
     "data.synthetic_eval_size=8", "eval.k=2", "reward.num_workers=1",
 ]
 
@@ -83,6 +83,11 @@ def test_short_run_logs_every_phase(single_rank_run):
     assert step["mismatch/logprob_abs_diff_max"] < 1e-4
     assert os.path.exists(os.path.join(run_dir, "metrics.png"))
     assert "step 2/2" in open(log).read() or "step 2" in open(log).read()
+    # logging.num_examine=1: one decoded response per data source, each step and each eval
+    text = open(log).read()
+    for tag in ("[step 1] data_source=", "[step 2] data_source=", "[eval] data_source="):
+        assert text.count(tag) == (2 if tag.startswith("[eval]") else 1), tag
+    assert "[response] " in text and "[ground_truth] " in text
 
 
 @pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
