@@ -425,6 +425,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 def _validate(cfg: DapoConfig) -> None:
     _validate_ranges(cfg)
+    _validate_checkpoint(cfg)
     p, a, t, m, r = cfg.parallel, cfg.algo, cfg.trainer, cfg.model, cfg.rollout
     for name in ("tp", "pp", "ep", "cp", "nodes", "gpus_per_node"):
         _check(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
@@ -590,6 +591,12 @@ def _validate_ranges(cfg: DapoConfig) -> None:
             _check(math.isfinite(value), key, f"must be a finite number, got {value}")
         ok, message = NUMERIC_RANGES.get(key, _ANY)
         _check(ok(value), key, f"{message}, got {value}")
+
+
+def _validate_checkpoint(cfg: DapoConfig) -> None:
+    c = cfg.checkpoint
+    _check(not (c.overwrite and c.resume), "checkpoint.overwrite",
+           "moves an earlier run aside to start over, so it needs checkpoint.resume=false")
 
 
 def check_run_paths(cfg: DapoConfig) -> None:

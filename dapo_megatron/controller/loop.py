@@ -233,7 +233,7 @@ class Trainer:
             reason = ckpt_io.verify(path) if os.path.exists(os.path.join(path, ckpt_io.MANIFEST)) else None
             if reason is not None:
                 raise ckpt_io.NoUsableCheckpoint(f"checkpoint {path} does not verify: {reason}")
-            self._load(path)  # one given directory (a manifest-less one is the user's choice)
+            self._apply(path, self.policy.load(path))  # one given directory
             return True
         if path is None:
             ckpt_io.remove_partial_saves(root)
@@ -241,13 +241,17 @@ class Trainer:
         for candidate, reason in ckpt_io.verified_newest_first(root):
             if reason is None:
                 try:
-                    self._load(candidate)
+                    state = self.policy.load(candidate)
                 except Exception as e:  # noqa: BLE001 - fall back to the previous checkpoint
-                    reason = f"loading failed: {type(e).__name__}: {str(e).strip().splitlines()[-1:]}"
+                    lines = str(e).strip().splitlines() or [""]
+                    reason = f"loading failed: {type(e).__name__}: {lines[-1][:300]}"
             if reason is None:
                 if skipped:
-                    logger.warning("resumed from %s, an older checkpoint than %d newer one(s) that could "
-                                   "not be used", candidate, len(skipped))
+                    logger.warning("resuming from %s: the %d newer checkpoint(s) above could not be used",
+                                   candidate, len(skipped))
+                # The controller's state (data position, RNG) is applied only now: a mismatch
+                # with this config (e.g. a changed dataset) refuses the launch, no fallback.
+                self._apply(candidate, state)
                 return True
             logger.warning("skipping checkpoint %s: %s", candidate, reason)
             skipped.append(candidate)
@@ -257,8 +261,8 @@ class Trainer:
                 "aside to start over, or set checkpoint.resume=false with checkpoint.overwrite=true")
         return False
 
-    def _load(self, path: str) -> None:
-        state = self.policy.load(path)
+    def _apply(self, path: str, state: dict) -> None:
+        """Restore the controller's part of a checkpoint the policy has loaded."""
         self.step = self._saved_step = int(state["step"])
         self.generated_samples = int(state.get("generated_samples", 0))
         self.sampler.load_state_dict(state["sampler"])

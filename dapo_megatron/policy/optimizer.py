@@ -115,6 +115,15 @@ def load_schedule_state(scheduler, state: dict) -> dict:
     if changed:
         logger.warning("lr schedule follows the config, not the checkpoint: %s",
                        ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    # The optimizer's param groups carry their own max_lr/min_lr, which the optimizer state
+    # just loaded from the checkpoint, and the scheduler reads those first
+    # (optimizer_param_scheduler.py, get_lr: param_group.get('max_lr', self.max_lr)).
+    for group in scheduler.optimizer.param_groups:
+        for key in ("max_lr", "min_lr"):
+            if key in group and key in state and state[key]:
+                group[key] = group[key] * mine[key] / state[key]  # keeps a per-group multiplier
+            elif key in group:
+                group[key] = mine[key]
     scheduler.load_state_dict(state)
     return changed
 

@@ -97,3 +97,9 @@ def test_prompt_plus_response_beyond_the_hf_models_positions_is_refused():
                                           r"max_position_embeddings=128"):
         check_lengths_against_model(cfg, hf)
     check_lengths_against_model(load_config("examples/tiny_cpu.yaml"), hf)
+
+
+def test_overwrite_without_resume_false_is_refused():
+    with pytest.raises(ConfigError, match="checkpoint.overwrite: .* needs checkpoint.resume=false"):
+        load_config("examples/tiny_cpu.yaml", ["checkpoint.overwrite=true"])
+    load_config("examples/tiny_cpu.yaml", ["checkpoint.overwrite=true", "checkpoint.resume=false"])
