@@ -306,7 +306,7 @@ class RayStartError(RuntimeError):
     """Ray did not come up after the retries; the message says what to try."""
 
 
-RAY_START_ATTEMPTS = 3
+RAY_START_ATTEMPTS = 5  # Ray gives its raylet a fixed 30 s (node.py); a loaded machine needs more tries
 RAY_START_BACKOFF_S = 10.0
 
 
