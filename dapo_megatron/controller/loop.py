@@ -23,12 +23,12 @@ import torch
 from dapo_megatron.algo import BatchAssembler
 from dapo_megatron.config import DapoConfig, check_lengths_against_model, check_run_paths, dump_config
 from dapo_megatron.controller import checkpoint as ckpt_io
-from dapo_megatron.controller.run_dir import claim_run_dir
 from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
 from dapo_megatron.controller.metrics import MetricsLogger, plot_metrics
 from dapo_megatron.controller.policy_group import PolicyGroup
 from dapo_megatron.controller.rollout_phase import collect_train_groups
+from dapo_megatron.controller.run_dir import claim_run_dir
 from dapo_megatron.controller.task import load_task
 from dapo_megatron.data.sampler import PromptSampler
 from dapo_megatron.reward import RewardPool
