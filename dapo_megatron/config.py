@@ -246,6 +246,9 @@ class CheckpointConfig:
     save_every: int = 10
     keep_last: int = 2
     resume: bool = True  # continue from the newest checkpoint in dir
+    # With resume false on a directory that holds a run: move that run aside and start over
+    # (false: refuse, so an old run is never overwritten or mixed with a new one).
+    overwrite: bool = False
 
 
 @dataclass
@@ -439,6 +442,8 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def _validate(cfg: DapoConfig) -> None:
+    _validate_ranges(cfg)
+    _validate_checkpoint(cfg)
     p, a, t, m, r = cfg.parallel, cfg.algo, cfg.trainer, cfg.model, cfg.rollout
     for name in ("tp", "pp", "ep", "cp", "nodes", "gpus_per_node"):
         _check(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
@@ -492,8 +497,6 @@ def _validate(cfg: DapoConfig) -> None:
     _check(0 < r.temperature, "rollout.temperature", "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(0 < r.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction", "must be in (0, 1)")
-    _check(r.hang_timeout_s > 0, "rollout.hang_timeout_s", "must be > 0 seconds")
-    _check(r.weight_bucket_mb >= 1, "rollout.weight_bucket_mb", "must be >= 1")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
     _check(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
@@ -501,9 +504,107 @@ def _validate(cfg: DapoConfig) -> None:
     _check(cfg.optimizer.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
     _check(cfg.eval.k >= 1, "eval.k", "must be >= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-    _check(cfg.logging.num_examine >= 0, "logging.num_examine", "must be >= 0 (0: log no responses)")
     if m.fp8 is not None:
         _check(m.params_dtype in ("auto", "bf16"), "model.fp8", "FP8 training needs bf16 params")
+
+
+_GE0 = (lambda v: v >= 0, "must be >= 0")
+_GE1 = (lambda v: v >= 1, "must be >= 1")
+_GT0 = (lambda v: v > 0, "must be > 0")
+_ANY = (lambda v: True, "")
+_UNIT = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_PROB = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+# The range of every numeric key (floats must also be finite). A numeric key added to the
+# tree needs an entry here: tests/test_config.py fails on one without.
+NUMERIC_RANGES: dict[str, tuple] = {
+    "model.vocab_size": _GE0, "model.hidden_size": _GE1, "model.num_layers": _GE1,
+    "model.num_attention_heads": _GE1, "model.num_key_value_heads": _GE1, "model.head_dim": _GE0,
+    "model.intermediate_size": _GE1, "model.max_position_embeddings": _GE1, "model.rope_theta": _GT0,
+    "model.rms_norm_eps": _GT0, "model.num_experts": _GE0, "model.num_experts_per_tok": _GE1,
+    "model.moe_intermediate_size": _GE0, "model.init_std": _GT0,
+    "parallel.tp": _GE1, "parallel.pp": _GE1, "parallel.ep": _GE1, "parallel.cp": _GE1, "parallel.dp": _GE1,
+    "parallel.nodes": _GE1, "parallel.gpus_per_node": _GE1,
+    "algo.group_size": (lambda v: v >= 2, "must be >= 2 (advantages are relative within a group)"),
+    "algo.eps_low": _UNIT, "algo.eps_high": _GE0,
+    "algo.clip_ratio_c": (lambda v: v > 1, "dual-clip bound must be > 1"),
+    "algo.max_gen_batches": _GE0, "algo.max_response_length": _GE1, "algo.overlong_buffer": _GE0,
+    "algo.overlong_penalty_factor": _GE0, "algo.adv_eps": _GT0, "algo.kl_coef": _GE0,
+    "algo.entropy_coef": _ANY,
+    "rollout.gen_batch_size": _GE1, "rollout.temperature": _GT0, "rollout.top_p": _PROB,
+    "rollout.top_k": (lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"),
+    "rollout.max_prompt_length": _GE1, "rollout.num_engines": (lambda v: v >= 0, "must be >= 0 (0: one per node)"),
+    "rollout.engine_tp": _GE1, "rollout.engine_num_cpus": _GE1,
+    "rollout.sglang_mem_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "rollout.weight_bucket_mb": _GE1, "rollout.max_engine_restarts": _GE0, "rollout.hang_timeout_s": _GT0,
+    "data.synthetic_train_size": _GE1, "data.synthetic_eval_size": _GE0,
+    "data.synthetic_max_addend": _GE1, "data.synthetic_max_factor": _GE1,
+    "reward.timeout_s": _GT0, "reward.num_workers": _GE1, "reward.correct_score": _ANY,
+    "reward.incorrect_score": _ANY,
+    "logging.num_examine": (lambda v: v >= 0, "must be >= 0 (0: log no responses)"),
+    "optimizer.lr": _GT0, "optimizer.min_lr": _GE0, "optimizer.warmup_steps": _GE0,
+    "optimizer.weight_decay": _GE0, "optimizer.adam_beta1": _UNIT, "optimizer.adam_beta2": _UNIT,
+    "optimizer.adam_eps": _GT0, "optimizer.clip_grad": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
+    "trainer.train_batch_size": _GE1, "trainer.mini_batch_size": _GE1,
+    "trainer.max_tokens_per_microbatch": _GE1, "trainer.max_steps": _GE0,
+    "trainer.sample_budget": (lambda v: v >= 0, "must be >= 0 (0: no budget)"), "trainer.seed": _GE0,
+    "eval.every": (lambda v: v >= 0, "must be >= 0 (0: never)"), "eval.k": _GE1, "eval.temperature": _GT0,
+    "eval.top_p": _PROB, "eval.max_prompts": _GE0,
+    "checkpoint.save_every": (lambda v: v >= 0, "must be >= 0 (0: none, except on a stop signal)"),
+    "checkpoint.keep_last": _GE1,
+}
+
+
+def numeric_keys(cls: type = DapoConfig, prefix: str = "") -> dict[str, type]:
+    """Every int/float key of the config tree (dotted name -> int or float)."""
+    out: dict[str, type] = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(numeric_keys(tp, f"{prefix}{name}."))
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if len(args) == 1 and args[0] in (int, float):
+            out[prefix + name] = args[0]
+    return out
+
+
+def _validate_ranges(cfg: DapoConfig) -> None:
+    """Refuse nan/inf and out-of-range numbers, naming the key (before any cross-field rule)."""
+    import math
+
+    for key in numeric_keys():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        if isinstance(value, float):
+            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+        ok, message = NUMERIC_RANGES.get(key, _ANY)
+        _check(ok(value), key, f"{message}, got {value}")
+
+
+def _validate_checkpoint(cfg: DapoConfig) -> None:
+    c = cfg.checkpoint
+    _check(not (c.overwrite and c.resume), "checkpoint.overwrite",
+           "moves an earlier run aside to start over, so it needs checkpoint.resume=false")
+
+
+def check_run_paths(cfg: DapoConfig) -> None:
+    """Before anything starts: the data files exist and checkpoint.dir can be written.
+    (Not part of `validate`: `plan` and the tests read configs whose files live elsewhere.)"""
+    import tempfile
+
+    for key in ("data.train_path", "data.eval_path"):
+        path = getattr(cfg.data, key.split(".")[1])
+        _check(not path or os.path.isfile(path), key, f"no such file: {path}")
+    root = cfg.checkpoint_dir
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"checkpoint.dir: cannot write checkpoints to {root} ({type(e).__name__}: "
+                          f"{e.strerror or e}); fix its permissions or set checkpoint.dir elsewhere") from None
 
 
 def dump_config(cfg: DapoConfig, path: str) -> None:

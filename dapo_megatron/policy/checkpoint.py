@@ -30,6 +30,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.policy.finite import check_finite
+from dapo_megatron.policy.optimizer import load_schedule_state
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["load_checkpoint", "write_checkpoint"]
@@ -119,6 +122,7 @@ def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *
         if os.listdir(path):
             raise FileExistsError(f"checkpoint directory {path!r} is not empty; pass a new one")
     _barrier()
+    check_finite(model_chunks, optimizer, when=f"saving step {step}")  # issue 23
     model_state = _model_state(model_chunks)
     state = {
         "model": model_state,
@@ -165,7 +169,8 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scheduler=None) -> 
     if optimizer is not None:
         _load_optimizer_state(optimizer, loaded["optimizer"])
         if scheduler is not None and "scheduler" in common:
-            scheduler.load_state_dict(common["scheduler"])
+            load_schedule_state(scheduler, common["scheduler"])  # the config's schedule wins
+    check_finite(model_chunks, optimizer, when=f"loading {resolved}")  # issue 23
     if "rng" in request:
         _set_rng_state(loaded["rng"])
     elif "layout" in common:
