@@ -36,6 +36,11 @@ class EnginePool:
     def restarts(self) -> int:
         return self.manager.restarts
 
+    @property
+    def produced(self):
+        """Every response and token the engines generated so far (a `GenerationCount`)."""
+        return self.manager.produced
+
     def _start_engine(self, index: int):
         r = self.cfg.rollout
         if r.engine == "sglang":
