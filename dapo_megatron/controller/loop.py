@@ -52,8 +52,9 @@ class Trainer:
         self.task = load_task(cfg)
         self.hf_config = _hf_config(cfg, self.task.tokenizer.vocab_size)
         _init_ray(cfg)
-        self.policy = PolicyGroup(cfg, self.hf_config)
+        # Engine actors start in the background while the policy ranks come up (which waits).
         self.engines = EnginePool(cfg, self.hf_config)
+        self.policy = PolicyGroup(cfg, self.hf_config)
         r = cfg.reward
         self.scorer = RewardPool(num_workers=r.num_workers, timeout_s=r.timeout_s,
                                  correct_score=r.correct_score, incorrect_score=r.incorrect_score)

@@ -83,6 +83,16 @@ def test_short_run_logs_every_phase(single_rank_run):
     assert step["mismatch/logprob_abs_diff_max"] < 1e-4
     assert os.path.exists(os.path.join(run_dir, "metrics.png"))
     assert "step 2/2" in open(log).read() or "step 2" in open(log).read()
+    # Generated vs used: every group scored was generated, and more may have been (the rest
+    # of a call once the batch was full, aborted requests); the budget's total adds them up.
+    for s in (1, 2):
+        r = records[s]
+        assert r["rollout/used_responses"] == r["dynamic_sampling/returned"] * 4
+        assert r["rollout/generated_responses"] >= r["dynamic_sampling/generated"] * 4
+        assert r["rollout/generated_tokens"] >= r["rollout/used_tokens"] > 0
+    assert records[2]["rollout/generated_samples_total"] == \
+        records[1]["rollout/generated_responses"] + records[2]["rollout/generated_responses"]
+    assert "resp gen" in open(log).read()
 
 
 def test_tp2_step1_equals_single_rank(single_rank_run, tmp_path):
