@@ -218,7 +218,12 @@ class TrainerConfig:
     mini_batch_size: int = 32  # prompts per optimizer step: 512/32 = 16 updates per step
     max_tokens_per_microbatch: int = 32768
     max_steps: int = 100
-    sample_budget: int = 0  # stop once this many responses were generated (0: no budget)
+    # Stop at the first step boundary once the engines generated this many responses for
+    # training: every response with a token, kept, dropped, aborted or left unscored (0: none).
+    sample_budget: int = 0
+    # Niceness of Ray's worker processes (policy ranks, engines, reward) above the driver's,
+    # when the trainer starts Ray itself. 0: the driver's priority (Ray's own default is 15).
+    worker_niceness: int = 0
     seed: int = 42
     run_dir: str = ""  # empty: runs/<config file name>
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -474,6 +479,8 @@ def _validate(cfg: DapoConfig) -> None:
     )
     _check(a.max_gen_batches >= 0, "algo.max_gen_batches", "must be >= 0 (0: unbounded)")
     _check(t.train_batch_size >= 1, "trainer.train_batch_size", "must be >= 1")
+    _check(t.sample_budget >= 0, "trainer.sample_budget", "must be >= 0 (0: no budget)")
+    _check(0 <= t.worker_niceness <= 19, "trainer.worker_niceness", "must be in 0..19 (added to the driver's)")
     _check(t.mini_batch_size >= 1, "trainer.mini_batch_size", "must be >= 1")
     _check(
         t.train_batch_size % t.mini_batch_size == 0,

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from dapo_megatron.launch import (
-    LaunchError, RayOptions, SlurmJob, expand_counts, expand_nodelist, ray_auth_env, ray_start_command,
+    LaunchError, RayNode, RayOptions, SlurmJob, expand_counts, expand_nodelist, ray_auth_env, ray_start_command,
     wait_for_cluster, wait_for_port,
 )
 from dapo_megatron.ports import free_port
@@ -132,6 +132,16 @@ def test_worker_gives_up_on_an_absent_head():
     with pytest.raises(LaunchError, match=f"127.0.0.1:{port} did not answer within 1 s"):
         wait_for_port("127.0.0.1", port, timeout_s=1.0, poll_s=0.2)
     assert time.monotonic() - t0 < 5
+
+
+def test_ray_node_starts_workers_at_its_own_priority(tmp_path, monkeypatch):
+    # The raylet adds RAY_worker_niceness (Ray's default 15) to its niceness for every worker.
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    out = tmp_path / "env"
+    node = RayNode([sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ['RAY_worker_niceness'])"])
+    node.start()
+    assert node.proc.wait(timeout=60) == 0
+    assert out.read_text() == "0"
 
 
 # --------------------------------------------------------------------------- shell scripts

@@ -60,6 +60,11 @@ class EnginePool:
         _wait_started([engine])
         return engine
 
+    @property
+    def produced(self):
+        """Every response and token the engines generated so far (a `GenerationCount`)."""
+        return self.manager.produced
+
     def _start_engine(self, index: int):
         slot, r = self.slots[index], self.cfg.rollout
         placement = {}
@@ -143,13 +148,8 @@ class EnginePool:
             self._round.abort(wait=True)
 
     def shutdown(self) -> None:
-        import ray
-
         for engine in self.engines:
-            try:
-                ray.kill(engine)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            _kill(engine)
 
 
 def _on_all(engines: list, method: str, *args, timeout: float | None = None) -> None:
@@ -184,9 +184,12 @@ def _alive(engine, timeout: float = 60.0) -> bool:
 
 
 def _kill(engine) -> None:
-    try:
-        import ray
+    """End an engine actor (in-process engines have nothing to kill; ray.kill on them would
+    start a Ray instance)."""
+    import ray
 
-        ray.kill(engine)
-    except Exception:  # noqa: BLE001 - already gone, or an in-process engine
-        pass
+    if isinstance(engine, ray.actor.ActorHandle):
+        try:
+            ray.kill(engine)
+        except Exception:  # noqa: BLE001 - already gone
+            pass

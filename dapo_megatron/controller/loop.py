@@ -94,7 +94,8 @@ class Trainer:
         )
         self.step = 0
         self._saved_step = 0  # the step of the newest checkpoint (resumed or written)
-        self.generated_samples = 0
+        self.generated_samples = 0  # responses the engines generated for training (the budget's count)
+        self.generated_tokens = 0
 
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict]:
@@ -173,16 +174,19 @@ class Trainer:
             cfg=cfg, step=self.step, sampler=self.sampler, tokenizer=self.task.tokenizer,
             engines=self.engines, scorer=self.scorer, assembler=self.assembler,
         )
-        self.generated_samples += rollout.stats.generated * cfg.algo.group_size
+        # The budget counts every response the engines generated, not the groups scored.
+        self.generated_samples += rollout.generated.responses
+        self.generated_tokens += rollout.generated.tokens
         log_examples(rollout.groups, cfg.logging.num_examine, tag=f"step {self.step}")
         metrics = {
-            **rollout.stats.as_metrics(),
+            **rollout.stats.as_metrics(), **rollout.metrics(),
             "reward/timeouts": float(rollout.reward_timeouts),
             "reward/worker_crashes": float(self.scorer.crashes - crashes_before),
             "rollout/generated_samples_total": float(self.generated_samples),
+            "rollout/generated_tokens_total": float(self.generated_tokens),
             "rollout/engine_restarts": float(self.engines.restarts),
             "time/generate": rollout.seconds_generate, "time/reward": rollout.seconds_reward,
-            "throughput/generate_tokens_per_s": rollout.generated_tokens / max(rollout.seconds_generate, 1e-9),
+            "throughput/generate_tokens_per_s": rollout.generated.tokens / max(rollout.seconds_generate, 1e-9),
         }
         if rollout.groups:
             metrics.update(self._train_on(rollout.groups))
@@ -235,6 +239,7 @@ class Trainer:
         state = {
             "step": self.step,
             "generated_samples": self.generated_samples,
+            "generated_tokens": self.generated_tokens,
             "sampler": self.sampler.state_dict(),
             "carried_groups": self.assembler.carried_groups(),  # surplus="carry" only
             "python_rng": random.getstate(),
@@ -286,6 +291,7 @@ class Trainer:
         """Restore the controller's part of a checkpoint the policy has loaded."""
         self.step = self._saved_step = int(state["step"])
         self.generated_samples = int(state.get("generated_samples", 0))
+        self.generated_tokens = int(state.get("generated_tokens", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.assembler.restore_carried(state.get("carried_groups") or [])
         random.setstate(state["python_rng"])
@@ -318,7 +324,7 @@ RAY_START_ATTEMPTS = 5  # Ray gives its raylet a fixed 30 s (node.py); a loaded 
 RAY_START_BACKOFF_S = 10.0
 
 
-def _init_ray(cfg: DapoConfig, resolved: Resolved) -> None:
+def _init_ray(cfg: DapoConfig, resolved: Resolved | None = None) -> None:
     """Start (or join, with RAY_ADDRESS) Ray, retrying a failed start-up: on a busy machine
     the raylet can miss its start-up deadline, which is no reason to end the run."""
     import ray
@@ -331,9 +337,12 @@ def _init_ray(cfg: DapoConfig, resolved: Resolved) -> None:
     else:
         # A local cluster: enough logical CPUs for every policy rank, engine and the driver,
         # whatever this machine has (actors mostly wait on one another).
-        needed = cfg.parallel.world_size + int(sum(slot.resources.get("CPU", 0) for slot in resolved.engines))
+        engines = (resolved or resolve(cfg)).engines
+        needed = cfg.parallel.world_size + int(sum(slot.resources.get("CPU", 0) for slot in engines))
+        # Ray's raylet adds worker_niceness to its own (the driver's) niceness for every worker.
         kwargs = dict(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                      log_to_driver=True, configure_logging=False)
+                      log_to_driver=True, configure_logging=False,
+                      _system_config={"worker_niceness": cfg.trainer.worker_niceness})
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
             with _stop_signals_blocked():

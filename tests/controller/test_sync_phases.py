@@ -104,7 +104,7 @@ class FaultySource(StateDictSource):
 
         self.pushes += 1
         for i in range(0, len(self.state), 4):
-            push_bucket_colocated(engines, self.state[i:i + 4], "embedded", timeout=20.0)
+            push_bucket_colocated(engines, self.state[i:i + 4], "embedded", timeout=30.0)
             if self.pushes == 1 and i == 0:
                 victim = self.pool_ref[0].engines[0]
                 if self.fault == "kill":
@@ -121,7 +121,7 @@ def test_engine_dead_or_hung_during_sync_is_replaced_and_synced_from_the_source(
 
     cfg = _cfg()
     cfg.rollout.num_engines = 2
-    cfg.rollout.hang_timeout_s = 20.0  # generous: this machine may be loaded
+    cfg.rollout.hang_timeout_s = 30.0  # generous: this machine may be loaded
     hf = cfg.model.hf_config_dict(vocab_size=64)
     torch.manual_seed(0)
     model = build_hf_model(hf)

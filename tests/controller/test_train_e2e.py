@@ -88,6 +88,16 @@ def test_short_run_logs_every_phase(single_rank_run):
     for tag in ("[step 1] data_source=", "[step 2] data_source=", "[eval] data_source="):
         assert text.count(tag) == (2 if tag.startswith("[eval]") else 1), tag
     assert "[response] " in text and "[ground_truth] " in text
+    # Generated vs used: every group scored was generated, and more may have been (the rest
+    # of a call once the batch was full, aborted requests); the budget's total adds them up.
+    for s in (1, 2):
+        r = records[s]
+        assert r["rollout/used_responses"] == r["dynamic_sampling/returned"] * 4
+        assert r["rollout/generated_responses"] >= r["dynamic_sampling/generated"] * 4
+        assert r["rollout/generated_tokens"] >= r["rollout/used_tokens"] > 0
+    assert records[2]["rollout/generated_samples_total"] == \
+        records[1]["rollout/generated_responses"] + records[2]["rollout/generated_responses"]
+    assert "resp gen" in open(log).read()
 
 
 @pytest.mark.parametrize("placement", ["colocated", "disaggregated"])

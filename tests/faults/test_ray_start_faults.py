@@ -38,7 +38,7 @@ def test_a_timed_out_start_is_retried(fake_ray, caplog):
     calls, failures = fake_ray
     failures[0] = 2
     with caplog.at_level(logging.WARNING, logger="dapo_megatron"):
-        _init(load_config("examples/tiny_cpu.yaml"))
+        loop._init_ray(load_config("examples/tiny_cpu.yaml"))
     assert len(calls) == 3  # two failures, then up
     assert "Ray start-up failed (attempt 1/5: Exception: The current node timed out during startup" in caplog.text
     assert "attempt 2/5" in caplog.text
@@ -53,11 +53,6 @@ def test_giving_up_says_what_to_do(fake_ray):
     failures[0] = 99
     with pytest.raises(loop.RayStartError, match=r"Ray did not start after 5 attempts \(Exception: The current "
                                                  r"node timed out.*rerun later, or start a cluster"):
-        _init(load_config("examples/tiny_cpu.yaml"))
+        loop._init_ray(load_config("examples/tiny_cpu.yaml"))
     assert len(calls) == loop.RAY_START_ATTEMPTS
 
-
-def _init(cfg):
-    from dapo_megatron.resolve import resolve
-
-    loop._init_ray(cfg, resolve(cfg))
