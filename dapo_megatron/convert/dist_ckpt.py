@@ -26,6 +26,7 @@ import torch
 from dapo_megatron.convert.arch import UnsupportedModelError, model_args_from_hf
 from dapo_megatron.convert.hf_io import CheckpointError, SafetensorsReader, ShardWriter
 from dapo_megatron.convert.rules import MissingTensorError, hf_names, hf_shapes
+from dapo_megatron.convert.spec_keys import extra_state_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +348,9 @@ def load_megatron_checkpoint(megatron_dir: str, *, dtype: torch.dtype | None = N
     raw, cfg, meta, prefix = _checkpoint_info(megatron_dir, hf_config, prefix)
     chunks = _build(cfg, dtype or getattr(torch, meta.get("dtype", "float32")))
     model = chunks[0]
-    loaded = _load_sharded(model.sharded_state_dict(prefix=prefix), megatron_dir)
+    sharded = model.sharded_state_dict(prefix=prefix)
+    extra_state_from_model(sharded, megatron_dir)
+    loaded = _load_sharded(sharded, megatron_dir)
     if prefix:
         loaded = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
     model.load_state_dict(loaded, strict=False)
@@ -416,6 +419,7 @@ def _to_hf_rank(rank, world, port, megatron_dir, tmp, max_shard_bytes, hf_config
     if prefix:
         sharded = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sharded.items()}
     same_vocab = meta.get("padded_vocab_size") == model.padded_vocab_size
+    extra_state_from_model(sharded, megatron_dir)
     _load_with_one_copy(model, sharded, megatron_dir, same_vocab)
     dtypes = meta.get("hf_tensors", {})
     shapes = hf_shapes(args)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.convert.spec_keys import extra_state_from_model
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["find_latest", "load_checkpoint", "save_checkpoint", "write_checkpoint"]
@@ -196,6 +198,7 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scheduler=None) -> 
                                 "directory (with metadata.json) or a root with step_* dirs")
     common = dist_checkpointing.load_common_state_dict(resolved)
     model_state = _model_state(model_chunks)
+    extra_state_from_model(model_state, resolved)  # TE metadata a converted checkpoint lacks
     request = {"model": model_state}
     if optimizer is not None:
         if not _has_optimizer(resolved):

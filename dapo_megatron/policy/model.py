@@ -187,6 +187,8 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from dapo_megatron.convert.spec_keys import spec_with_te_keys
+
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         enable_cpu_execution()
@@ -221,9 +223,10 @@ def build_model(
         recompute=recompute, sequence_parallel=sequence_parallel,
         moe_aux_loss_coeff=moe_aux_loss_coeff, **config_overrides,
     )
-    block_spec = get_gpt_decoder_block_spec(
+    # Checkpoint keys of the TE spec under either spec (convert runs the local one on CPU).
+    block_spec = spec_with_te_keys(get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm"
-    )
+    ))
     padded = args.padded_vocab_size(tp)
     model = GPTModel(
         config=config,
