@@ -102,7 +102,8 @@ class PolicyTrainer:
         self.old_logprobs_source = getattr(rollout, "old_logprobs", "policy")
         self.layout = init_parallel(parallel.tp, parallel.pp, parallel.ep, parallel.cp,
                                     rank=rank, world_size=world_size, master_addr=master_addr,
-                                    master_port=master_port, seed=trainer.seed)
+                                    master_port=master_port, seed=trainer.seed,
+                                    device=getattr(trainer, "device", "auto"))
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else \
             torch.device("cpu")
