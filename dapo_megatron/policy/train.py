@@ -238,7 +238,7 @@ class PolicyTrainer:
         last pipeline stage's ``loss_func`` reported (empty elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from dapo_megatron.policy.model import causal_attention_mask
+        from dapo_megatron.policy.model import attention_mask_for
 
         device = self.device
 
@@ -248,8 +248,7 @@ class PolicyTrainer:
             ids = mb.input_ids.to(device)
             positions = torch.arange(width, device=device).expand(n, width)
             real = (positions < mb.seq_lens.to(device)[:, None])
-            mask = causal_attention_mask(real, width)
-            output = model(ids, positions, mask)
+            output = model(ids, positions, attention_mask_for(model, real))
             return output, partial(loss_func, mb)
 
         max_rows = max(mb.input_ids.shape[0] for mb in micro)
