@@ -97,16 +97,16 @@ def resolve_device(device: str = "auto") -> bool:
 
     ``cuda`` must mean CUDA. ``auto`` means CUDA when it works, and also must mean CUDA
     inside a Ray worker that was given GPUs (the GPU actor's CUDA failed to start).
-    ``cpu`` is accepted only where no GPU is visible: the code paths key on
-    ``torch.cuda.is_available()``, so a visible GPU cannot be ignored.
+    ``cpu`` where a GPU is visible only warns: the code paths key on
+    ``torch.cuda.is_available()``, so a visible GPU is used (hide it to run on CPU).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"trainer.device={device!r}: must be auto, cpu or cuda")
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         if device == "cpu":
-            raise RuntimeError("trainer.device=cpu but this process sees a CUDA device; hide "
-                               "it (CUDA_VISIBLE_DEVICES=) or use trainer.device=auto")
+            logger.warning("trainer.device=cpu but this process sees a CUDA device and will "
+                           "use it; hide it (CUDA_VISIBLE_DEVICES=) to run on CPU")
         return True
     gpus = _ray_assigned_gpus()
     if device == "cuda" or gpus:
