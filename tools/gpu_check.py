@@ -346,13 +346,15 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
 
-    on_gpu = torch.cuda.is_available() and not args.dry_run
+    if args.dry_run:
+        # The CPU layer even on a GPU node; set before anything asks torch about CUDA.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    on_gpu = not args.dry_run and torch.cuda.is_available()
     if not on_gpu and not args.dry_run:
         print("FAIL cuda            no CUDA device in this process; on a CPU machine run "
               "--dry-run", flush=True)
         return 1
     if args.dry_run:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU layer, even on a GPU node
         if torch.cuda.is_available():
             print("FAIL cuda            --dry-run on a machine that already initialised CUDA",
                   flush=True)
