@@ -16,6 +16,7 @@ mask is None, so the passed mask must include causality. RoPE uses positions 0..
 row whatever ``position_ids`` say; because RoPE is relative, packing several sequences into
 one row with a block-diagonal causal mask gives the same logits as unpacked rows (up to
 float rounding of the larger angles). THD ``packed_seq_params`` need Transformer Engine.
+Under TE's causal attention no mask is passed (TE ignores it): ``attention_mask_for``.
 """
 
 from __future__ import annotations
