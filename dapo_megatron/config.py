@@ -513,6 +513,36 @@ def _validate(cfg: DapoConfig) -> None:
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     if m.fp8 is not None:
         _check(m.params_dtype in ("auto", "bf16"), "model.fp8", "FP8 training needs bf16 params")
+    _validate_gpu_features(cfg)
+
+
+def visible_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of CUDA device 0 as this process sees it; None without a usable GPU."""
+    import torch
+
+    try:
+        return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a broken driver means "cannot know"
+        return None
+
+
+def _validate_gpu_features(cfg: DapoConfig) -> None:
+    """GPU-only settings that megatron-core / Transformer Engine would reject later, on a
+    GPU, after the cluster is up (issue 14, finding 9)."""
+    p, m = cfg.parallel, cfg.model
+    # megatron-core refuses it (model_parallel_config.py, __post_init__: "Cannot use sequence
+    # parallelism without tensor parallelism"); it splits activations over the TP group.
+    _check(not (p.sequence_parallel and p.tp == 1), "parallel.sequence_parallel",
+           "needs tensor parallelism (parallel.tp > 1); set it to false at tp 1")
+    if m.fp8 is not None and m.fp8_recipe == "mxfp8":
+        # TE runs MXFP8 only on compute capability >= 10.0 (Blackwell): transformer_engine
+        # 2.20.2 pytorch/quantization.py, _compute_mxfp8_support. Hopper (9.0) fails there.
+        cc = visible_compute_capability()
+        _check(cc is not None and cc >= (10, 0), "model.fp8_recipe",
+               "mxfp8 needs a GPU of compute capability >= 10.0 (Blackwell); "
+               + (f"this machine's GPU reports {cc[0]}.{cc[1]}" if cc else
+                  "no GPU is visible here, so it cannot be checked")
+               + ". On Hopper (H100/H200, 9.0) use fp8_recipe delayed, tensorwise or blockwise")
 
 
 _GE0 = (lambda v: v >= 0, "must be >= 0")

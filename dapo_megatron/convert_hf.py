@@ -30,6 +30,7 @@ from dapo_megatron.convert.hf_io import CheckpointError, SafetensorsReader, Shar
 from dapo_megatron.convert.rules import MissingTensorError, hf_names, hf_shapes
 from dapo_megatron.dtypes import name_of, to_torch
 from dapo_megatron.ports import free_port
+from dapo_megatron.convert.spec_keys import extra_state_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +346,9 @@ def load_megatron_checkpoint(megatron_dir: str, *, dtype: torch.dtype | None = N
     raw, cfg, meta, prefix = _checkpoint_info(megatron_dir, hf_config, prefix)
     chunks = _build(cfg, dtype or to_torch(meta.get("dtype", "float32")))
     model = chunks[0]
-    loaded = _load_sharded(model.sharded_state_dict(prefix=prefix), megatron_dir)
+    sharded = model.sharded_state_dict(prefix=prefix)
+    extra_state_from_model(sharded, megatron_dir)
+    loaded = _load_sharded(sharded, megatron_dir)
     if prefix:
         loaded = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
     model.load_state_dict(loaded, strict=False)
@@ -414,6 +417,7 @@ def _to_hf_rank(rank, world, port, megatron_dir, tmp, max_shard_bytes, hf_config
     if prefix:
         sharded = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sharded.items()}
     same_vocab = meta.get("padded_vocab_size") == model.padded_vocab_size
+    extra_state_from_model(sharded, megatron_dir)
     _load_with_one_copy(model, sharded, megatron_dir, same_vocab)
     dtypes = meta.get("hf_tensors", {})
     shapes = hf_shapes(args)

@@ -13,7 +13,12 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from dapo_megatron.convert.rules import MissingTensorError, hf_sources, hf_to_megatron
+from dapo_megatron.convert.rules import (
+    MissingTensorError,
+    hf_sources,
+    hf_to_megatron,
+    tp_split_dim,
+)
 
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
@@ -78,30 +83,14 @@ def iter_local_params(model) -> Iterator[tuple[str, str, torch.nn.Parameter]]:
 def partition_dim(model, local_name: str, param: torch.Tensor) -> int | None:
     """The TP-partitioned dim of a parameter, or None if it is replicated.
 
-    megatron sets ``tensor_model_parallel``/``partition_dim`` on linear weights only inside
-    its init functions (tensor_parallel/layers.py:855,904), so they are missing when
-    ``perform_initialization=False``; then the owning module's class decides.
+    Decided by the parameter's canonical name (``rules.tp_split_dim``), not by its
+    ``partition_dim`` attribute: megatron sets that only inside its init functions
+    (tensor_parallel/layers.py, absent with ``perform_initialization=False``), and
+    Transformer Engine sets ``partition_dim=0`` on expert fc2 weights that are split along
+    dim 1 (see ``tp_split_dim``). ``param`` is kept for callers' convenience.
     """
-    if hasattr(param, "tensor_model_parallel"):
-        return param.partition_dim if param.tensor_model_parallel else None
-    from megatron.core.tensor_parallel import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-    )
-
-    owner_name, _, leaf = local_name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    if isinstance(owner, (ColumnParallelLinear, VocabParallelEmbedding)) and leaf in ("weight", "bias"):
-        return 0
-    if isinstance(owner, RowParallelLinear) and leaf == "weight":
-        return 1
-    mode = getattr(owner, "parallel_mode", None)  # Transformer Engine linear modules
-    if mode == "column" and leaf.startswith(("weight", "bias")):
-        return 0
-    if mode == "row" and leaf.startswith("weight"):
-        return 1
-    return None
+    canon = canonical_name(model, local_name)
+    return None if canon is None else tp_split_dim(canon)
 
 
 def _is_expert_param(canon: str) -> bool:

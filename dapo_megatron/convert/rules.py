@@ -12,6 +12,10 @@ Layouts:
   TP splits rows contiguously, so each rank holds whole groups.
 - linear_fc1 (SwiGLU): rows [gate; up]. Under TP every rank holds [gate_r; up_r].
 - word embeddings / output layer: padded with zero rows to ``ModelArgs.padded_vocab_size()``.
+
+TP split dimension (``tp_split_dim``): a property of the canonical name, not read from the
+parameter's ``partition_dim`` attribute, because Transformer Engine's expert linears carry
+a wrong one (see ``tp_split_dim``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,35 @@ def canonical_names(args: ModelArgs) -> list[str]:
     if not args.tie_word_embeddings:
         names.append("output_layer.weight")
     return names
+
+
+# Column-parallel weights are split along dim 0 (output rows), row-parallel ones along
+# dim 1 (input columns); megatron's checkpoint format uses the same axes
+# (tensor_parallel/layers.py, ColumnParallelLinear / RowParallelLinear.sharded_state_dict;
+# extensions/transformer_engine.py, TEColumn/RowParallelGroupedLinear tp_axis_map).
+_COLUMN_PARALLEL = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                    "linear_fc1.weight")
+_ROW_PARALLEL = ("self_attention.linear_proj.weight", "linear_fc2.weight")
+
+
+def tp_split_dim(name: str) -> int | None:
+    """Dimension along which canonical Megatron parameter ``name`` is split over its TP group
+    (the expert TP group for routed experts); None: replicated on every TP rank.
+
+    Routed-expert ``linear_fc2`` is row parallel (split along dim 1, its input) whatever the
+    parameter says: under the Transformer Engine spec megatron builds expert linears with
+    ``parallel_mode=None`` once expert TP or EP > 1 (extensions/transformer_engine.py,
+    TEGroupedLinear / TELinear, ``explicit_expert_comm``), and TE then marks every weight
+    ``partition_dim=0`` (transformer_engine 2.20.2, pytorch/module/grouped_linear.py and
+    linear.py, ``dim=1 if parallel_mode == "row" else 0``), so that attribute is wrong for fc2.
+    """
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return 0
+    if name.endswith(_COLUMN_PARALLEL):
+        return 0
+    if name.endswith(_ROW_PARALLEL):
+        return 1
+    return None
 
 
 def hf_sources(args: ModelArgs, name: str) -> list[str]:
@@ -254,4 +287,5 @@ __all__ = [
     "hf_sources",
     "hf_to_megatron",
     "megatron_to_hf",
+    "tp_split_dim",
 ]

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from dapo_megatron.policy.finite import check_finite
 from dapo_megatron.policy.optimizer import load_schedule_state
+from dapo_megatron.convert.spec_keys import extra_state_from_model
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scheduler=None) -> 
                                 "or the output of tools/convert_hf.py")
     common = dist_checkpointing.load_common_state_dict(resolved)
     model_state = _model_state(model_chunks)
+    extra_state_from_model(model_state, resolved)  # TE metadata a converted checkpoint lacks
     request = {"model": model_state}
     if optimizer is not None:
         if not _has_optimizer(resolved):

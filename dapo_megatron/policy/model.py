@@ -16,6 +16,7 @@ mask is None, so the passed mask must include causality. RoPE uses positions 0..
 row whatever ``position_ids`` say; because RoPE is relative, packing several sequences into
 one row with a block-diagonal causal mask gives the same logits as unpacked rows (up to
 float rounding of the larger angles). THD ``packed_seq_params`` need Transformer Engine.
+Under TE's causal attention no mask is passed (TE ignores it): ``attention_mask_for``.
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ def build_model(
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from dapo_megatron.convert.spec_keys import spec_with_te_keys
+
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         enable_cpu_execution()
@@ -210,9 +213,10 @@ def build_model(
         recompute=recompute, sequence_parallel=sequence_parallel,
         moe_aux_loss_coeff=moe_aux_loss_coeff, **config_overrides,
     )
-    block_spec = get_gpt_decoder_block_spec(
+    # Checkpoint keys of the TE spec under either spec (convert runs the local one on CPU).
+    block_spec = spec_with_te_keys(get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm"
-    )
+    ))
     padded = args.padded_vocab_size(ps.get_tensor_model_parallel_world_size())
     model = GPTModel(
         config=config,
@@ -296,9 +300,52 @@ def causal_attention_mask(
     return (~allowed)[:, None]
 
 
+def dense_mask_needed(te_attention: bool, attn_mask_type) -> bool:
+    """Whether GPTModel.forward needs the dense [batch, 1, seq, seq] mask of right-padded rows.
+
+    Not under TE's attention with a causal mask type: TE reads ``attention_mask`` only for
+    "padding"/"arbitrary" mask types (transformer_engine 2.20.2,
+    pytorch/attention/dot_product_attention/dot_product_attention.py, DotProductAttention
+    docstring) and megatron passes the layer's type, causal in the GPT specs
+    (gpt_layer_specs.py; extensions/transformer_engine.py, TEDotProductAttention.forward).
+    With right padding a causal mask alone is exact for real tokens: padding only follows
+    them. The local (CPU) attention applies whatever mask it is given, so it keeps one.
+    """
+    from megatron.core.transformer.enums import AttnMaskType
+
+    return not (te_attention and attn_mask_type == AttnMaskType.causal)
+
+
+def _is_te_attention(core_attention) -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+    except Exception:  # noqa: BLE001 - no TE: it cannot be TE's attention
+        return False
+    # Without TE the module imports but binds the name to None.
+    return (isinstance(TEDotProductAttention, type)
+            and isinstance(core_attention, TEDotProductAttention))
+
+
+def attention_mask_for(chunk, real_tokens: torch.Tensor) -> torch.Tensor | None:
+    """The ``attention_mask`` for ``chunk``'s forward on right-padded rows.
+
+    ``real_tokens``: [batch, seq] bool, True for real tokens. Returns the dense causal mask
+    [batch, 1, seq, seq] (``causal_attention_mask``) where an attention layer of this chunk
+    reads it, else None: on GPU that mask is about 0.5 GB per 22.5k-token row, kept for
+    recompute (issue 14, finding 11).
+    """
+    layers = getattr(unwrap(chunk).decoder, "layers", [])
+    if any(dense_mask_needed(_is_te_attention(layer.self_attention.core_attention),
+                             layer.self_attention.attn_mask_type) for layer in layers):
+        return causal_attention_mask(real_tokens, real_tokens.shape[1])
+    return None
+
+
 __all__ = [
+    "attention_mask_for",
     "build_model",
     "causal_attention_mask",
+    "dense_mask_needed",
     "have_transformer_engine",
     "make_transformer_config",
     "mask_padded_vocab",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,57 @@ def check_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1, cp: int
     return dp
 
 
+def _ray_assigned_gpus() -> list:
+    """GPU ids Ray gave this worker ([] outside Ray or without GPUs)."""
+    ray = sys.modules.get("ray")  # imported by the worker itself when we are in one
+    if ray is None or not ray.is_initialized():
+        return []
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - not a worker (driver) or an old Ray
+        return []
+
+
+def _cuda_failure() -> str:
+    """Why CUDA is unusable here, in words (torch.cuda.is_available() only says False)."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - the driver's own reason is the useful part
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    else:
+        reason = f"{torch.cuda.device_count()} CUDA devices"
+    return f"{reason} (CUDA_VISIBLE_DEVICES={visible!r})"
+
+
+def resolve_device(device: str = "auto") -> bool:
+    """Whether this process runs on CUDA, given ``trainer.device``; raises instead of
+    falling back to the CPU layer and gloo when CUDA was asked for (issue 14, finding 10).
+
+    ``cuda`` must mean CUDA. ``auto`` means CUDA when it works, and also must mean CUDA
+    inside a Ray worker that was given GPUs (the GPU actor's CUDA failed to start).
+    ``cpu`` where a GPU is visible only warns: the code paths key on
+    ``torch.cuda.is_available()``, so a visible GPU is used (hide it to run on CPU).
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"trainer.device={device!r}: must be auto, cpu or cuda")
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        if device == "cpu":
+            logger.warning("trainer.device=cpu but this process sees a CUDA device and will "
+                           "use it; hide it (CUDA_VISIBLE_DEVICES=) to run on CPU")
+        return True
+    gpus = _ray_assigned_gpus()
+    if device == "cuda" or gpus:
+        asked = "trainer.device=cuda" if device == "cuda" else f"Ray assigned GPUs {gpus}"
+        raise RuntimeError(
+            f"{asked} but CUDA does not work in this process: {_cuda_failure()}. Refusing to "
+            "fall back to CPU/gloo; fix the driver/visible devices or set trainer.device=cpu")
+    return False
+
+
 def init_parallel(
     tp: int = 1,
     pp: int = 1,
@@ -71,20 +123,25 @@ def init_parallel(
     backend: str | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    device: str = "auto",
 ) -> ParallelLayout:
     """Initialise torch.distributed (if needed), megatron's parallel groups and RNG seeds.
 
     Without CUDA the CPU execution layer is enabled first and the backend defaults to gloo;
     with CUDA it is nccl and the current device is set to LOCAL_RANK (or rank % #GPUs).
+    ``device`` is ``trainer.device``: see ``resolve_device`` (cuda never falls back).
     Calling it again with the same sizes is a no-op; with other sizes, call
     ``destroy_parallel()`` first.
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = resolve_device(device)
     if not on_gpu:
         enable_cpu_execution()
     backend = backend or ("nccl" if on_gpu else "gloo")
+    if on_gpu and backend != "nccl":
+        raise ValueError(f"init_parallel: backend={backend!r} on CUDA; megatron's GPU paths "
+                         "need nccl")
 
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
@@ -169,4 +226,7 @@ def destroy_parallel(destroy_process_group: bool = False) -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["ParallelLayout", "check_layout", "destroy_parallel", "get_layout", "init_parallel"]
+__all__ = [
+    "ParallelLayout", "check_layout", "destroy_parallel", "get_layout", "init_parallel",
+    "resolve_device",
+]

@@ -110,7 +110,8 @@ class PolicyTrainer:
         self.old_logprobs_source = getattr(rollout, "old_logprobs", "policy")
         self.layout = init_parallel(parallel.tp, parallel.pp, parallel.ep, parallel.cp,
                                     rank=rank, world_size=world_size, master_addr=master_addr,
-                                    master_port=master_port, seed=trainer.seed)
+                                    master_port=master_port, seed=trainer.seed,
+                                    device=getattr(trainer, "device", "auto"))
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else \
             torch.device("cpu")
@@ -245,7 +246,7 @@ class PolicyTrainer:
         last pipeline stage's ``loss_func`` reported (empty elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from dapo_megatron.policy.model import causal_attention_mask
+        from dapo_megatron.policy.model import attention_mask_for
 
         device = self.device
 
@@ -255,8 +256,7 @@ class PolicyTrainer:
             ids = mb.input_ids.to(device)
             positions = torch.arange(width, device=device).expand(n, width)
             real = (positions < mb.seq_lens.to(device)[:, None])
-            mask = causal_attention_mask(real, width)
-            output = model(ids, positions, mask)
+            output = model(ids, positions, attention_mask_for(model, real))
             return output, partial(loss_func, mb)
 
         max_rows = max(mb.input_ids.shape[0] for mb in micro)
