@@ -27,7 +27,7 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
     prompt_ids = [tokenizer.encode_prompt(ex.messages) for ex in examples]
     params = sampling_params(cfg, n=k, seed=seed, stop_ids=(tokenizer.eos_id,), eval_mode=True)
     correct = [None] * len(examples)
-    lengths = []
+    lengths, truncated = [], 0
     rows = []
     for chunk, samples in engines.generate_streaming(prompt_ids, params, tag=f"eval{seed}"):
         groups, _, _ = score_groups([examples[i] for i in chunk], [prompt_ids[i] for i in chunk],
@@ -35,6 +35,7 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
         for i, g in zip(chunk, groups):
             correct[i] = g.correct
             lengths.extend(len(s.token_ids) for s in g.samples)
+            truncated += sum(g.truncated)
             if out_path:
                 rows.append({"index": g.example.index, "ground_truth": g.example.ground_truth,
                              "correct": g.correct, "responses": g.texts})
@@ -52,6 +53,8 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
         "eval/k": float(k),
         "eval/num_prompts": float(len(examples)),
         "eval/length_mean": sum(lengths) / max(1, len(lengths)),
+        "eval/length_max": float(max(lengths, default=0)),
+        "eval/truncated_frac": truncated / max(1, len(lengths)),
         "time/eval": time.perf_counter() - t0,
     }
 
