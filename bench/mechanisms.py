@@ -2,23 +2,24 @@
 
 Every run is the real trainer (`dapo_megatron.cli train`, one subprocess) on
 `examples/tiny_chains.yaml` (full DAPO) plus the one switch its setting names; nothing else
-differs between runs, and all runs share the budget of generated samples below. The full-DAPO
-run of each seed is the shared side of every pair:
+differs between runs, and all runs train for the same number of steps (`--steps`), as the
+paper's figures compare them. The full-DAPO run of each seed is the shared side of every pair:
 
     mechanism   settings (the switch)
     clip        dapo (eps_high 0.28)     sym_clip (algo.eps_high=0.2)
     loss        dapo (token-mean)        seq_mean (algo.loss_agg=seq-mean-token-mean)
     overlong    dapo (soft punishment)   no_shaping (soft_overlong=false)
                                          overlong_filter (soft_overlong=false, overlong_filter=true)
-    dynamic     dapo (on, equal samples) dyn_off (dynamic_sampling=false)
-                                         dapo_equal_steps (on, stopped at dyn_off's step count)
+    dynamic     dapo (on, equal steps)   dyn_off (dynamic_sampling=false)
+                                         dapo_equal_samples (on, stopped once it has generated
+                                         the samples dyn_off generates in its steps)
     cumulative  the paper's six, from bench/ablation.py (grpo ... dapo), on this task
 
 Each finished run is appended to the jsonl at once (setting, seed, the overrides, summary
 figures and per-step curves), and a rerun skips the (setting, seed) pairs already there,
 so an interrupted study resumes. `--summarize` rebuilds the tables and plots only.
 
-    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --out runs/mech/results.jsonl
+    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 20 --out runs/mech/results.jsonl
     python bench/mechanisms.py --groups cumulative --seeds 3 --out runs/mech/results.jsonl
     python bench/mechanisms.py --summarize runs/mech/results.jsonl --plots docs/
 """
@@ -39,19 +40,31 @@ from bench.ablation import settings as cumulative_settings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "examples/tiny_chains.yaml"
-# Shared by every run (not tuned per setting). The budget is STEPS steps of full batches.
-STEPS = 24
-SAMPLES_PER_STEP = 16 * 8  # trainer.train_batch_size x algo.group_size of the config
-COMMON = ["checkpoint.save_every=0", "checkpoint.resume=false", "eval.every=4", "eval.max_prompts=100",
-          f"trainer.max_steps={10 * STEPS}", f"trainer.sample_budget={STEPS * SAMPLES_PER_STEP}"]
-EQUAL_STEPS = ["trainer.sample_budget=0", f"trainer.max_steps={STEPS}"]
+EQUAL_SAMPLES = "equal_samples"  # marker: stop at dyn_off's generated samples instead of its steps
+
+
+def common_overrides(steps: int) -> list[str]:
+    """Shared by every run (not tuned per setting): `steps` training steps, periodic eval."""
+    return ["checkpoint.save_every=0", "checkpoint.resume=false", "eval.every=4", "eval.max_prompts=64",
+            f"trainer.max_steps={steps}"]
+
+
+def equal_samples_overrides(config: str, steps: int) -> list[str]:
+    """Dynamic sampling stopped once it has generated what dyn_off generates in `steps` steps
+    (train_batch_size x group_size per step), so it pays for the groups it drops."""
+    from dapo_megatron.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, config))
+    per_step = cfg.trainer.train_batch_size * cfg.algo.group_size
+    return [f"trainer.max_steps={10 * steps}", f"trainer.sample_budget={steps * per_step}"]
+
 
 MECHANISMS: dict[str, dict[str, list[str]]] = {
     "clip": {"dapo": [], "sym_clip": ["algo.eps_high=0.2"]},
     "loss": {"dapo": [], "seq_mean": ["algo.loss_agg=seq-mean-token-mean"]},
     "overlong": {"dapo": [], "no_shaping": ["algo.soft_overlong=false"],
                  "overlong_filter": ["algo.soft_overlong=false", "algo.overlong_filter=true"]},
-    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_steps": EQUAL_STEPS},
+    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": [EQUAL_SAMPLES]},
     "cumulative": {"cum_" + name.lstrip("+"): over for name, over in cumulative_settings().items()},
 }
 
@@ -62,9 +75,12 @@ CURVE_KEYS = ("eval/avg@k", "eval/length_mean", "eval/length_max", "eval/truncat
               "rollout/generated_samples_total", "dynamic_sampling/kept", "dynamic_sampling/generated")
 
 
-def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: str) -> dict:
+def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: str, steps: int) -> dict:
     run_dir = os.path.join(out_dir, f"{name}_seed{seed}")
-    args = [sys.executable, "-m", "dapo_megatron.cli", "train", config, *COMMON, *overrides,
+    common = common_overrides(steps)
+    if EQUAL_SAMPLES in overrides:
+        overrides = equal_samples_overrides(config, steps)
+    args = [sys.executable, "-m", "dapo_megatron.cli", "train", config, *common, *overrides,
             f"trainer.seed={seed}", f"trainer.run_dir={run_dir}"]
     t0 = time.perf_counter()
     with open(os.path.join(out_dir, f"{name}_seed{seed}.log"), "w") as log:
@@ -74,7 +90,8 @@ def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: st
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     curve = [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if r.get(k) is not None}} for r in records]
-    return {"setting": name, "seed": seed, "overrides": overrides, "common": COMMON, "config": config,
+    return {"setting": name, "seed": seed, "overrides": overrides, "common": common, "config": config,
+            "budget_steps": steps,
             "seconds": time.perf_counter() - t0, "steps": max(r["step"] for r in records),
             "curve": curve, **summary(curve)}
 
@@ -185,7 +202,8 @@ def plot(rows: list[dict], group: str, path: str) -> bool:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{group}: mean over seeds, band = min..max ({CONFIG}, {STEPS * SAMPLES_PER_STEP} samples)")
+    budgets = sorted({r["budget_steps"] for r in rows if r["setting"] in present})
+    fig.suptitle(f"{group}: mean over seeds, band = min..max ({CONFIG}, {budgets} steps)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -210,6 +228,8 @@ def main(argv=None) -> int:
                    help="comma-separated subset of: " + ", ".join(MECHANISMS))
     p.add_argument("--seeds", type=int, default=3, help="seeds first-seed .. first-seed+N-1")
     p.add_argument("--first-seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20, help="training steps per run (all runs)")
+    p.add_argument("--only", default="", help="comma-separated settings to run (default: all of --groups)")
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--out", default="runs/mechanisms/results.jsonl")
     p.add_argument("--plots", default=None, help="directory for the PNGs (default: beside --out)")
@@ -233,12 +253,14 @@ def main(argv=None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for g in groups:
             for name, overrides in MECHANISMS[g].items():
+                if args.only and name not in args.only.split(","):
+                    continue
                 if (name, seed) not in done and (name, seed) not in seen:
                     seen.add((name, seed))
                     plan.append((name, overrides, seed))
     for i, (name, overrides, seed) in enumerate(plan, 1):
         print(f"[mechanisms] {i}/{len(plan)} {name} seed {seed} ...", flush=True)
-        rec = run_one(name, overrides, seed, out_dir, args.config)
+        rec = run_one(name, overrides, seed, out_dir, args.config, args.steps)
         print(f"[mechanisms] {name} seed {seed}: held-out {rec['initial_accuracy']:.3f} -> "
               f"{rec['final_accuracy']:.3f}, entropy {rec['entropy_last5']:.3f}, truncated "
               f"{rec['truncated_last5']:.3f}, {rec['steps']} steps in {rec['seconds']:.0f}s", flush=True)
