@@ -40,6 +40,7 @@ from bench.ablation import settings as cumulative_settings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "examples/tiny_chains.yaml"
+RETRIES = 3  # runs whose Ray cluster failed to start
 EQUAL_SAMPLES = "equal_samples"  # marker: stop at dyn_off's generated samples instead of its steps
 
 
@@ -83,10 +84,19 @@ def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: st
     args = [sys.executable, "-m", "dapo_megatron.cli", "train", config, *common, *overrides,
             f"trainer.seed={seed}", f"trainer.run_dir={run_dir}"]
     t0 = time.perf_counter()
-    with open(os.path.join(out_dir, f"{name}_seed{seed}.log"), "w") as log:
-        proc = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}); see {log.name}")
+    log_path = os.path.join(out_dir, f"{name}_seed{seed}.log")
+    for attempt in range(RETRIES + 1):
+        with open(log_path, "w") as log:
+            proc = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode == 0:
+            break
+        with open(log_path) as log:
+            transient = "timed out during startup" in log.read()
+        if not transient or attempt == RETRIES:
+            raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}); see {log_path}")
+        # Ray waits a hard-coded 30 s for its raylet (ray/_private/node.py, Node.__init__);
+        # on an overloaded machine that can lapse: the run never started, so start it again.
+        print(f"[mechanisms] {name} seed {seed}: Ray startup timed out, retrying", flush=True)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     curve = [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if r.get(k) is not None}} for r in records]
@@ -203,7 +213,7 @@ def plot(rows: list[dict], group: str, path: str) -> bool:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     budgets = sorted({r["budget_steps"] for r in rows if r["setting"] in present})
-    fig.suptitle(f"{group}: mean over seeds, band = min..max ({CONFIG}, {budgets} steps)")
+    fig.suptitle(f"{group}: mean over seeds, band = min..max ({CONFIG}, {'/'.join(map(str, budgets))} steps per run)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
