@@ -184,11 +184,15 @@ class DataConfig:
     template: Literal["dapo", "as-is"] = "dapo"
     tokenizer: str = ""  # HF tokenizer dir; empty: model.hf_dir, or the embedded tokenizer
     shuffle: bool = True
-    # The embedded task (used when train_path is empty): a+b*c with a worked solution.
+    # The embedded task (used when train_path is empty), data/synthetic.py: "arithmetic"
+    # (a+b*c) or "chains" (n additions/subtractions, one line per step: lengths vary with n).
+    synthetic_task: Literal["arithmetic", "chains"] = "arithmetic"
     synthetic_train_size: int = 20000
     synthetic_eval_size: int = 300
-    synthetic_max_addend: int = 20  # a in a+b*c
-    synthetic_max_factor: int = 9  # b and c
+    synthetic_max_addend: int = 20  # arithmetic: a in a+b*c
+    synthetic_max_factor: int = 9  # arithmetic: b and c
+    synthetic_min_steps: int = 1  # chains: n drawn uniformly from min..max
+    synthetic_max_steps: int = 7
 
 
 @dataclass
@@ -480,7 +484,6 @@ def _validate(cfg: DapoConfig) -> None:
     _check(a.max_gen_batches >= 0, "algo.max_gen_batches", "must be >= 0 (0: unbounded)")
     _check(t.train_batch_size >= 1, "trainer.train_batch_size", "must be >= 1")
     _check(t.sample_budget >= 0, "trainer.sample_budget", "must be >= 0 (0: no budget)")
-    _check(0 <= t.worker_niceness <= 19, "trainer.worker_niceness", "must be in 0..19 (added to the driver's)")
     _check(t.mini_batch_size >= 1, "trainer.mini_batch_size", "must be >= 1")
     _check(
         t.train_batch_size % t.mini_batch_size == 0,
@@ -504,6 +507,10 @@ def _validate(cfg: DapoConfig) -> None:
     _check(0 < r.temperature, "rollout.temperature", "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(0 < r.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction", "must be in (0, 1)")
+    d = cfg.data
+    _check(1 <= d.synthetic_min_steps <= d.synthetic_max_steps, "data.synthetic_min_steps",
+           f"need 1 <= synthetic_min_steps <= synthetic_max_steps (got {d.synthetic_min_steps}, "
+           f"{d.synthetic_max_steps})")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
     _check(cfg.reward.num_workers >= 1, "reward.num_workers", "must be >= 1")
     _check(cfg.optimizer.lr > 0, "optimizer.lr", "must be > 0")
@@ -575,6 +582,8 @@ NUMERIC_RANGES: dict[str, tuple] = {
     "rollout.weight_bucket_mb": _GE1, "rollout.max_engine_restarts": _GE0, "rollout.hang_timeout_s": _GT0,
     "data.synthetic_train_size": _GE1, "data.synthetic_eval_size": _GE0,
     "data.synthetic_max_addend": _GE1, "data.synthetic_max_factor": _GE1,
+    "data.synthetic_min_steps": _GE1, "data.synthetic_max_steps": _GE1,
+    "trainer.worker_niceness": (lambda v: 0 <= v <= 19, "must be in 0..19 (added to the driver's)"),
     "reward.timeout_s": _GT0, "reward.num_workers": _GE1, "reward.correct_score": _ANY,
     "reward.incorrect_score": _ANY,
     "logging.num_examine": (lambda v: v >= 0, "must be >= 0 (0: log no responses)"),

@@ -9,6 +9,9 @@ It stops once sampled accuracy reaches `--target` (a warm start well below its g
 accuracy leaves RL room to teach, as with real base models), or at `--max-steps`.
 
     python tools/make_warm_start.py examples/tiny_cpu_scratch.yaml --out examples/tiny_warm_start
+
+With `--noise` a share of the solutions carries one arithmetic slip (careless); with
+`--ramble` a share re-checks steps (long): examples/tiny_chains.yaml names its commands.
 """
 
 from __future__ import annotations
@@ -51,14 +54,52 @@ def slipped_solution(solution: str, rng: random.Random) -> str:
     return f"{bc}={p}\n{ap}={s}\nAnswer: {s}"
 
 
-def _batch(task, rng, size, noise: float = 0.0):
+def slipped_chain_solution(solution: str, rng: random.Random) -> str:
+    """A chain's worked solution (`data.synthetic_task=chains`) with one step's total off by
+    1..10 (kept >= 0), every later line computed from the slipped total."""
+    *steps, _ = solution.split("\n")
+    parsed = []
+    for line in steps:  # "12-3=9"
+        lhs, _total = line.split("=")
+        op = "+" if "+" in lhs else "-"
+        prev, d = lhs.split(op)
+        parsed.append((int(prev), op, int(d)))
+    slip = rng.randrange(len(parsed))
+    delta = rng.choice([d for d in range(-10, 11) if d != 0])
+    lines, total = [], parsed[0][0]
+    for i, (_, op, d) in enumerate(parsed):
+        prev = total
+        total = prev + d if op == "+" else prev - d
+        if i == slip:
+            total = max(0, total + delta)
+        lines.append(f"{prev}{op}{d}={total}")
+    return "\n".join(lines + [f"Answer: {total}"])
+
+
+def rambling_solution(solution: str, rng: random.Random, recheck: float) -> str:
+    """After each step line, with probability `recheck`, one or two "check <line>" lines:
+    a solver that re-verifies steps it already did, which makes a response longer without
+    changing its answer."""
+    *steps, answer = solution.split("\n")
+    lines = []
+    for line in steps:
+        lines.append(line)
+        if rng.random() < recheck:
+            lines.extend([f"check {line}"] * rng.randint(1, 2))
+    return "\n".join(lines + [answer])
+
+
+def _batch(task, rng, size, noise: float = 0.0, ramble: float = 0.0, recheck: float = 0.5):
     tok = task.tokenizer
+    slip = slipped_chain_solution if task.train[0].data_source == "chains" else slipped_solution
     seqs, masks = [], []
     for ex in rng.sample(task.train, size):
         prompt = tok.encode_prompt(ex.messages)
         solution = ex.metadata["solution"]
         if noise and rng.random() < noise:
-            solution = slipped_solution(solution, rng)
+            solution = slip(solution, rng)
+        if ramble and rng.random() < ramble:
+            solution = rambling_solution(solution, rng, recheck)
         response = tok.encode(solution) + [tok.eos_id]
         seqs.append(prompt + response)
         masks.append([0] * len(prompt) + [1] * len(response))
@@ -68,8 +109,9 @@ def _batch(task, rng, size, noise: float = 0.0):
     return ids, mask
 
 
-def accuracy(model, task, k: int, max_new_tokens: int, seed: int = 1) -> tuple[float, float]:
-    """(avg@k at temperature 1, greedy accuracy) on the held-out split."""
+def accuracy(model, task, k: int, max_new_tokens: int, seed: int = 1) -> tuple[float, float, float]:
+    """(avg@k at temperature 1, greedy accuracy, the sampled responses' share cut at
+    max_new_tokens) on the held-out split."""
     tok = task.tokenizer
     model.eval()
     engine = EmbeddedEngine(model=model, max_batch_size=512)
@@ -84,7 +126,8 @@ def accuracy(model, task, k: int, max_new_tokens: int, seed: int = 1) -> tuple[f
                 for ex, group in zip(task.eval, groups) for s in group]
         return sum(hits) / len(hits)
 
-    return frac(sampled), frac(greedy)
+    truncated = [s.finish_reason == "length" for group in sampled for s in group]
+    return frac(sampled), frac(greedy), sum(truncated) / len(truncated)
 
 
 def main(argv=None) -> int:
@@ -98,6 +141,11 @@ def main(argv=None) -> int:
     parser.add_argument("--noise", type=float, default=0.0,
                         help="fraction of worked solutions with one arithmetic slip: a warm start that "
                              "knows the right path but samples slips, like a base model")
+    parser.add_argument("--ramble", type=float, default=0.0,
+                        help="fraction of worked solutions that re-check steps (see --recheck): a warm "
+                             "start whose long answers sometimes run past algo.max_response_length")
+    parser.add_argument("--recheck", type=float, default=0.5,
+                        help="in a rambling solution, the chance that a step is followed by check lines")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -130,7 +178,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     history = []
     for step in range(1, args.max_steps + 1):
-        ids, mask = _batch(task, rng, args.batch_size, args.noise)
+        ids, mask = _batch(task, rng, args.batch_size, args.noise, args.ramble, args.recheck)
         logits = model(input_ids=ids).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()
@@ -139,11 +187,11 @@ def main(argv=None) -> int:
         opt.step()
         sched.step()
         if step % args.eval_every == 0 or step == args.max_steps:
-            sampled, greedy = accuracy(model, task, args.k, cfg.algo.max_response_length)
+            sampled, greedy, truncated = accuracy(model, task, args.k, cfg.algo.max_response_length)
             history.append({"step": step, "nll": loss.item(), "avg@k": sampled, "greedy": greedy,
-                            "seconds": time.perf_counter() - t0})
-            logger.info("step %d  nll %.3f  held-out avg@%d %.3f  greedy %.3f  (%.0f s)",
-                        step, loss.item(), args.k, sampled, greedy, time.perf_counter() - t0)
+                            "truncated": truncated, "seconds": time.perf_counter() - t0})
+            logger.info("step %d  nll %.3f  held-out avg@%d %.3f  greedy %.3f  truncated %.3f  (%.0f s)",
+                        step, loss.item(), args.k, sampled, greedy, truncated, time.perf_counter() - t0)
             _save(model, hf_config, args.out, history)
             if sampled >= args.target or (args.target_greedy is not None and greedy >= args.target_greedy):
                 break

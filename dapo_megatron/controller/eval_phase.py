@@ -31,7 +31,7 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
     prompt_ids = [tokenizer.encode_prompt(ex.messages) for ex in examples]
     params = sampling_params(cfg, n=k, seed=seed, stop_ids=(tokenizer.eos_id,), eval_mode=True)
     correct = [None] * len(examples)
-    lengths = []
+    lengths, truncated = [], 0
     rows = []
     shown = {}  # data source -> its first prompt's group (chunks arrive in any order)
     for chunk, samples in engines.generate_streaming(prompt_ids, params, tag=f"eval{seed}"):
@@ -40,6 +40,7 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
         for i, g in zip(chunk, groups):
             correct[i] = g.correct
             lengths.extend(len(s.token_ids) for s in g.samples)
+            truncated += sum(g.truncated)
             first = shown.get(g.example.data_source)
             if first is None or g.example.index < first.example.index:
                 shown[g.example.data_source] = g
@@ -62,5 +63,7 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
         "eval/k": float(k),
         "eval/num_prompts": float(len(examples)),
         "eval/length_mean": sum(lengths) / max(1, len(lengths)),
+        "eval/length_max": float(max(lengths, default=0)),
+        "eval/truncated_frac": truncated / max(1, len(lengths)),
         "time/eval": time.perf_counter() - t0,
     }

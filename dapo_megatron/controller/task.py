@@ -1,7 +1,7 @@
 """What a run trains and evaluates on: prompts, references and the tokenizer.
 
 Either the user's files (DAPO-Math-17K-style jsonl/parquet, data.train_path / eval_path)
-with an HF tokenizer, or the embedded arithmetic task with its character tokenizer.
+with an HF tokenizer, or an embedded task (data.synthetic_task) with its character tokenizer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 
 from dapo_megatron.config import ConfigError, DapoConfig
 from dapo_megatron.data.datasets import PromptExample, PromptFields, drop_long_prompts, load_prompt_dataset
-from dapo_megatron.data.synthetic import arithmetic_splits
+from dapo_megatron.data.synthetic import arithmetic_splits, chain_splits
 from dapo_megatron.data.templates import user_message
 from dapo_megatron.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -23,22 +23,27 @@ class Task:
     train: list[PromptExample]
     eval: list[PromptExample]
     tokenizer: Tokenizer
-    # The embedded arithmetic task: its train examples carry metadata["solution"], the
-    # worked solution that tools/make_warm_start.py trains on.
+    # An embedded task: its train examples carry metadata["solution"], the worked solution
+    # that tools/make_warm_start.py trains on.
     embedded: bool = False
 
 
 def load_task(cfg: DapoConfig) -> Task:
     d = cfg.data
     if not d.train_path:
-        train, eval_ = arithmetic_splits(d.synthetic_max_addend, d.synthetic_max_factor,
-                                         d.synthetic_eval_size, d.synthetic_train_size)
+        if d.synthetic_task == "chains":
+            train, eval_ = chain_splits(d.synthetic_min_steps, d.synthetic_max_steps,
+                                        d.synthetic_eval_size, d.synthetic_train_size)
+        else:
+            train, eval_ = arithmetic_splits(d.synthetic_max_addend, d.synthetic_max_factor,
+                                             d.synthetic_eval_size, d.synthetic_train_size)
         to_example = lambda i, p, src: PromptExample(  # noqa: E731
             messages=user_message(p.prompt), ground_truth=p.answer, data_source=src, index=i,
             metadata={"solution": p.solution},
         )
-        train_ex = [to_example(i, p, "arithmetic") for i, p in enumerate(train)]
-        eval_ex = [to_example(i, p, "arithmetic-heldout") for i, p in enumerate(eval_)]
+        name = d.synthetic_task
+        train_ex = [to_example(i, p, name) for i, p in enumerate(train)]
+        eval_ex = [to_example(i, p, f"{name}-heldout") for i, p in enumerate(eval_)]
         tokenizer = load_tokenizer(d.tokenizer or "char")
         if d.eval_path:  # an eval file replaces the held-out split
             eval_ex = _load_file(cfg, "data.eval_path", tokenizer)

@@ -1,0 +1,284 @@
+"""DAPO's four mechanisms, each isolated by one switch, on the chains task where length matters.
+
+Every run is the real trainer (`dapo_megatron.cli train`, one subprocess) on
+`examples/tiny_chains.yaml` (full DAPO) plus the one switch its setting names; nothing else
+differs between runs, and all runs train for the same number of steps (`--steps`), as the
+paper's figures compare them. The full-DAPO run of each seed is the shared side of every pair:
+
+    mechanism   settings (the switch)
+    clip        dapo (eps_high 0.28)     sym_clip (algo.eps_high=0.2)
+    loss        dapo (token-mean)        seq_mean (algo.loss_agg=seq-mean-token-mean)
+    overlong    dapo (soft punishment)   no_shaping (soft_overlong=false)
+                                         overlong_filter (soft_overlong=false, overlong_filter=true)
+    dynamic     dapo (on, equal steps)   dyn_off (dynamic_sampling=false)
+                                         dapo_equal_samples (on, stopped once it has generated
+                                         the samples dyn_off generates in its steps)
+    cumulative  the paper's six, from bench/ablation.py (grpo ... dapo), on this task
+
+Each finished run is appended to the jsonl at once (setting, seed, the overrides, summary
+figures and per-step curves), and a rerun skips the (setting, seed) pairs already there,
+so an interrupted study resumes. `--summarize` rebuilds the tables and plots only.
+
+    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 20 --out runs/mech/results.jsonl
+    python bench/mechanisms.py --groups cumulative --seeds 3 --out runs/mech/results.jsonl
+    python bench/mechanisms.py --summarize runs/mech/results.jsonl --plots docs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.ablation import settings as cumulative_settings  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "examples/tiny_chains.yaml"
+RETRIES = 3  # runs whose Ray cluster failed to start
+EQUAL_SAMPLES = "equal_samples"  # marker: stop at dyn_off's generated samples instead of its steps
+
+
+def common_overrides(steps: int) -> list[str]:
+    """Shared by every run (not tuned per setting): `steps` training steps, periodic eval."""
+    return ["checkpoint.save_every=0", "checkpoint.resume=false", "eval.every=4", "eval.max_prompts=64",
+            f"trainer.max_steps={steps}"]
+
+
+def equal_samples_overrides(config: str, steps: int) -> list[str]:
+    """Dynamic sampling stopped once it has generated what dyn_off generates in `steps` steps
+    (train_batch_size x group_size per step), so it pays for the groups it drops."""
+    from dapo_megatron.config import load_config
+
+    cfg = load_config(os.path.join(ROOT, config))
+    per_step = cfg.trainer.train_batch_size * cfg.algo.group_size
+    return [f"trainer.max_steps={10 * steps}", f"trainer.sample_budget={steps * per_step}"]
+
+
+MECHANISMS: dict[str, dict[str, list[str]]] = {
+    "clip": {"dapo": [], "sym_clip": ["algo.eps_high=0.2"]},
+    "loss": {"dapo": [], "seq_mean": ["algo.loss_agg=seq-mean-token-mean"]},
+    "overlong": {"dapo": [], "no_shaping": ["algo.soft_overlong=false"],
+                 "overlong_filter": ["algo.soft_overlong=false", "algo.overlong_filter=true"]},
+    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": [EQUAL_SAMPLES]},
+    "cumulative": {"cum_" + name.lstrip("+"): over for name, over in cumulative_settings().items()},
+}
+
+# Per-step keys kept in each record's curve: the trainer's own metric names.
+CURVE_KEYS = ("eval/avg@k", "eval/length_mean", "eval/length_max", "eval/truncated_frac",
+              "actor/entropy", "response/length_mean", "response/length_max", "response/truncated_frac",
+              "actor/clip_frac_low", "actor/clip_frac_high", "train/accuracy",
+              "rollout/generated_samples_total", "dynamic_sampling/kept", "dynamic_sampling/generated")
+
+
+def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: str, steps: int) -> dict:
+    run_dir = os.path.join(out_dir, f"{name}_seed{seed}")
+    common = common_overrides(steps)
+    if EQUAL_SAMPLES in overrides:
+        overrides = equal_samples_overrides(config, steps)
+    args = [sys.executable, "-m", "dapo_megatron.cli", "train", config, *common, *overrides,
+            f"trainer.seed={seed}", f"trainer.run_dir={run_dir}"]
+    t0 = time.perf_counter()
+    log_path = os.path.join(out_dir, f"{name}_seed{seed}.log")
+    for attempt in range(RETRIES + 1):
+        with open(log_path, "w") as log:
+            proc = subprocess.run(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode == 0:
+            break
+        with open(log_path) as log:
+            transient = "timed out during startup" in log.read()
+        if not transient or attempt == RETRIES:
+            raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}); see {log_path}")
+        # Ray waits a hard-coded 30 s for its raylet (ray/_private/node.py, Node.__init__);
+        # on an overloaded machine that can lapse: the run never started, so start it again.
+        print(f"[mechanisms] {name} seed {seed}: Ray startup timed out, retrying", flush=True)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    curve = [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if r.get(k) is not None}} for r in records]
+    return {"setting": name, "seed": seed, "overrides": overrides, "common": common, "config": config,
+            "budget_steps": steps,
+            "seconds": time.perf_counter() - t0, "steps": max(r["step"] for r in records),
+            "curve": curve, **summary(curve)}
+
+
+def summary(curve: list[dict]) -> dict:
+    """The figures the tables compare, from one run's curve."""
+    evals = [c for c in curve if "eval/avg@k" in c]
+    train = [c for c in curve if c["step"] > 0]
+    last = train[-5:]  # the last five steps: one step is too noisy
+
+    def mean(rows, key):
+        vals = [r[key] for r in rows if key in r]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "initial_accuracy": evals[0]["eval/avg@k"], "final_accuracy": evals[-1]["eval/avg@k"],
+        "initial_eval_truncated": evals[0]["eval/truncated_frac"],
+        "final_eval_truncated": evals[-1]["eval/truncated_frac"],
+        "initial_eval_length": evals[0]["eval/length_mean"], "final_eval_length": evals[-1]["eval/length_mean"],
+        "entropy_first5": mean(train[:5], "actor/entropy"), "entropy_last5": mean(last, "actor/entropy"),
+        "length_mean_last5": mean(last, "response/length_mean"),
+        "length_max_last5": mean(last, "response/length_max"),
+        "truncated_last5": mean(last, "response/truncated_frac"),
+        "clip_frac_low": mean(train, "actor/clip_frac_low"), "clip_frac_high": mean(train, "actor/clip_frac_high"),
+        "generated_samples": train[-1].get("rollout/generated_samples_total") if train else 0,
+    }
+
+
+# ---------------------------------------------------------------------------- reporting
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """(mean, sample std over seeds; 0 for one seed)."""
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+TABLE_COLUMNS = (  # (record key, header, scale, format)
+    ("final_accuracy", "held-out avg@4 (end)", 100, "{:.1f}"),
+    ("entropy_last5", "entropy (last 5 steps)", 1, "{:.3f}"),
+    ("length_mean_last5", "train length mean", 1, "{:.1f}"),
+    ("length_max_last5", "train length max", 1, "{:.1f}"),
+    ("truncated_last5", "train truncated %", 100, "{:.1f}"),
+    ("final_eval_truncated", "held-out truncated % (end)", 100, "{:.1f}"),
+    ("clip_frac_low", "clip low %", 100, "{:.2f}"),
+    ("clip_frac_high", "clip high %", 100, "{:.2f}"),
+    ("steps", "steps", 1, "{:.0f}"),
+    ("generated_samples", "generated samples", 1, "{:.0f}"),
+)
+
+
+def tables(rows: list[dict]) -> str:
+    out = []
+    for group, members in MECHANISMS.items():
+        present = [n for n in members if any(r["setting"] == n for r in rows)]
+        if len(present) < 2:
+            continue
+        out += [f"### {group}", "",
+                "| setting | seeds | " + " | ".join(h for _, h, _, _ in TABLE_COLUMNS) + " |",
+                "|---|---|" + "---|" * len(TABLE_COLUMNS)]
+        for n in present:
+            rs = [r for r in rows if r["setting"] == n]
+            cells = []
+            for key, _, scale, fmt in TABLE_COLUMNS:
+                vals = [scale * r[key] for r in rs if r.get(key) is not None]
+                m, s = _stats(vals) if vals else (float("nan"), 0.0)
+                cells.append(f"{fmt.format(m)} ± {fmt.format(s)}")
+            out.append(f"| {n} | {len(rs)} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+PANELS = (("eval/avg@k", "held-out avg@4"), ("actor/entropy", "entropy (train batch)"),
+          ("response/length_mean", "response length, mean"), ("response/length_max", "response length, max"),
+          ("response/truncated_frac", "truncated share (train batch)"),
+          ("actor/clip_frac_high", "clip fraction high (A>0, r>1+eps_high)"),
+          ("actor/clip_frac_low", "clip fraction low (A<0, r<1-eps_low)"),
+          ("eval/truncated_frac", "truncated share (held-out)"))
+
+
+def plot(rows: list[dict], group: str, path: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [n for n in MECHANISMS[group] if any(r["setting"] == n for r in rows)]
+    if len(present) < 2:
+        return False
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title) in zip(axes.flat, PANELS):
+        for i, n in enumerate(present):
+            runs = [r for r in rows if r["setting"] == n]
+            by_step: dict[int, list[float]] = {}
+            for r in runs:
+                for c in r["curve"]:
+                    if key in c:
+                        by_step.setdefault(c["step"], []).append(c[key])
+            steps = sorted(by_step)
+            if not steps:
+                continue
+            means = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+            ax.plot(steps, means, color=colors[i % len(colors)], label=f"{n} ({len(runs)} seeds)",
+                    marker="o" if key.startswith("eval/") else None, ms=3)
+            ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                            color=colors[i % len(colors)], alpha=0.15)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    budgets = sorted({r["budget_steps"] for r in rows if r["setting"] in present})
+    fig.suptitle(f"{group}: mean over seeds, band = min..max ({CONFIG}, {'/'.join(map(str, budgets))} steps per run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def summarize(path: str, plot_dir: str) -> str:
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    text = tables(rows)
+    with open(os.path.splitext(path)[0] + "_tables.md", "w") as f:
+        f.write(text + "\n")
+    os.makedirs(plot_dir, exist_ok=True)
+    for group in MECHANISMS:
+        plot(rows, group, os.path.join(plot_dir, f"mechanisms_{group}.png"))
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--groups", default="clip,loss,overlong,dynamic",
+                   help="comma-separated subset of: " + ", ".join(MECHANISMS))
+    p.add_argument("--seeds", type=int, default=3, help="seeds first-seed .. first-seed+N-1")
+    p.add_argument("--first-seed", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20, help="training steps per run (all runs)")
+    p.add_argument("--only", default="", help="comma-separated settings to run (default: all of --groups)")
+    p.add_argument("--config", default=CONFIG)
+    p.add_argument("--out", default="runs/mechanisms/results.jsonl")
+    p.add_argument("--plots", default=None, help="directory for the PNGs (default: beside --out)")
+    p.add_argument("--summarize", metavar="JSONL", help="only rebuild the tables and plots")
+    args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize, args.plots or os.path.dirname(os.path.abspath(args.summarize))))
+        return 0
+    groups = args.groups.split(",")
+    for g in groups:
+        if g not in MECHANISMS:
+            p.error(f"--groups: unknown group {g!r} (one of {', '.join(MECHANISMS)})")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {(r["setting"], r["seed"]) for r in map(json.loads, filter(str.strip, f))}
+    # Seed-major: every pair gets its first seed before any gets its third.
+    plan, seen = [], set()
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        for g in groups:
+            for name, overrides in MECHANISMS[g].items():
+                if args.only and name not in args.only.split(","):
+                    continue
+                if (name, seed) not in done and (name, seed) not in seen:
+                    seen.add((name, seed))
+                    plan.append((name, overrides, seed))
+    for i, (name, overrides, seed) in enumerate(plan, 1):
+        print(f"[mechanisms] {i}/{len(plan)} {name} seed {seed} ...", flush=True)
+        rec = run_one(name, overrides, seed, out_dir, args.config, args.steps)
+        print(f"[mechanisms] {name} seed {seed}: held-out {rec['initial_accuracy']:.3f} -> "
+              f"{rec['final_accuracy']:.3f}, entropy {rec['entropy_last5']:.3f}, truncated "
+              f"{rec['truncated_last5']:.3f}, {rec['steps']} steps in {rec['seconds']:.0f}s", flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    print(summarize(args.out, args.plots or out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
