@@ -1,6 +1,8 @@
 """The DAPO algorithm core: pure torch, no Ray, no Megatron, no global state.
 
 - loss.py        policy_loss (decoupled clip, token-level mean, dual clip, optional KL)
+- objectives.py  the per-token surrogates of the loss family: DAPO, GSPO, CISPO, Dr. GRPO
+- correction.py  train/inference mismatch metrics and the rollout correction (TIS, masking)
 - aggregate.py   the three loss-aggregation modes and their global normalisers
 - advantages.py  group_advantages
 - sampling.py    dynamic-sampling filter (keep_mask) and BatchAssembler
@@ -11,9 +13,11 @@
 
 from .advantages import group_advantages
 from .aggregate import AGG_MODES, aggregate_loss, loss_scale_counts, masked_mean
+from .correction import CORRECTION_MODES, correction_bounds, correction_weights, mismatch_metrics
 from .entropy import entropy_from_logits
 from .kl import KL_KINDS, kl_loss, kl_penalty
 from .loss import POLICY_METRIC_REDUCTIONS, policy_loss, reduce_policy_metrics
+from .objectives import LOSS_AGG, LOSS_TYPES, token_objective
 from .overlong import overlong_filter_mask, overlong_penalty
 from .sampling import (
     SURPLUS_MODES,
@@ -27,7 +31,10 @@ from .sampling import (
 
 __all__ = [
     "AGG_MODES",
+    "CORRECTION_MODES",
     "KL_KINDS",
+    "LOSS_AGG",
+    "LOSS_TYPES",
     "POLICY_METRIC_REDUCTIONS",
     "SURPLUS_MODES",
     "AssembledBatch",
@@ -35,6 +42,8 @@ __all__ = [
     "Group",
     "SamplingStats",
     "aggregate_loss",
+    "correction_bounds",
+    "correction_weights",
     "entropy_from_logits",
     "group_advantages",
     "keep_mask",
@@ -42,9 +51,11 @@ __all__ = [
     "kl_penalty",
     "loss_scale_counts",
     "masked_mean",
+    "mismatch_metrics",
     "overlong_filter_mask",
     "overlong_penalty",
     "policy_loss",
     "reduce_policy_metrics",
     "stack_group_rewards",
+    "token_objective",
 ]

@@ -26,6 +26,15 @@ def token_is_active(r: float, a: float, eps_low: float, eps_high: float, c: floa
     return False
 
 
+# The constant normaliser the tests give "seq-mean-token-sum-norm" (Dr. GRPO's L_max).
+NORM_LEN = 7.0
+
+
+def agg_extra(agg):
+    """Keyword arguments an aggregation mode needs beyond the loss scales."""
+    return {"norm_len": NORM_LEN} if agg == "seq-mean-token-sum-norm" else {}
+
+
 def seq_weights(mask, agg, scale_tokens=None, scale_seqs=None):
     """Per-sequence weight w_i of each of its tokens in the aggregated loss."""
     lengths = [sum(1 for m in row if m) for row in mask]
@@ -35,6 +44,8 @@ def seq_weights(mask, agg, scale_tokens=None, scale_seqs=None):
     s = scale_seqs if scale_seqs is not None else max(sum(1 for n in lengths if n > 0), 1)
     if agg == "seq-mean-token-mean":
         return [1.0 / (n * s) if n > 0 else 0.0 for n in lengths]
+    if agg == "seq-mean-token-sum-norm":
+        return [1.0 / (s * NORM_LEN) for _ in lengths]
     assert agg == "seq-mean-token-sum"
     return [1.0 / s for _ in lengths]
 
