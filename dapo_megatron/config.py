@@ -131,7 +131,16 @@ class AlgoConfig:
     eps_low: float = 0.2  # Clip-Higher (sec. 3.1): decoupled lower ...
     eps_high: float = 0.28  # ... and upper clip range
     clip_ratio_c: Optional[float] = None  # dual-clip bound for negative advantages; off
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # The surrogate (algo/objectives.py): DAPO's clipped token ratio, GSPO's sequence ratio
+    # (arXiv 2507.18071), CISPO's clipped IS weight (arXiv 2506.13585), Dr. GRPO (arXiv
+    # 2503.20783: no std in the advantage, constant normaliser algo.max_response_length).
+    loss: Literal["dapo", "gspo", "cispo", "drgrpo"] = "dapo"
+    # None: the loss's own (dapo, cispo: token-mean; gspo: seq-mean-token-mean; drgrpo:
+    # seq-mean-token-sum-norm, i.e. divided by sequences * algo.max_response_length).
+    loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                               "seq-mean-token-sum-norm"]] = None
+    gspo_eps_low: float = 3e-4  # GSPO's clip range of the sequence ratio (paper sec. 5.1)
+    gspo_eps_high: float = 4e-4
     dynamic_sampling: bool = True  # sec. 3.2: keep groups with 0 < #correct < G
     max_gen_batches: int = 10  # generation rounds per step before giving up (0: unbounded)
     surplus: Literal["drop", "carry"] = "drop"  # kept groups beyond train_batch_size
@@ -143,8 +152,24 @@ class AlgoConfig:
     adv_eps: float = 1e-6
     adv_std_unbiased: bool = True  # std over the G rewards divides by G-1 (torch.std, verl)
     kl_coef: float = 0.0  # DAPO drops the KL term (sec. 2.3); > 0 gives GRPO's KL loss
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # against the frozen initial weights
+    reference_offload: bool = False  # GPU: the KL reference's weights in host memory between steps
     entropy_coef: float = 0.0
+    # Train/inference mismatch correction (algo/correction.py): weight each token's policy-
+    # gradient term by rho = pi_old / pi_engine truncated at correction_high (token-tis,
+    # seq-tis: TIS, Yao et al. 2025), or drop tokens / sequences whose rho lies outside
+    # [correction_low, correction_high] (token-mask: IcePop, arXiv 2510.18855; seq-mask).
+    # seq-* use the geometric mean of the sequence's token ratios.
+    rollout_correction: Literal["none", "token-tis", "token-mask", "seq-tis", "seq-mask"] = "none"
+    correction_high: float = 2.0  # C; the TIS blog's value (the mismatch metrics count outside too)
+    correction_low: Optional[float] = None  # None: 1 / correction_high
+
+    @property
+    def loss_aggregation(self) -> str:
+        """algo.loss_agg, or the chosen loss's own aggregation when it is unset."""
+        from dapo_megatron.algo.objectives import LOSS_AGG
+
+        return self.loss_agg or LOSS_AGG[self.loss]
 
 
 @dataclass
@@ -478,6 +503,7 @@ def _validate(cfg: DapoConfig) -> None:
         f"L_cache={a.overlong_buffer} must be >= 0 and < L_max=algo.max_response_length={a.max_response_length}",
     )
     _check(a.max_gen_batches >= 0, "algo.max_gen_batches", "must be >= 0 (0: unbounded)")
+    _validate_loss_and_correction(cfg)
     _check(t.train_batch_size >= 1, "trainer.train_batch_size", "must be >= 1")
     _check(t.mini_batch_size >= 1, "trainer.mini_batch_size", "must be >= 1")
     _check(
@@ -511,6 +537,30 @@ def _validate(cfg: DapoConfig) -> None:
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     if m.fp8 is not None:
         _check(m.params_dtype in ("auto", "bf16"), "model.fp8", "FP8 training needs bf16 params")
+
+
+def _validate_loss_and_correction(cfg: DapoConfig) -> None:
+    a = cfg.algo
+    if a.clip_ratio_c is not None:
+        _check(a.loss in ("dapo", "drgrpo"), "algo.clip_ratio_c",
+               f"dual clip bounds the PPO-clip token term; algo.loss={a.loss} has none (unset it)")
+    _check(0 <= a.gspo_eps_low < 1, "algo.gspo_eps_low", "must be in [0, 1)")
+    _check(a.gspo_eps_high >= 0, "algo.gspo_eps_high", "must be >= 0")
+    _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
+    if a.kl_coef > 0:
+        _check(cfg.trainer.warm_start_steps == 0, "algo.kl_coef",
+               "the KL reference is the weights the policy is built from (model.hf_dir / "
+               "model.load); a supervised warm start (trainer.warm_start_steps > 0) would move "
+               "the policy after the reference is taken and a resumed run could not rebuild it. "
+               "Save the warm start (tools/make_warm_start.py) and load it with model.hf_dir")
+    _check(a.correction_high >= 1, "algo.correction_high", "must be >= 1 (the band holds ratio 1)")
+    if a.correction_low is not None:
+        _check(0 <= a.correction_low <= 1, "algo.correction_low", "must be in [0, 1] (or null: 1/high)")
+    if a.rollout_correction != "none":
+        _check(cfg.rollout.old_logprobs == "policy", "algo.rollout_correction",
+               "corrects pi_old (the policy's recomputed log-probs) towards the engine's sampling "
+               "distribution; with rollout.old_logprobs=engine the ratio is 1 and it does nothing. "
+               "Set rollout.old_logprobs=policy or algo.rollout_correction=none")
 
 
 def dump_config(cfg: DapoConfig, path: str) -> None:

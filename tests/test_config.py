@@ -17,7 +17,7 @@ def test_paper_defaults():
     cfg = DapoConfig()
     assert (cfg.algo.eps_low, cfg.algo.eps_high) == (0.2, 0.28)
     assert cfg.algo.group_size == 16
-    assert cfg.algo.loss_agg == "token-mean"
+    assert cfg.algo.loss == "dapo" and cfg.algo.loss_aggregation == "token-mean"
     assert (cfg.algo.max_response_length, cfg.algo.overlong_buffer) == (20480, 4096)
     assert cfg.trainer.train_batch_size == 512 and cfg.trainer.num_mini_batches == 16
     assert cfg.optimizer.lr == 1e-6 and cfg.optimizer.warmup_steps == 20

@@ -1,7 +1,7 @@
 """The DAPO loop. One step, in the order of DESIGN.md:
 
-    generate + reward + filter  ->  advantages  ->  old log-probs  ->  train
-    ->  weight sync  ->  metrics, checkpoint, periodic eval
+    generate + reward + filter  ->  advantages  ->  train (old log-probs, mismatch,
+    correction, reference on the ranks)  ->  weight sync  ->  metrics, checkpoint, eval
 
 `Trainer` owns the Ray actors (policy ranks, rollout engines), the reward scorer, the
 prompt sampler and the metrics; the phases themselves live in their modules.
@@ -153,19 +153,17 @@ class Trainer:
         return metrics
 
     def _train_on(self, groups) -> dict[str, float]:
-        """Advantages, old log-probs, the policy update and the weight sync for kept groups."""
+        """Advantages, the policy update and the weight sync for kept groups."""
         cfg = self.cfg
         batch = build_rollout_batch(groups, cfg.algo)
-        t1 = time.perf_counter()
-        old_logprobs, mismatch = self.policy.old_logprobs(batch, use_engine=cfg.rollout.old_logprobs == "engine")
         t2 = time.perf_counter()
-        train_metrics = self.policy.train(batch, old_logprobs)
+        train_metrics = self.policy.train(batch)  # actor/*, mismatch/*, correction/*, time/*
         t3 = time.perf_counter()
         self.sync_weights()
         t4 = time.perf_counter()
         return {
-            **batch_metrics(batch), **mismatch, **train_metrics,
-            "time/old_logprobs": t2 - t1, "time/train": t3 - t2, "time/sync": t4 - t3,
+            **batch_metrics(batch), **train_metrics,
+            "time/train": t3 - t2, "time/sync": t4 - t3,
             "throughput/train_tokens_per_s": batch.num_response_tokens / max(t3 - t2, 1e-9),
         }
 

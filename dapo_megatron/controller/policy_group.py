@@ -1,9 +1,9 @@
 """The Megatron policy as a group of Ray actors, one per training rank.
 
 Every rank receives the same calls (Megatron ranks run collectives together); results
-that exist once (log-probs, metrics, exported weights) are taken from rank 0, which the
-policy guarantees holds them (log-probs are broadcast from the last pipeline stage, metrics
-are all-reduced, weights are gathered to rank 0 bucket by bucket).
+that exist once (metrics, exported weights) are taken from rank 0, which the
+policy guarantees holds them (metrics are all-reduced, weights are gathered to rank 0
+bucket by bucket). Log-probs never leave the ranks.
 """
 
 from __future__ import annotations
@@ -54,29 +54,10 @@ class PolicyGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def old_logprobs(self, batch: RolloutBatch, *, use_engine: bool) -> tuple[list[torch.Tensor], dict]:
-        """pi_old of every response token, and the train/inference mismatch against the engine.
-
-        The policy always recomputes (that is the mismatch metric); with
-        `rollout.old_logprobs=engine` the engine's values are then used as pi_old.
-        """
-        ref = ray.put(batch)
-        policy_lp = self._all("compute_logprobs", ref)[0]
-        diffs = [
-            (p - torch.tensor(e, dtype=p.dtype)).abs()
-            for p, e in zip(policy_lp, batch.engine_logprobs) if len(e)
-        ]
-        flat = torch.cat(diffs) if diffs else torch.zeros(1)
-        mismatch = {
-            "mismatch/logprob_abs_diff_max": float(flat.max()),
-            "mismatch/logprob_abs_diff_mean": float(flat.mean()),
-        }
-        if use_engine:
-            return [torch.tensor(e, dtype=torch.float32) for e in batch.engine_logprobs], mismatch
-        return policy_lp, mismatch
-
-    def train(self, batch: RolloutBatch, old_logprobs: list[torch.Tensor]) -> dict[str, float]:
-        return self._all("train_step", ray.put(batch), ray.put(old_logprobs))[0]
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """One policy update. The ranks compute pi_old, the train/inference mismatch, the
+        rollout correction and the reference log-probs; only metrics come back."""
+        return self._all("train_step", ray.put(batch))[0]
 
     def warm_start(self, task, trainer_cfg) -> None:
         metrics = self._all("warm_start", ray.put(task.train), ray.put(task.tokenizer))[0]
