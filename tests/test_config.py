@@ -122,3 +122,32 @@ def test_valid_parallel_layouts():
     cfg = load_config(None, ["parallel.gpus_per_node=4", "parallel.ep=2", "parallel.tp=2",
                              "model.architecture=qwen3_moe", "model.num_experts=4"])
     assert cfg.parallel.data_parallel_size == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["algo.loss=ppo"], "algo.loss"),
+        (["algo.rollout_correction=tis"], "algo.rollout_correction"),
+        (["algo.rollout_correction=token-tis", "rollout.old_logprobs=engine"], "algo.rollout_correction"),
+        (["algo.correction_high=0.5"], "algo.correction_high"),
+        (["algo.correction_low=2.0"], "algo.correction_low"),
+        (["algo.loss=gspo", "algo.clip_ratio_c=3.0"], "algo.clip_ratio_c"),
+        (["algo.loss=cispo", "algo.clip_ratio_c=3.0"], "algo.clip_ratio_c"),
+        (["algo.gspo_eps_low=1.0"], "algo.gspo_eps_low"),
+        (["algo.kl_coef=-0.1"], "algo.kl_coef"),
+        (["algo.kl_coef=0.05", "trainer.warm_start_steps=10"], "algo.kl_coef"),
+        (["algo.kl_estimator=k4"], "algo.kl_estimator"),
+    ],
+)
+def test_loss_correction_and_kl_checks_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, overrides)
+
+
+def test_each_loss_resolves_its_own_aggregation_unless_set():
+    assert load_config(None, ["algo.loss=gspo"]).algo.loss_aggregation == "seq-mean-token-mean"
+    assert load_config(None, ["algo.loss=drgrpo"]).algo.loss_aggregation == "seq-mean-token-sum-norm"
+    assert load_config(None, ["algo.loss=cispo"]).algo.loss_aggregation == "token-mean"
+    chosen = load_config(None, ["algo.loss=gspo", "algo.loss_agg=token-mean"])
+    assert chosen.algo.loss_aggregation == "token-mean"
