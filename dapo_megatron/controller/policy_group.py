@@ -12,7 +12,6 @@ import logging
 import socket
 
 import ray
-import torch
 
 from dapo_megatron.controller.batch import RolloutBatch
 

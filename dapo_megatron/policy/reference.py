@@ -71,8 +71,13 @@ class ReferencePolicy:
             return
         for chunk in self.model:
             for param in chunk.parameters():
-                moved = param.data.to(device, non_blocking=True)
-                param.data = moved.pin_memory() if device == "cpu" else moved
+                if device == "cpu":  # pinned, so the next onload can copy asynchronously
+                    host = torch.empty(param.shape, dtype=param.dtype, pin_memory=True)
+                    param.data = host.copy_(param.data)
+                else:
+                    param.data = param.data.to(device, non_blocking=True)
         if device == "cpu":
             torch.cuda.empty_cache()
+        else:
+            torch.cuda.synchronize()
         self._device = device
