@@ -1,6 +1,6 @@
 """The train step's own preparation on 2 gloo ranks (policy/train.py ``_prepare``,
 policy/reference.py): pi_old recomputed on the ranks, the mismatch and the correction
-against deliberately perturbed engine log-probs, the frozen reference under TP=2 and DP=2,
+against deliberately perturbed engine log-probs, the frozen reference under TP=2, DP=2 and PP=2,
 and the loss variants' global normalisers under DP and micro-batching."""
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ def _worker(rank, world_size):
     from dapo_megatron.policy.parallel import destroy_parallel
 
     hf, out = tiny_hf_model(), {}
-    for name, tp in (("tp2", 2), ("dp2", 1)):
+    for name, tp, pp in (("tp2", 2, 1), ("dp2", 1, 1), ("pp2", 1, 2)):
         batch = tiny_batch()
-        trainer = make_trainer(hf, tp=tp, lr=1e-2, kl_coef=0.05, rollout_correction="token-mask")
+        trainer = make_trainer(hf, tp=tp, pp=pp, lr=1e-2, kl_coef=0.05,
+                               rollout_correction="token-mask")
         initial = trainer.compute_logprobs(batch)
         batch.engine_logprobs = perturb(initial, batch.response_mask)
         with trainer.reference.onloaded() as model:
@@ -91,7 +92,7 @@ def results():
 
 @pytest.mark.dist
 def test_prepare_computes_pi_old_mismatch_and_correction_on_the_ranks(results):
-    for name in ("tp2", "dp2"):
+    for name in ("tp2", "dp2", "pp2"):
         assert results[f"{name}_old_is_policy"] and results[f"{name}_ref_is_initial"]
         assert results[f"{name}_masked"] > 5  # the perturbation pushed tokens out of the band
         assert results[f"{name}_adv_diff"] == 0.0
@@ -102,8 +103,10 @@ def test_prepare_computes_pi_old_mismatch_and_correction_on_the_ranks(results):
 
 @pytest.mark.dist
 def test_reference_is_the_frozen_initial_policy_in_every_layout(results):
-    torch.testing.assert_close(results["tp2_ref_before"], results["dp2_ref_before"], atol=1e-5, rtol=0)
-    for name in ("tp2", "dp2"):
+    for name in ("dp2", "pp2"):
+        torch.testing.assert_close(results[f"{name}_ref_before"], results["tp2_ref_before"],
+                                   atol=1e-5, rtol=0)
+    for name in ("tp2", "dp2", "pp2"):
         assert results[f"{name}_moved"] > 1e-3  # the policy moved ...
         assert torch.equal(results[f"{name}_ref_after"], results[f"{name}_ref_before"])  # ... not the reference
         first, second = results[f"{name}_kl"]
