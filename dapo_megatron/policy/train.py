@@ -432,7 +432,7 @@ class PolicyTrainer:
         """
         self._enter()
         start = time.perf_counter()
-        batch, prepared = self._prepare(batch)
+        batch, prepare_metrics = self._prepare(batch)
         metrics: dict[str, float] = {}
         per_update, results, real, padded, n_micro = [], [], 0, 0, 0
         num_updates = 1 if single_update else min(self.num_mini_batches, max(1, batch.size))
@@ -460,7 +460,7 @@ class PolicyTrainer:
             step=float(self.step))
         if batch.ref_logprobs is None:
             metrics.pop("kl_loss")  # no reference log-probs: nothing was measured
-        return {**{f"actor/{k}": float(v) for k, v in metrics.items()}, **prepared}
+        return {**{f"actor/{k}": float(v) for k, v in metrics.items()}, **prepare_metrics}
 
     # ----- checkpoints, weights, memory --------------------------------------------------
 
