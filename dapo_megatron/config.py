@@ -139,7 +139,7 @@ class AlgoConfig:
     # seq-mean-token-sum-norm, i.e. divided by sequences * algo.max_response_length).
     loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                "seq-mean-token-sum-norm"]] = None
-    gspo_eps_low: float = 3e-4  # GSPO's clip range of the sequence ratio (paper sec. 5.1)
+    gspo_eps_low: float = 3e-4  # GSPO's clip range of the sequence ratio (its experiments)
     gspo_eps_high: float = 4e-4
     dynamic_sampling: bool = True  # sec. 3.2: keep groups with 0 < #correct < G
     max_gen_batches: int = 10  # generation rounds per step before giving up (0: unbounded)

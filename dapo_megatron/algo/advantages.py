@@ -6,10 +6,12 @@ the same value for every token of o_i.
 Std convention: the unbiased (Bessel-corrected, divide by G - 1) sample standard
 deviation, as ``torch.std`` computes it by default and as verl's GRPO advantage (the
 implementation DAPO was released on) uses. ``unbiased=False`` gives the population std
-(divide by G). ``scale_by_std=False`` is Dr. GRPO's advantage A_i = R_i - mean(R)
-(arXiv 2503.20783, Sec. 3.1: dividing by the std weights too-easy and too-hard groups up). For +-1 rewards the two differ by a factor sqrt(G / (G - 1)), e.g. 3% at
+(divide by G). For +-1 rewards the two differ by a factor sqrt(G / (G - 1)), e.g. 3% at
 G = 16. A group whose rewards are all equal (std 0, or G = 1) carries no signal and gets
 advantage exactly 0, whatever eps.
+
+``scale_by_std=False`` is Dr. GRPO's advantage A_i = R_i - mean(R) (arXiv 2503.20783:
+dividing by the std weights groups whose rewards barely differ, too easy or too hard, up).
 """
 
 from __future__ import annotations

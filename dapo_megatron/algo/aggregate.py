@@ -10,8 +10,8 @@ accumulation, data parallelism) therefore pass the global count:
 - ``agg="seq-mean-token-mean"``: sum_i (sum_t l_it / n_i) / loss_scale_seqs
 - ``agg="seq-mean-token-sum"``:  sum_i sum_t l_it / loss_scale_seqs
 - ``agg="seq-mean-token-sum-norm"``: sum_i sum_t l_it / (loss_scale_seqs * norm_len), a
-  constant ``norm_len`` per sequence instead of its length (Dr. GRPO, arXiv 2503.20783,
-  Sec. 3.1: the generation budget L_max)
+  constant ``norm_len`` per sequence instead of its length (Dr. GRPO, arXiv 2503.20783:
+  the generation budget L_max)
 
 where n_i is the number of response tokens of sequence i, ``loss_scale_tokens`` the total
 number of response tokens and ``loss_scale_seqs`` the number of sequences that have at

@@ -12,7 +12,7 @@ weight w_t that multiplies the token's policy-gradient term:
   "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"; slime
   ``--use-tis``, verl ``rollout_is``).
 - ``token-mask``: w = 1 if low <= rho_t <= high else 0: IcePop's token masking (Ring-1T,
-  arXiv 2510.18855, Sec. 3; its [alpha, beta] is [low, high]).
+  arXiv 2510.18855; its [alpha, beta] is [low, high]).
 - ``seq-tis``:    w = min(rho_i, C) for every token of sequence i, where rho_i is the
   geometric mean exp(mean_t log rho_t) of its token ratios (verl ``sequence`` /
   ``geometric`` level; NeMo-RL seq-mask-tis's ratio).

@@ -5,16 +5,16 @@ aggregates -J. With r_it = pi_theta(o_it) / pi_old(o_it) and advantage A_it:
 
 - ``dapo`` (arXiv 2503.14476, eq. 8): min(r A, clip(r, 1 - eps_low, 1 + eps_high) A),
   with dual clip max(., c A) for A < 0 when ``clip_ratio_c`` is set.
-- ``gspo`` (arXiv 2507.18071, eq. 5 and the GSPO-token form, eq. 10): the same clipped
+- ``gspo`` (arXiv 2507.18071, the GSPO objective and its GSPO-token form): the same clipped
   min on the sequence ratio s_i = exp(mean_t log r_it), written per token as
   s_it = sg(s_i) * pi_theta(o_it) / sg(pi_theta(o_it)), whose value is s_i and whose
   gradient is s_i grad log pi_theta(o_it). A whole sequence is clipped or not. Under
   "seq-mean-token-mean" aggregation this is the paper's objective exactly (its clip range
-  is tiny, 3e-4 / 4e-4, Sec. 5.1).
+  is tiny, 3e-4 / 4e-4, in its experiments).
 - ``cispo`` (MiniMax-M1, arXiv 2506.13585, eq. 4): sg(min(r, 1 + eps_high)) A log pi_theta,
   REINFORCE weighted by a clipped, stop-gradient IS weight; no token loses its gradient.
   The paper imposes no lower bound on the weight (Sec. 3.1), so eps_low is not used.
-- ``drgrpo`` (arXiv 2503.20783, Sec. 3.1): DAPO's clipped term; what makes it Dr. GRPO
+- ``drgrpo`` (arXiv 2503.20783): DAPO's clipped term; what makes it Dr. GRPO
   lives elsewhere: advantages without the std (``group_advantages(scale_by_std=False)``)
   and the constant normaliser (aggregation "seq-mean-token-sum-norm").
 
@@ -31,7 +31,7 @@ LOSS_TYPES = ("dapo", "gspo", "cispo", "drgrpo")
 
 LOSS_AGG = {
     "dapo": "token-mean",                 # DAPO Sec. 3.3
-    "gspo": "seq-mean-token-mean",        # GSPO eq. 5: 1/G sum_i
+    "gspo": "seq-mean-token-mean",        # GSPO: 1/G sum_i over sequence terms
     "cispo": "token-mean",                # CISPO eq. 4: 1 / sum_i |o_i|
     "drgrpo": "seq-mean-token-sum-norm",  # Dr. GRPO: sum_t / L_max, mean over sequences
 }

@@ -76,9 +76,9 @@ def policy_loss_and_grad(lp, old, adv, mask, *, eps_low, eps_high, agg, c=None,
 def clipped_loss_and_grad(lp, old, adv, mask, *, eps_low, eps_high, agg, c=None,
                           scale_tokens=None, scale_seqs=None, sequence_ratio=False):
     """DAPO / Dr. GRPO (token ratio) or GSPO (``sequence_ratio``: s_i = exp(mean_t log r_it),
-    GSPO eq. 5-7). GSPO's gradient of min(s_i A, clip(s_i) A) w.r.t. lp_it is A s_i / |y_i|
-    when the sequence is not clipped (eq. 7); in the per-token form, summed with weight
-    w_i per token, each token gets A s_i w_i, which equals eq. 7 for w_i = 1 / (|y_i| N)."""
+    the GSPO objective). GSPO's gradient of min(s_i A, clip(s_i) A) w.r.t. lp_it is A s_i / |y_i|
+    when the sequence is not clipped; in the per-token form, summed with weight w_i per
+    token, each token gets A s_i w_i, which equals that for w_i = 1 / (|y_i| N)."""
     weights = seq_weights(mask, agg, scale_tokens, scale_seqs)
     terms, grad = [], []
     for i, row in enumerate(mask):
@@ -99,7 +99,7 @@ def clipped_loss_and_grad(lp, old, adv, mask, *, eps_low, eps_high, agg, c=None,
 
 
 def gspo_paper_loss(lp, old, adv_seq, mask, *, eps_low, eps_high):
-    """GSPO eq. 5 verbatim: -(1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_l, 1+eps_h) A_i)."""
+    """The GSPO objective verbatim: -(1/G) sum_i min(s_i A_i, clip(s_i, 1-eps_l, 1+eps_h) A_i)."""
     values = []
     for i, row in enumerate(mask):
         n = sum(1 for m in row if m)
@@ -128,7 +128,7 @@ def cispo_loss_and_grad(lp, old, adv, mask, *, eps_high, agg, scale_tokens=None,
 
 
 def drgrpo_advantages(rewards):
-    """Dr. GRPO (Sec. 3.1): A_i = R_i - mean(R), no std."""
+    """Dr. GRPO: A_i = R_i - mean(R), no std."""
     return [[r - math.fsum(row) / len(row) for r in row] for row in rewards]
 
 

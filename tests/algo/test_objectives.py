@@ -88,8 +88,8 @@ def test_gspo_matches_reference(eps_low, eps_high, spread, agg, per_token_adv, s
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gspo_seq_mean_is_the_papers_objective(seed):
-    """Under its own aggregation GSPO is eq. 5 verbatim, and its gradient is eq. 7:
-    A_i s_i / |y_i| grad log pi per token, / G (finite differences of eq. 5 agree)."""
+    """Under its own aggregation GSPO is the paper's objective verbatim, and its gradient is
+    A_i s_i / |y_i| grad log pi per token, / G (finite differences of the objective agree)."""
     lp, old, adv, mask = make_batch(seed, spread=2e-3)
     kw = dict(eps_low=3e-4, eps_high=4e-4)
     loss, grad, _ = run("gspo", lp, old, adv, mask, LOSS_AGG["gspo"], **kw)
