@@ -112,7 +112,6 @@ class ParallelConfig:
     gpus_per_node: int = 1
     sequence_parallel: bool = False  # GPU only: the torch norm refuses it at TP > 1 on CPU
     use_distributed_optimizer: bool = True
-    colocate: bool = True  # rollout engines share the training GPUs
 
     @property
     def world_size(self) -> int:
@@ -186,7 +185,11 @@ class RolloutConfig:
     engine_tp: int = 1
     engine_num_cpus: int = 1  # CPU cores per embedded engine actor
     sglang_mem_fraction: float = 0.5  # of GPU memory, colocated with training
-    weight_bucket_mb: int = 512
+    weight_bucket_mb: int = 512  # the weight sync's bucket size (read by policy_worker only)
+    # colocated: engines share the training GPUs (memory released/resumed around training,
+    # weights as CUDA IPC handles); disaggregated: engines on GPUs of their own, weights
+    # broadcast over a weight-update group (NCCL; gloo on CPU).
+    placement: Literal["colocated", "disaggregated"] = "colocated"
     max_engine_restarts: int = 3
 
 
@@ -240,6 +243,9 @@ class TrainerConfig:
     seed: int = 42
     run_dir: str = ""  # empty: runs/<config file name>
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Colocated GPU runs: move params, grads and optimizer state to host memory after each
+    # update, so the engines' KV cache gets the memory back (a no-op on CPU).
+    offload: bool = False
     # Supervised warm start on the embedded task's worked solutions (0: none).
     warm_start_steps: int = 0
     warm_start_lr: float = 3e-3

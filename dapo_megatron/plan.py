@@ -355,7 +355,7 @@ def sglang_share(cfg: DapoConfig, shape: ModelShape, world: int, gpu_mem: float)
     pool = max(reserved - weights, 0.0)
     seq_len = r.max_prompt_length + a.max_response_length
     requested = math.ceil(r.gen_batch_size * a.group_size / engines)
-    return SglangShare(cfg.parallel.colocate, etp, engines, reserved, weights, pool, kv_per_token,
+    return SglangShare(cfg.rollout.placement == "colocated", etp, engines, reserved, weights, pool, kv_per_token,
                        int(pool // kv_per_token), seq_len, requested, requested * seq_len * kv_per_token)
 
 
@@ -483,7 +483,7 @@ def plan(cfg: DapoConfig, nodes: int, gpus_per_node: int, gpu_mem_gb: float = 80
         report.errors.append(f"rollout.engine_tp={r.engine_tp} must divide the attention heads "
                              f"(num_attention_heads={shape.num_heads}) for SGLang")
         report.fits = False
-    if p.colocate and world % r.engine_tp:
+    if r.placement == "colocated" and world % r.engine_tp:
         report.errors.append(f"rollout.engine_tp={r.engine_tp} must divide the world size {world} "
                              f"when engines are colocated")
         report.fits = False

@@ -2,15 +2,18 @@
 
 `generate_streaming` yields each prompt's group as soon as its chunk completes, so the
 controller scores while other chunks still generate, and `abort_all` stops the rest once
-the train batch is full. A dead engine is replaced by the manager (through `_start_engine`),
-given the current weights, and its chunk retried.
+the train batch is full. `sync_weights` opens a weight-update session on each engine and
+has the weight source (the policy) push its buckets into it. A dead engine is replaced by
+the manager (through `_start_engine`), re-synced from the same source, and its chunk
+retried: nothing in the driver keeps a copy of the weights.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
-from dapo_megatron.rollout.manager import RolloutManager
+from dapo_megatron.rollout.manager import RolloutManager, call_engine
 from dapo_megatron.rollout.protocol import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -19,13 +22,22 @@ logger = logging.getLogger(__name__)
 EMBEDDED_BATCH_ROWS = 256
 
 
+class WeightSource(Protocol):
+    def push_weights(self, engines: list, version: int) -> dict[str, float]:
+        """Push a full set of weights into engines whose update session is open."""
+        ...
+
+
 class EnginePool:
-    def __init__(self, cfg, hf_config: dict) -> None:
+    def __init__(self, cfg, hf_config: dict, weight_source: WeightSource | None = None) -> None:
         self.cfg = cfg
         self.hf_config = hf_config
+        self.weight_source = weight_source
+        self.weight_version: int | None = None  # of the last completed sync
         n = cfg.rollout.num_engines or max(1, cfg.parallel.nodes)
         self.manager = RolloutManager([self._start_engine(i) for i in range(n)], factory=self._start_engine,
-                                      max_restarts=cfg.rollout.max_engine_restarts)
+                                      max_restarts=cfg.rollout.max_engine_restarts,
+                                      on_replace=self._resync)
         self._round = None
 
     @property
@@ -47,8 +59,50 @@ class EnginePool:
         return create_embedded_actor(self.hf_config, num_cpus=r.engine_num_cpus,
                                      max_batch_size=EMBEDDED_BATCH_ROWS, num_threads=r.engine_num_cpus)
 
-    def update_weights(self, buckets: list, version: int) -> None:
-        self.manager.update_weights(buckets, version)
+    # ------------------------------------------------------------------ weights and memory
+    def sync_weights(self, version: int, engines: list | None = None) -> dict[str, float]:
+        """Push the source's weights into ``engines`` (default: all), one weight-update
+        session per engine; returns the push's stats.
+
+        An engine that dies during a full sync is replaced (within
+        rollout.max_engine_restarts) and the sync is run again on the whole pool, so every
+        engine ends with the same, complete weights.
+        """
+        if self.weight_source is None:
+            raise RuntimeError("EnginePool.sync_weights: no weight source (pass weight_source=)")
+        if engines is not None:
+            return self._push(version, list(engines))
+        while True:
+            try:
+                stats = self._push(version, list(self.engines))
+                self.weight_version = version
+                return stats
+            except Exception as err:  # noqa: BLE001 - sorted into engine death vs a real error
+                dead = [i for i, e in enumerate(self.engines) if not _alive(e)]
+                if not dead:
+                    raise
+                self.weight_version = None  # replacements get their weights from the retry
+                for i in dead:
+                    self.manager.replace(i, err)
+
+    def _push(self, version: int, engines: list) -> dict[str, float]:
+        _on_all(engines, "begin_weight_update", version)
+        stats = self.weight_source.push_weights(engines, version)
+        _on_all(engines, "end_weight_update")
+        return stats
+
+    def _resync(self, engine) -> None:
+        """A replacement engine gets the current weights by the same push as a step's sync."""
+        if self.weight_version is not None:
+            self.sync_weights(self.weight_version, [engine])
+
+    def release_memory(self) -> None:
+        """Give the accelerator memory to training (colocated; a no-op where nothing is held)."""
+        _on_all(self.engines, "release_memory")
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Take back what release_memory freed: ["weights"] before a sync, ["kv_cache"] after."""
+        _on_all(self.engines, "resume_memory", tags)
 
     def generate_streaming(self, prompts: list[list[int]], params: SamplingParams, tag: str):
         """Yield ([prompt index], [its n samples]) for each group as it completes."""
@@ -74,3 +128,24 @@ class EnginePool:
                 ray.kill(engine)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def _on_all(engines: list, method: str, *args) -> None:
+    """engine.method(*args) on every engine, at once for Ray handles; waits for all."""
+    remote = [e for e in engines if hasattr(getattr(e, method), "remote")]
+    for e in engines:
+        if e not in remote:
+            getattr(e, method)(*args)
+    if remote:
+        import ray
+
+        ray.get([getattr(e, method).remote(*args) for e in remote])
+
+
+def _alive(engine) -> bool:
+    """The engine (its actor) answers at all; unlike health(), true mid-sync."""
+    try:
+        call_engine(engine, "get_weight_version", timeout=60)
+        return True
+    except Exception:  # noqa: BLE001 - a dead actor answers with any error
+        return False

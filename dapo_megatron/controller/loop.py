@@ -1,7 +1,12 @@
 """The DAPO loop. One step, in the order of DESIGN.md:
 
-    generate + reward + filter  ->  advantages  ->  train (old log-probs, mismatch,
-    correction, reference on the ranks)  ->  weight sync  ->  metrics, checkpoint, eval
+    generate + reward + filter  ->  engines release memory  ->  policy onloads
+    ->  advantages, train (old log-probs, mismatch, correction, reference on the ranks)
+    ->  policy offloads (if configured)  ->  engines resume weights  ->  weight sync
+    ->  engines resume KV cache  ->  metrics, checkpoint, periodic eval
+
+The memory phases are what lets colocated SGLang and Megatron share GPUs; each call is a
+no-op where there is nothing to move (CPU, the embedded engine), but is always made.
 
 `Trainer` owns the Ray actors (policy ranks, rollout engines), the reward scorer, the
 prompt sampler and the metrics; the phases themselves live in their modules.
@@ -53,7 +58,7 @@ class Trainer:
         self.hf_config = _hf_config(cfg, self.task.tokenizer.vocab_size)
         _init_ray(cfg)
         self.policy = PolicyGroup(cfg, self.hf_config)
-        self.engines = EnginePool(cfg, self.hf_config)
+        self.engines = EnginePool(cfg, self.hf_config, weight_source=self.policy)
         r = cfg.reward
         self.scorer = RewardPool(num_workers=r.num_workers, timeout_s=r.timeout_s,
                                  correct_score=r.correct_score, incorrect_score=r.incorrect_score)
@@ -153,23 +158,33 @@ class Trainer:
         return metrics
 
     def _train_on(self, groups) -> dict[str, float]:
-        """Advantages, the policy update and the weight sync for kept groups."""
+        """Advantages, the policy update and the weight sync for kept groups, inside the
+        colocated memory phases."""
         cfg = self.cfg
         batch = build_rollout_batch(groups, cfg.algo)
+        t1 = time.perf_counter()
+        self.engines.release_memory()
+        self.policy.onload()
         t2 = time.perf_counter()
         train_metrics = self.policy.train(batch)  # actor/*, mismatch/*, correction/*, time/*
         t3 = time.perf_counter()
-        self.sync_weights()
+        if cfg.trainer.offload:
+            self.policy.offload()
+        sync = self.sync_weights()
         t4 = time.perf_counter()
         return {
-            **batch_metrics(batch), **train_metrics,
-            "time/train": t3 - t2, "time/sync": t4 - t3,
+            **batch_metrics(batch), **train_metrics, **sync,
+            "time/memory_phases": t2 - t1, "time/train": t3 - t2, "time/sync": t4 - t3,
             "throughput/train_tokens_per_s": batch.num_response_tokens / max(t3 - t2, 1e-9),
         }
 
-    def sync_weights(self) -> None:
-        """Push the policy's weights to every engine, tagged with the step as version."""
-        self.engines.update_weights(self.policy.export_weights(self.cfg.rollout.weight_bucket_mb), self.step)
+    def sync_weights(self) -> dict[str, float]:
+        """The policy pushes its weights into every engine, tagged with the step as version;
+        the engines take back their weight memory first and their KV cache after."""
+        self.engines.resume_memory(["weights"])
+        stats = self.engines.sync_weights(self.step)
+        self.engines.resume_memory(["kv_cache"])
+        return {"sync/bytes": stats["bytes"], "sync/gb_per_s": stats["bytes"] / 1e9 / max(stats["seconds"], 1e-9)}
 
     def evaluate(self, k: int | None = None, out_path: str | None = None) -> dict[str, float]:
         from dapo_megatron.eval import evaluate

@@ -1,9 +1,9 @@
 """The Megatron policy as a group of Ray actors, one per training rank.
 
 Every rank receives the same calls (Megatron ranks run collectives together); results
-that exist once (metrics, exported weights) are taken from rank 0, which the
-policy guarantees holds them (metrics are all-reduced, weights are gathered to rank 0
-bucket by bucket). Log-probs never leave the ranks.
+that exist once (metrics) are taken from rank 0, which the policy guarantees holds them
+(metrics are all-reduced). Log-probs never leave the ranks, and weights never come back:
+each rank pushes what it sources to the engines itself.
 """
 
 from __future__ import annotations
@@ -63,8 +63,19 @@ class PolicyGroup:
         logger.info("warm start: %d supervised steps, final loss %.3f", trainer_cfg.warm_start_steps,
                     metrics.get("loss", float("nan")))
 
-    def export_weights(self, bucket_mb: int) -> list:
-        return self._all("export_weights", bucket_mb)[0]
+    def push_weights(self, engines: list, version: int) -> dict[str, float]:
+        """Every rank sends the weights it sources straight to the engines (no copy passes
+        through the driver); returns the bytes sent and the slowest rank's seconds."""
+        per_rank = self._all("push_weights", list(engines), version)
+        return {"bytes": sum(m["bytes"] for m in per_rank), "seconds": max(m["seconds"] for m in per_rank)}
+
+    def onload(self) -> None:
+        """Bring the training state back to the GPUs (no-op on CPU)."""
+        self._all("onload")
+
+    def offload(self) -> None:
+        """Move the training state to host memory (no-op on CPU)."""
+        self._all("offload")
 
     def save(self, path: str, extra_state: dict) -> None:
         self._all("save", path, extra_state)

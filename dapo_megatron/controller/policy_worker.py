@@ -91,12 +91,42 @@ class PolicyWorker:
                                 -metrics.get("actor/logprob_mean", float("nan")))
         return metrics
 
-    def export_weights(self, bucket_mb: int) -> list | None:
-        # Host copies travel through Ray to any engine; a colocated SGLang engine could take
-        # CUDA IPC handles instead (rollout.sglang_api.serialize_bucket), not wired yet.
-        buckets = [[(name, t.detach().cpu()) for name, t in bucket]
-                   for bucket in self.trainer.export_weights(bucket_mb * 2**20)]
-        return buckets if self.rank == 0 else None
+    def push_weights(self, engines: list, version: int) -> dict[str, float]:
+        """Send this rank's share of the weights straight to ``engines`` (Ray handles).
+
+        A collective over the policy ranks (the export's TP all-gathers); ranks that source
+        no tensor only take part in those. Runs inside the engines' weight-update session,
+        which the driver opens and closes. Returns bytes and seconds this rank sent.
+        """
+        import time
+
+        from dapo_megatron.convert.export import sources_anything
+        from dapo_megatron.rollout.weight_sync import WeightUpdateGroup, push_bucket_colocated
+
+        r = self.cfg.rollout
+        start, sent = time.perf_counter(), 0
+        group = None
+        if r.placement == "disaggregated" and sources_anything(self.trainer.model):
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            group = WeightUpdateGroup(engines, backend, f"weights-v{version}-rank{self.rank}")
+        try:
+            for bucket in self.trainer.export_weights(r.weight_bucket_mb * 2**20):
+                if group is not None:
+                    group.push(bucket)
+                else:
+                    push_bucket_colocated(engines, bucket, r.engine, r.engine_tp)
+                sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                del bucket
+        finally:
+            if group is not None:
+                group.close()
+        return {"bytes": float(sent), "seconds": time.perf_counter() - start}
+
+    def onload(self) -> None:
+        self.trainer.onload()
+
+    def offload(self) -> None:
+        self.trainer.offload()
 
     def save(self, path: str, extra_state: dict) -> None:
         self.trainer.save(path, extra_state)

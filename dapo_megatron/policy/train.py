@@ -488,16 +488,17 @@ class PolicyTrainer:
             self.step = int(state.get("step", self.step))
         return state.get("extra_state") or {}
 
-    def export_weights(self, bucket_bytes: int = 512 * 2**20):
-        """HF-named full weights in buckets for the rollout engines' weight sync.
+    def export_weights(self, bucket_bytes: int):
+        """This rank's share of the HF-named full weights, in buckets, for the weight sync.
 
-        A collective generator (every rank must iterate it to the end): rank 0's buckets are
-        lists of ``(hf_name, full tensor)``; other ranks get empty lists in lock-step.
+        A collective generator (every rank must iterate it to the end): each rank that
+        sources tensors (TP rank 0 of an owning PP stage / EP rank in the first data-parallel
+        replica) yields lists of ``(hf_name, full tensor)``; other ranks yield nothing.
         """
-        from dapo_megatron.policy.export import export_hf_weights
+        from dapo_megatron.convert.export import export_owned_buckets
 
         self._enter()
-        return export_hf_weights(self.model, bucket_bytes=bucket_bytes, dst=0)
+        return export_owned_buckets(self.model, bucket_bytes=bucket_bytes)
 
     def offload(self) -> None:
         """Move params, grads and optimizer state off the GPU (no-op on CPU)."""

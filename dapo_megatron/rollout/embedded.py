@@ -120,6 +120,8 @@ class EmbeddedEngine:
         # Insertion-ordered so the oldest unclaimed aborts can be forgotten (bounded memory).
         self._aborted: dict[str, None] = {}
         self.last_sync: dict[str, float] = {}
+        self._loader: StrictLoader | None = None  # the open weight-update session
+        self._groups: dict[str, Any] = {}  # weight-update process groups by name
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -292,26 +294,66 @@ class EmbeddedEngine:
 
     # ------------------------------------------------------------------ weights and memory
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        """Load a full sync of HF-named tensors strictly; weight_version = version on success.
+        """A whole sync from one caller: begin, every bucket, end."""
+        self.begin_weight_update(version)
+        for bucket in buckets:
+            self.load_weight_bucket(bucket)
+        self.end_weight_update()
 
-        On any error (unknown name, wrong shape, missing tensor) the engine refuses to
-        generate until a later full sync succeeds: a half-loaded model must not sample.
+    def begin_weight_update(self, version: int) -> None:
+        """Open a sync session: from now until end_weight_update the engine refuses to
+        generate, and buckets may arrive from several senders in any order.
+
+        On any error (unknown name, wrong shape, missing tensor) the engine stays unusable
+        until a later full sync succeeds: a half-loaded model must not sample.
         """
         with self._lock:
             self._check_open()
-            loader = StrictLoader(self.model)
-            start = time.perf_counter()
+            self._loader = StrictLoader(self.model)
             self._weights_valid = False
-            for bucket in buckets:
-                loader.load_bucket([(name, t.to(self.device)) for name, t in bucket])
+            self._pending_version = int(version)
+            self._sync_start = time.perf_counter()
+
+    def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        """Copy one bucket of HF-named tensors into the model (inside a session)."""
+        with self._lock:
+            if self._loader is None:
+                raise RuntimeError("load_weight_bucket outside a weight-update session: call "
+                                   "begin_weight_update first")
+            self._loader.load_bucket([(name, t.to(self.device)) for name, t in bucket])
+
+    def end_weight_update(self) -> None:
+        """Close the session: every parameter must have arrived; weight_version takes effect."""
+        with self._lock:
+            loader, self._loader = self._loader, None
+            if loader is None:
+                raise RuntimeError("end_weight_update without begin_weight_update")
             loader.finish()
             self._weights_valid = True
-            self.weight_version = int(version)
-            seconds = time.perf_counter() - start
+            self.weight_version = self._pending_version
+            seconds = time.perf_counter() - self._sync_start
             self.last_sync = {"bytes": float(loader.bytes_loaded), "seconds": seconds}
-            logger.info(
-                "weight sync v%d: %.1f MB in %.3f s", version, loader.bytes_loaded / 1e6, seconds
-            )
+            logger.info("weight sync v%d: %.1f MB in %.3f s", self.weight_version,
+                        loader.bytes_loaded / 1e6, seconds)
+
+    # Disaggregated sync: a process group with the sending policy rank (weight_sync.py).
+    def init_weights_update_group(self, master_address: str, master_port: int, rank: int,
+                                  world_size: int, group_name: str, backend: str = "gloo") -> None:
+        from dapo_megatron.rollout.weight_sync import open_process_group
+
+        self._groups[group_name] = open_process_group(master_address, master_port, rank, world_size,
+                                                      group_name, backend)
+
+    def receive_weight_bucket(self, meta, group_name: str) -> None:
+        """Receive one broadcast bucket (metadata first, as SGLang's protocol) and load it."""
+        from dapo_megatron.rollout.weight_sync import receive_bucket
+
+        if group_name not in self._groups:
+            raise RuntimeError(f"no weight-update group {group_name!r}: call init_weights_update_group")
+        self.load_weight_bucket(receive_bucket(self._groups[group_name], meta, self.device))
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        self._groups.pop(group_name, None)
 
     def state_dict_buckets(self, max_tensors: int = 16) -> list[WeightBucket]:
         """The engine's own weights as HF-named buckets (tests, warm starts)."""
@@ -326,8 +368,13 @@ class EmbeddedEngine:
                 torch.cuda.empty_cache()
             self._released = True
 
-    def resume_memory(self) -> None:
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Take back what release_memory freed. SGLang's tags: "weights" (before a sync) and
+        "kv_cache" (after it); this engine allocates its KV cache per generate call, so only
+        "weights" (or tags None: everything) moves anything."""
         with self._lock:
+            if tags is not None and "weights" not in tags:
+                return
             if self.device.type != "cpu" and self._released:
                 self.model.to(self.device)
             self._released = False
@@ -368,12 +415,13 @@ def create_embedded_actor(
 ):
     """An EmbeddedEngine as a Ray actor (ray must be initialised).
 
-    max_concurrency=2 lets abort() run while a generate() is in flight on the actor.
+    max_concurrency lets abort() run while a generate() is in flight on the actor, and several
+    policy ranks push buckets (or wait in a broadcast) at once during a sync.
     Call methods with .remote(); read the version with get_weight_version.remote().
     """
     import ray
 
     actor_cls = ray.remote(EmbeddedEngine)
-    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=2).remote(
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=8).remote(
         hf_config, **engine_kwargs
     )

@@ -7,7 +7,8 @@ its engine is free (least-loaded dispatch), so a slow engine never holds chunks 
 could run. Groups come back through `RolloutRound`'s iterator as their chunk completes:
 the caller scores them while other chunks still generate and calls `abort()` once it
 has enough. An engine whose call fails and whose health check then fails too is replaced
-through `factory`, given the latest weights, and the chunk is retried on it.
+through `factory`, re-synced through `on_replace` (the pool pushes the policy's weights to
+it: the manager keeps no copy of the model), and the chunk is retried on it.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
-from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket
+from dapo_megatron.rollout.protocol import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[int], Any]  # engine index -> a fresh engine (or actor handle)
+EngineHook = Callable[[Any], None]  # called with a fresh engine before it serves
 
 
 def call_engine(engine: Any, method: str, *args: Any, timeout: float | None = None) -> Any:
@@ -56,26 +58,20 @@ class RolloutManager:
     """Engines plus what is needed to replace a dead one.
 
     factory: builds engine i anew; without it a dead engine's error propagates.
+    on_replace: gives a fresh engine the current weights (e.g. a push from the policy).
     max_restarts: total engine replacements allowed over the manager's life.
     """
 
     def __init__(self, engines: list[Any], factory: EngineFactory | None = None,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, on_replace: EngineHook | None = None):
         if not engines:
             raise ValueError("RolloutManager needs at least one engine")
         self.engines = list(engines)
         self.factory = factory
         self.max_restarts = max_restarts
         self.restarts = 0
-        self._weights: tuple[list[WeightBucket], int] | None = None
+        self.on_replace = on_replace
         self._lock = threading.Lock()
-
-    def update_weights(self, buckets: list[WeightBucket], version: int) -> None:
-        """Sync every engine (buckets must be a list: each engine reads it whole)."""
-        buckets = list(buckets)
-        self._weights = (buckets, version)
-        for engine in self.engines:
-            call_engine(engine, "update_weights", buckets, version)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, tag: str,
                prompts_per_call: int | None = None) -> "RolloutRound":
@@ -86,7 +82,7 @@ class RolloutManager:
         return RolloutRound(self, prompts, params, tag, prompts_per_call)
 
     def replace(self, index: int, error: Exception) -> None:
-        """Swap engine index for a fresh one with the latest weights (or re-raise error)."""
+        """Swap engine index for a fresh, re-synced one (or re-raise error)."""
         with self._lock:
             if self.factory is None or self.restarts >= self.max_restarts:
                 raise RuntimeError(
@@ -102,8 +98,8 @@ class RolloutManager:
             except Exception:  # noqa: BLE001 - it is dead already
                 pass
             engine = self.factory(index)
-            if self._weights is not None:
-                call_engine(engine, "update_weights", *self._weights)
+            if self.on_replace is not None:
+                self.on_replace(engine)
             self.engines[index] = engine
 
     def shutdown(self) -> None:

@@ -143,15 +143,30 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        """Load a full set of HF-named tensors, bucket by bucket; then weight_version = version."""
+        """A whole sync from one caller: begin_weight_update, every bucket, end_weight_update."""
+        ...
+
+    def begin_weight_update(self, version: int) -> None:
+        """Open a weight-update session (SGLang 0.5.23 refuses tensor updates outside one):
+        the engine serves nothing until end_weight_update; buckets may come from several
+        senders (policy ranks) in any order."""
+        ...
+
+    def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        """Load one bucket of HF-named full tensors inside the session."""
+        ...
+
+    def end_weight_update(self) -> None:
+        """Close the session: every parameter arrived, weight_version = the session's version."""
         ...
 
     def release_memory(self) -> None:
         """Free accelerator memory (weights, KV cache) for the train phase."""
         ...
 
-    def resume_memory(self) -> None:
-        """Re-acquire what release_memory freed."""
+    def resume_memory(self, tags: list[str] | None = None) -> None:
+        """Re-acquire what release_memory freed: tags ["weights"] before a sync, ["kv_cache"]
+        after it (None: everything)."""
         ...
 
     def abort(self, request_ids: list[str]) -> None:

@@ -466,7 +466,7 @@ def sglang_config_from(cfg: Any, engine_index: int = 0) -> SGLangConfig:
         tp_size=r.engine_tp,
         base_gpu_id=groups[engine_index % len(groups)].base_gpu_id,
         mem_fraction_static=r.sglang_mem_fraction,
-        enable_memory_saver=par.colocate,
+        enable_memory_saver=r.placement == "colocated",
         random_seed=cfg.trainer.seed + engine_index,
         dtype=dtype,
         bucket_bytes=r.weight_bucket_mb * 2**20,

@@ -14,6 +14,21 @@ from dapo_megatron.rollout.protocol import SamplingParams
 ray = pytest.importorskip("ray")
 
 
+class StateDictSource:
+    """A weight source that pushes an HF model's state dict from the driver, as the policy
+    ranks push theirs (rollout.weight_sync), in buckets of 4 tensors."""
+
+    def __init__(self, model):
+        self.state = [(k, v.clone()) for k, v in model.state_dict().items()]
+
+    def push_weights(self, engines, version):
+        from dapo_megatron.rollout.weight_sync import push_bucket_colocated
+
+        for i in range(0, len(self.state), 4):
+            push_bucket_colocated(engines, self.state[i:i + 4], "embedded")
+        return {"bytes": 0.0, "seconds": 0.0}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -40,9 +55,9 @@ def synced_pool(ray_local):
         hf = cfg.model.hf_config_dict(vocab_size=64)
         torch.manual_seed(0)
         model = build_hf_model(hf)
-        pool = EnginePool(cfg, hf)
+        pool = EnginePool(cfg, hf, weight_source=StateDictSource(model))
         pools.append(pool)
-        pool.update_weights([[(k, v.clone()) for k, v in model.state_dict().items()]], version=version)
+        pool.sync_weights(version)
         return pool
 
     yield make

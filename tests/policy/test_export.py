@@ -13,7 +13,7 @@ def _export_worker(rank, world, layout, dirs, dst, bucket_bytes, ddp):
     from transformers import AutoConfig
 
     from dapo_megatron.convert import load_hf_state_dict
-    from dapo_megatron.policy.export import export_hf_weights
+    from dapo_megatron.convert.export import export_hf_weights
     from dapo_megatron.policy.model import build_model
     from dapo_megatron.policy.parallel import destroy_parallel, init_parallel
     from tests.convert.tiny import read_hf_dir

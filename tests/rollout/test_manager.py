@@ -73,9 +73,12 @@ def test_dead_sglang_server_is_replaced_and_chunk_retried(tmp_path):
                                        "--die-marker", str(tmp_path / f"die{index}")))
         return SGLangEngine(cfg, serializer=json_serializer)
 
-    manager = RolloutManager([make(0), make(1)], factory=make, max_restarts=1)
+    weights = [[("w", torch.ones(3))]]
+    manager = RolloutManager([make(0), make(1)], factory=make, max_restarts=1,
+                             on_replace=lambda e: e.update_weights(weights, 4))
     try:
-        manager.update_weights([[("w", torch.ones(3))]], version=4)
+        for e in manager.engines:
+            e.update_weights(weights, 4)
         (tmp_path / "die1").write_text("x")  # engine 1's server exits on its next request
         params = SamplingParams(n=2, max_new_tokens=5, seed=3)
         got = {g.prompt_index: g for g in manager.submit(PROMPTS, params, tag="d", prompts_per_call=2)}

@@ -38,7 +38,7 @@ def test_embedded_actor_matches_in_process_engine_and_aborts(ray_local):
     actors = [create_embedded_actor(hf, num_cpus=0.25, num_threads=1)]
     try:
         manager = RolloutManager(actors)
-        manager.update_weights(local.state_dict_buckets(), version=6)
+        ray.get([a.update_weights.remote(local.state_dict_buckets(), 6) for a in actors])
         assert ray.get([a.get_weight_version.remote() for a in actors]) == [6]
         params = SamplingParams(n=2, max_new_tokens=7, seed=9)
         reference = local.generate(PROMPTS, params, [f"k-{i}" for i in range(3)])
@@ -69,9 +69,11 @@ def test_sglang_actor_exits_on_server_death_and_manager_replaces_it(ray_local, t
         return create_sglang_actor(cfg, {"tie_word_embeddings": False}, num_cpus=0.25,
                                    serializer=json_serializer)
 
-    manager = RolloutManager([make(0)], factory=make, max_restarts=1)
+    manager = RolloutManager([make(0)], factory=make, max_restarts=1,
+                             on_replace=lambda e: ray.get(e.update_weights.remote([[("w", torch.ones(2))]], 3)))
     try:
-        manager.update_weights([[("w", torch.ones(2))]], version=3)
+        for e in manager.engines:
+            ray.get(e.update_weights.remote([[("w", torch.ones(2))]], 3))
         (tmp_path / "die").write_text("x")
         params = SamplingParams(n=2, max_new_tokens=4, seed=5)
         # Synced weights cannot be restored inside the actor: it exits, the manager

@@ -1,12 +1,17 @@
-"""Export sharded Megatron weights as HF-named full tensors, bucket by bucket.
+"""Export sharded Megatron weights as HF-named full tensors, bucket by bucket: the inverse
+of ``load.py``.
 
-For the rollout weight sync and for writing HF checkpoints. ``export_hf_weights`` is a
-collective: every rank of the job iterates it in lock-step. For each canonical parameter,
-the TP shards of the first data-parallel replica that owns it (its PP stage; for routed
-experts, its EP rank) are all-gathered in its TP group, and the owner's TP rank 0 sends
-the full tensor to the receiving rank(s). The convert rules then turn it into HF tensors
-(Q/K/V split, gate/up split, vocab padding removed). A receiving rank holds at most one
-bucket (plus one full tensor), never the whole model.
+Both generators are collectives: every rank of the job iterates them in lock-step. For
+each canonical parameter, the TP shards of the first data-parallel replica that owns it
+(its PP stage; for routed experts, its EP rank) are all-gathered in its TP group; the
+owner's TP rank 0 (the tensor's *source*) then holds the full tensor. The convert rules
+turn it into HF tensors (Q/K/V split, gate/up split, vocab padding removed).
+
+- ``export_owned_buckets`` (the rollout weight sync): each source rank yields buckets of
+  the tensors it sourced and sends them to the engines itself; nothing crosses ranks but
+  the TP all-gathers, so no rank ever holds more than its shards plus one bucket.
+- ``export_hf_weights`` (HF checkpoints, tests): the sources send to one receiving rank
+  (or broadcast to all), which holds at most one bucket (plus one full tensor).
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.convert.load import _unwrap as unwrap
 from dapo_megatron.convert.load import canonical_name, partition_dim, tp_rank_and_size
 from dapo_megatron.convert.rules import canonical_names, megatron_to_hf
-from dapo_megatron.policy.model import unwrap
 
 
 def _local_params(chunks) -> tuple[object, dict]:
@@ -58,6 +63,8 @@ def _tp_group(canon: str):
 def _gather_full(model, canon: str, param: torch.Tensor, dim: int | None) -> torch.Tensor:
     """Full tensor of ``param`` from the TP shards of this rank's TP group (collective in it)."""
     data = param.detach()
+    if data.device.type == "cpu" and torch.cuda.is_available():
+        data = data.to(_device())  # training state offloaded to host: stage one tensor at a time
     if dim is None:
         return data
     rank, size = tp_rank_and_size(canon)
@@ -170,4 +177,49 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
 
-__all__ = ["export_hf_weights"]
+@torch.no_grad()
+def export_owned_buckets(
+    model_chunks, *, bucket_bytes: int, dtype: torch.dtype | None = None,
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield buckets of the HF (name, full tensor) pairs this rank sources; collective.
+
+    Every rank must consume the generator to the end (the TP all-gathers run in the
+    global plan's order); ranks that source nothing yield nothing. A bucket closes once it
+    holds at least ``bucket_bytes`` of this rank's tensors, so a source holds one bucket.
+    """
+    if not isinstance(model_chunks, (list, tuple)):
+        model_chunks = [model_chunks]
+    model, local = _local_params(model_chunks)
+    args, plan = _plan(model, local, dtype)
+    me = dist.get_rank()
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for canon, src, _shape, _dt in plan:
+        if canon not in local or not _first_replica(canon):
+            continue
+        m, param, dim = local[canon]
+        full = _gather_full(m, canon, param, dim)  # TP-group collective among the owners
+        if me != src:
+            continue
+        if dtype is not None:
+            full = full.to(dtype)
+        for name, tensor in megatron_to_hf(args, canon, full):
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+        del full
+        if size >= bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
+
+
+def sources_anything(model_chunks) -> bool:
+    """True if this rank is the source of at least one exported tensor (no collective)."""
+    if not isinstance(model_chunks, (list, tuple)):
+        model_chunks = [model_chunks]
+    _, local = _local_params(model_chunks)
+    return any(_first_replica(c) and tp_rank_and_size(c)[0] == 0 for c in local)
+
+
+__all__ = ["export_hf_weights", "export_owned_buckets", "sources_anything"]

@@ -1,0 +1,140 @@
+"""Moving one weight bucket from a policy rank to the rollout engines.
+
+A sync is a session on every engine (``begin_weight_update`` ... ``end_weight_update``,
+the shape SGLang 0.5.23 enforces: srt/managers/scheduler_components/weight_updater.py
+answers tensor and distributed updates outside a session with an error). Between the two
+calls each policy rank that sources tensors pushes its own buckets straight to the engines;
+the driver only opens and closes the session. Two transports:
+
+- colocated (``push_bucket_colocated``): the bucket goes to each engine's
+  ``load_weight_bucket``. Embedded engine: one ``ray.put`` shared by all engines. SGLang
+  on GPU: CUDA IPC handles serialized here, in the process that owns the tensors, one
+  payload per SGLang TP rank (sglang_api.serialize_bucket).
+- disaggregated (``WeightUpdateGroup``): a process group between the source rank (group
+  rank 0) and the engines (ranks 1..E), NCCL on GPU, gloo on CPU. Per bucket the rank posts
+  the metadata to every engine (``receive_weight_bucket``), then broadcasts the tensors in
+  that order, one broadcast per tensor (SGLang's update_weights_from_distributed protocol).
+
+Whatever the transport, a source holds one bucket (plus the transport's copy of it) at a
+time, and waits for the engines to take it before it builds the next.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dapo_megatron.rollout.protocol import WeightBucket
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BucketMeta:
+    """What a receiver needs to allocate a bucket before its broadcast: names, dtypes, shapes."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, bucket: WeightBucket) -> "BucketMeta":
+        return cls(tuple(n for n, _ in bucket), tuple(str(t.dtype).removeprefix("torch.") for _, t in bucket),
+                   tuple(tuple(t.shape) for _, t in bucket))
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on this host."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def open_process_group(master_address: str, master_port: int, rank: int, world_size: int,
+                       group_name: str, backend: str, timeout_s: float = 300.0):
+    """A process group outside torch.distributed's default one (a policy rank already has
+    Megatron's; an engine may have none). Blocks until all ``world_size`` members join."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    store = dist.PrefixStore(group_name, store)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    raise ValueError(f"weight-update group backend must be gloo or nccl, got {backend!r}")
+
+
+def broadcast_bucket(group, bucket: WeightBucket) -> None:
+    """Group rank 0's side: broadcast each tensor of the bucket, in order."""
+    for _, tensor in bucket:
+        group.broadcast([tensor.contiguous()]).wait()
+
+
+def receive_bucket(group, meta: BucketMeta, device: torch.device | str) -> WeightBucket:
+    """An engine's side of ``broadcast_bucket``: the tensors, allocated from ``meta``."""
+    bucket = []
+    for name, dtype, shape in zip(meta.names, meta.dtypes, meta.shapes):
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        group.broadcast([tensor]).wait()
+        bucket.append((name, tensor))
+    return bucket
+
+
+def _ray_get(refs: list) -> list:
+    import ray
+
+    return ray.get(refs)
+
+
+def push_bucket_colocated(engines: list[Any], bucket: WeightBucket, engine_kind: str, engine_tp: int = 1) -> None:
+    """Hand one bucket to every engine (Ray actor handles); returns once all loaded it."""
+    import ray
+
+    if engine_kind == "sglang":
+        from dapo_megatron.rollout.sglang_api import serialize_bucket
+
+        # One payload per SGLang TP rank: each rank's worker opens (and refcounts) its own
+        # handles (srt/entrypoints/engine.py update_weights_from_tensor, tp_worker.py).
+        payloads = [serialize_bucket(bucket)[0] for _ in range(engine_tp)]
+        _ray_get([e.load_weight_bucket_serialized.remote(payloads) for e in engines])
+        return
+    ref = ray.put(bucket)
+    try:
+        _ray_get([e.load_weight_bucket.remote(ref) for e in engines])
+    finally:
+        del ref
+
+
+class WeightUpdateGroup:
+    """The source rank's end of a disaggregated sync with ``engines`` (Ray actor handles)."""
+
+    def __init__(self, engines: list[Any], backend: str, group_name: str):
+        import ray
+
+        self.engines = list(engines)
+        self.group_name = group_name
+        address, port = ray.util.get_node_ip_address(), free_port()
+        world = len(self.engines) + 1
+        joins = [e.init_weights_update_group.remote(address, port, i + 1, world, group_name, backend)
+                 for i, e in enumerate(self.engines)]
+        self.group = open_process_group(address, port, 0, world, group_name, backend)
+        _ray_get(joins)
+
+    def push(self, bucket: WeightBucket) -> None:
+        meta = BucketMeta.of(bucket)
+        receipts = [e.receive_weight_bucket.remote(meta, self.group_name) for e in self.engines]
+        broadcast_bucket(self.group, bucket)
+        _ray_get(receipts)
+
+    def close(self) -> None:
+        _ray_get([e.destroy_weights_update_group.remote(self.group_name) for e in self.engines])
+        self.group = None
