@@ -10,8 +10,9 @@ Six cumulative settings, in the paper's order, each a handful of config values:
     dapo            + dynamic sampling (full DAPO)
 
 Every run is the real trainer (`dapo_megatron.cli train`, one subprocess per run) on
-`examples/tiny_cpu.yaml`, with the same budget of generated samples per run
-(`trainer.sample_budget`), so dynamic sampling pays for the groups it drops. The task is
+`examples/tiny_cpu.yaml`, with the same budget of generated responses per run
+(`trainer.sample_budget`: every response the engines generate, kept, dropped, aborted or
+left unscored), so dynamic sampling pays for the groups it drops. The task is
 made to exercise every switch: `algo.max_response_length` is tight enough that some
 responses are truncated, and the prompts mix easy and hard problems, so some groups are
 all-correct or all-wrong.
@@ -87,6 +88,9 @@ def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: st
         "truncated_frac": last("response/truncated_frac"),
         "generated_groups": sum(r.get("dynamic_sampling/generated", 0) for r in train),
         "kept_groups": sum(r.get("dynamic_sampling/kept", 0) for r in train),
+        # The budget's count (every response the engines generated) and the part trained on.
+        "generated_responses": last("rollout/generated_samples_total"),
+        "used_responses": sum(r.get("rollout/used_responses", 0) for r in train),
         "steps": len(train), "seconds": seconds,
         "curve": [{"step": r["step"], "eval": r.get("eval/avg@k"), "entropy": r.get("actor/entropy")}
                   for r in records],
@@ -97,8 +101,9 @@ def summarize(path: str) -> str:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     names = [n for n, _ in STEPS if any(r["setting"] == n for r in rows)]
-    lines = ["| setting | final held-out avg@k (mean ± std) | best | runs | entropy | truncated | kept/generated groups | paper (AIME avg@32) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | final held-out avg@k (mean ± std) | best | runs | entropy | truncated | kept/generated groups "
+             "| responses generated/trained on | paper (AIME avg@32) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
         rs = [r for r in rows if r["setting"] == n]
         fin = [r["final_accuracy"] for r in rs]
@@ -109,8 +114,12 @@ def summarize(path: str) -> str:
         trunc = sum(r["truncated_frac"] or 0 for r in rs) / len(rs)
         kept = sum(r["kept_groups"] for r in rs) / len(rs)
         gen = sum(r["generated_groups"] for r in rs) / len(rs)
+        # Records made before every response was counted lack these fields.
+        true = [r for r in rs if r.get("used_responses")]
+        responses = (f"{sum(r['generated_responses'] for r in true) / len(true):,.0f}/"
+                     f"{sum(r['used_responses'] for r in true) / len(true):,.0f}") if true else "not recorded"
         lines.append(f"| {n} | {100 * mean:.1f} ± {100 * std:.1f} | {100 * best:.1f} | {len(rs)} | "
-                     f"{ent:.3f} | {100 * trunc:.1f}% | {kept:.0f}/{gen:.0f} | {PAPER[n]} |")
+                     f"{ent:.3f} | {100 * trunc:.1f}% | {kept:.0f}/{gen:.0f} | {responses} | {PAPER[n]} |")
     table = "\n".join(lines)
     with open(os.path.splitext(path)[0] + "_table.md", "w") as f:
         f.write(table + "\n")
@@ -152,7 +161,8 @@ def main(argv=None) -> int:
                    help="comma-separated subset of: " + ", ".join(n.lstrip("+") for n, _ in STEPS))
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting: first-seed .. first-seed+N-1")
     p.add_argument("--first-seed", type=int, default=1)
-    p.add_argument("--budget", type=int, default=8192, help="generated samples per run")
+    p.add_argument("--budget", type=int, default=8192,
+                   help="responses the engines may generate per run (trainer.sample_budget)")
     p.add_argument("--config", default="examples/tiny_cpu.yaml")
     p.add_argument("--out", default="runs/ablation/results.jsonl")
     p.add_argument("--summarize", metavar="JSONL", help="only rebuild the table and plot")

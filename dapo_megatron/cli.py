@@ -43,12 +43,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # `plan` checks the layout against the cluster it is given (--nodes), not the config's.
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, check_layout=args.command != "plan")
     except ConfigError as e:
         print(f"dapo-megatron: config error: {e}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(cfg.logging.level)
+    try:
+        return _run(args, cfg)
+    except ConfigError as e:  # checks that need the files (data, checkpoint.dir, the model)
+        print(f"dapo-megatron: config error: {e}", file=sys.stderr)
+        return 2
+    except _user_errors() as e:
+        print(f"dapo-megatron: error: {e}", file=sys.stderr)
+        return 1
 
+
+def _user_errors() -> tuple[type, ...]:
+    """Failures whose message is the whole story for the user (no traceback)."""
+    from dapo_megatron.controller.checkpoint import CheckpointSaveError, NoUsableCheckpoint
+    from dapo_megatron.controller.loop import RayStartError
+    from dapo_megatron.controller.run_dir import RunDirError
+
+    return (CheckpointSaveError, NoUsableCheckpoint, RayStartError, RunDirError)
+
+
+def _run(args, cfg) -> int:
     if args.command == "train":
         from dapo_megatron.controller.loop import train
 

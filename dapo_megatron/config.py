@@ -21,9 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or inconsistent."""
+from dapo_megatron.errors import ConfigError  # noqa: F401 - part of this module's interface
 
 
 @dataclass
@@ -34,6 +32,9 @@ class ModelConfig:
     # checkpoint written by tools/convert_hf.py); without it, from the HF safetensors.
     hf_dir: Optional[str] = None
     load: Optional[str] = None
+    # A copy of the model's config.json, read when hf_dir has none yet (to plan before the
+    # download); once both exist their shapes must agree. Examples ship theirs.
+    hf_config: Optional[str] = None
     # Shape of a model built from scratch when hf_dir is empty (the embedded default, tests).
     # Field names are the HF config's, so the same builder reads both.
     architecture: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
@@ -163,13 +164,6 @@ class AlgoConfig:
     correction_high: float = 2.0  # C; the TIS blog's value (the mismatch metrics count outside too)
     correction_low: Optional[float] = None  # None: 1 / correction_high
 
-    @property
-    def loss_aggregation(self) -> str:
-        """algo.loss_agg, or the chosen loss's own aggregation when it is unset."""
-        from dapo_megatron.algo.objectives import LOSS_AGG
-
-        return self.loss_agg or LOSS_AGG[self.loss]
-
 
 @dataclass
 class RolloutConfig:
@@ -190,6 +184,9 @@ class RolloutConfig:
     # weights as CUDA IPC handles); disaggregated: engines on GPUs of their own, weights
     # broadcast over a weight-update group (NCCL; gloo on CPU).
     placement: Literal["colocated", "disaggregated"] = "colocated"
+    # Seconds an engine may take over one weight-sync call (a bucket, opening or closing the
+    # session) before it counts as hung: it is killed, replaced and the sync runs again.
+    hang_timeout_s: float = 600.0
     max_engine_restarts: int = 3
 
 
@@ -239,17 +236,18 @@ class TrainerConfig:
     mini_batch_size: int = 32  # prompts per optimizer step: 512/32 = 16 updates per step
     max_tokens_per_microbatch: int = 32768
     max_steps: int = 100
-    sample_budget: int = 0  # stop once this many responses were generated (0: no budget)
+    # Stop at the first step boundary once the engines generated this many responses for
+    # training: every response with a token, kept, dropped, aborted or left unscored (0: none).
+    sample_budget: int = 0
+    # Niceness of Ray's worker processes (policy ranks, engines, reward) above the driver's,
+    # when the trainer starts Ray itself. 0: the driver's priority (Ray's own default is 15).
+    worker_niceness: int = 0
     seed: int = 42
     run_dir: str = ""  # empty: runs/<config file name>
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Colocated GPU runs: move params, grads and optimizer state to host memory after each
     # update, so the engines' KV cache gets the memory back (a no-op on CPU).
     offload: bool = False
-    # Supervised warm start on the embedded task's worked solutions (0: none).
-    warm_start_steps: int = 0
-    warm_start_lr: float = 3e-3
-    warm_start_batch_size: int = 64
 
     @property
     def num_mini_batches(self) -> int:
@@ -271,6 +269,9 @@ class CheckpointConfig:
     save_every: int = 10
     keep_last: int = 2
     resume: bool = True  # continue from the newest checkpoint in dir
+    # With resume false on a directory that holds a run: move that run aside and start over
+    # (false: refuse, so an old run is never overwritten or mixed with a new one).
+    overwrite: bool = False
 
 
 @dataclass
@@ -279,6 +280,9 @@ class LoggingConfig:
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "dapo-megatron"
+    # Decoded responses logged per data source every step, with reward and length (verl's
+    # num_examine); evaluation logs one per data source. 0: none.
+    num_examine: int = 1
 
 
 @dataclass
@@ -307,17 +311,26 @@ class DapoConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def validate(self) -> "DapoConfig":
+    def validate(self, check_layout: bool = True) -> "DapoConfig":
         _validate(self)
+        if check_layout:
+            # The model's shape against the layout, lengths and engines: one place.
+            from dapo_megatron.resolve import resolve
+
+            resolve(self)
         return self
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DapoConfig:
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_layout: bool = True) -> DapoConfig:
     """Read a YAML config (or the defaults when `path` is None), apply `a.b=value` overrides,
-    check types and cross-field rules. The run name defaults to the file's stem."""
+    check types and cross-field rules. The run name defaults to the file's stem.
+
+    check_layout=False leaves out the model-against-layout check (dapo_megatron.resolve), for
+    the planner, which reports a layout's errors and suggests one that works instead."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -337,7 +350,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         apply_override(cfg, item)
     try:
-        return cfg.validate()
+        return cfg.validate(check_layout=check_layout)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -452,51 +465,25 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def _validate(cfg: DapoConfig) -> None:
+    _validate_ranges(cfg)
+    _validate_checkpoint(cfg)
     p, a, t, m, r = cfg.parallel, cfg.algo, cfg.trainer, cfg.model, cfg.rollout
     for name in ("tp", "pp", "ep", "cp", "nodes", "gpus_per_node"):
         _check(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
-    model_parallel = p.tp * p.pp * p.cp
-    _check(
-        p.world_size % model_parallel == 0,
-        "parallel.tp",
-        f"tp*pp*cp = {p.tp}*{p.pp}*{p.cp} = {model_parallel} does not divide the world size "
-        f"nodes*gpus_per_node = {p.nodes}*{p.gpus_per_node} = {p.world_size}",
-    )
     if p.dp is not None:
         _check(
             p.tp * p.pp * p.cp * p.dp == p.world_size,
             "parallel.dp",
             f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} must equal the world size {p.world_size}",
         )
-    if p.ep > 1:
-        _check(m.hf_dir is not None or m.num_experts > 0, "parallel.ep", "ep > 1 needs a MoE model")
-        # Megatron lays experts out over (expert-tensor-parallel = tp) x ep within each PP stage.
-        _check(
-            p.world_size % (p.tp * p.ep * p.pp) == 0,
-            "parallel.ep",
-            f"tp*ep*pp = {p.tp * p.ep * p.pp} must divide the world size {p.world_size}",
-        )
-        if m.hf_dir is None:
-            _check(m.num_experts % p.ep == 0, "parallel.ep", f"ep={p.ep} must divide model.num_experts={m.num_experts}")
-    if m.hf_dir is None:
-        _check(m.num_attention_heads % p.tp == 0, "parallel.tp",
-               f"tp={p.tp} must divide model.num_attention_heads={m.num_attention_heads}")
-        _check(m.num_key_value_heads % p.tp == 0 or p.tp % m.num_key_value_heads == 0, "parallel.tp",
-               f"tp={p.tp} and model.num_key_value_heads={m.num_key_value_heads} must divide one another")
-        _check(m.num_attention_heads % m.num_key_value_heads == 0, "model.num_key_value_heads",
-               "must divide model.num_attention_heads")
-        _check(m.num_layers % p.pp == 0, "parallel.pp", f"pp={p.pp} must divide model.num_layers={m.num_layers}")
-        if m.architecture in ("qwen3_moe", "mixtral"):
-            _check(m.num_experts > 0, "model.num_experts", f"must be > 0 for architecture {m.architecture}")
-            _check(0 < m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
-                   "must be in 1..num_experts")
-        _check(
-            r.max_prompt_length + a.max_response_length <= m.max_position_embeddings,
-            "algo.max_response_length",
-            f"rollout.max_prompt_length + algo.max_response_length = "
-            f"{r.max_prompt_length + a.max_response_length} exceeds model.max_position_embeddings="
-            f"{m.max_position_embeddings}",
-        )
+    _check(p.cp == 1, "parallel.cp", "context parallelism is not wired into the packed-sequence data path "
+           "yet; use parallel.cp=1 (split long sequences over TP with sequence_parallel instead)")
+    _check(m.params_dtype != "fp16", "model.params_dtype",
+           "fp16 needs dynamic loss scaling, which this trainer does not run; use bf16 (GPU) or fp32")
+    if m.hf_dir is None and m.hf_config is None and m.architecture in ("qwen3_moe", "mixtral"):
+        _check(m.num_experts > 0, "model.num_experts", f"must be > 0 for architecture {m.architecture}")
+        _check(0 < m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
+               "must be in 1..num_experts")
     _check(a.group_size >= 2, "algo.group_size", "must be >= 2 (advantages are relative within a group)")
     _check(0 <= a.eps_low < 1, "algo.eps_low", "must be in [0, 1)")
     _check(a.eps_high >= 0, "algo.eps_high", "must be >= 0")
@@ -511,6 +498,8 @@ def _validate(cfg: DapoConfig) -> None:
     _check(a.max_gen_batches >= 0, "algo.max_gen_batches", "must be >= 0 (0: unbounded)")
     _validate_loss_and_correction(cfg)
     _check(t.train_batch_size >= 1, "trainer.train_batch_size", "must be >= 1")
+    _check(t.sample_budget >= 0, "trainer.sample_budget", "must be >= 0 (0: no budget)")
+    _check(0 <= t.worker_niceness <= 19, "trainer.worker_niceness", "must be in 0..19 (added to the driver's)")
     _check(t.mini_batch_size >= 1, "trainer.mini_batch_size", "must be >= 1")
     _check(
         t.train_batch_size % t.mini_batch_size == 0,
@@ -550,23 +539,112 @@ def _validate_loss_and_correction(cfg: DapoConfig) -> None:
     if a.clip_ratio_c is not None:
         _check(a.loss in ("dapo", "drgrpo"), "algo.clip_ratio_c",
                f"dual clip bounds the PPO-clip token term; algo.loss={a.loss} has none (unset it)")
-    _check(0 <= a.gspo_eps_low < 1, "algo.gspo_eps_low", "must be in [0, 1)")
-    _check(a.gspo_eps_high >= 0, "algo.gspo_eps_high", "must be >= 0")
-    _check(a.kl_coef >= 0, "algo.kl_coef", "must be >= 0")
-    if a.kl_coef > 0:
-        _check(cfg.trainer.warm_start_steps == 0, "algo.kl_coef",
-               "the KL reference is the weights the policy is built from (model.hf_dir / "
-               "model.load); a supervised warm start (trainer.warm_start_steps > 0) would move "
-               "the policy after the reference is taken and a resumed run could not rebuild it. "
-               "Save the warm start (tools/make_warm_start.py) and load it with model.hf_dir")
-    _check(a.correction_high >= 1, "algo.correction_high", "must be >= 1 (the band holds ratio 1)")
-    if a.correction_low is not None:
-        _check(0 <= a.correction_low <= 1, "algo.correction_low", "must be in [0, 1] (or null: 1/high)")
     if a.rollout_correction != "none":
         _check(cfg.rollout.old_logprobs == "policy", "algo.rollout_correction",
                "corrects pi_old (the policy's recomputed log-probs) towards the engine's sampling "
                "distribution; with rollout.old_logprobs=engine the ratio is 1 and it does nothing. "
                "Set rollout.old_logprobs=policy or algo.rollout_correction=none")
+
+
+_GE0 = (lambda v: v >= 0, "must be >= 0")
+_GE1 = (lambda v: v >= 1, "must be >= 1")
+_GT0 = (lambda v: v > 0, "must be > 0")
+_ANY = (lambda v: True, "")
+_UNIT = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_PROB = (lambda v: 0 < v <= 1, "must be in (0, 1]")
+# The range of every numeric key (floats must also be finite). A numeric key added to the
+# tree needs an entry here: tests/test_config.py fails on one without.
+NUMERIC_RANGES: dict[str, tuple] = {
+    "model.vocab_size": _GE0, "model.hidden_size": _GE1, "model.num_layers": _GE1,
+    "model.num_attention_heads": _GE1, "model.num_key_value_heads": _GE1, "model.head_dim": _GE0,
+    "model.intermediate_size": _GE1, "model.max_position_embeddings": _GE1, "model.rope_theta": _GT0,
+    "model.rms_norm_eps": _GT0, "model.num_experts": _GE0, "model.num_experts_per_tok": _GE1,
+    "model.moe_intermediate_size": _GE0, "model.init_std": _GT0,
+    "parallel.tp": _GE1, "parallel.pp": _GE1, "parallel.ep": _GE1, "parallel.cp": _GE1, "parallel.dp": _GE1,
+    "parallel.nodes": _GE1, "parallel.gpus_per_node": _GE1,
+    "algo.group_size": (lambda v: v >= 2, "must be >= 2 (advantages are relative within a group)"),
+    "algo.eps_low": _UNIT, "algo.eps_high": _GE0,
+    "algo.clip_ratio_c": (lambda v: v > 1, "dual-clip bound must be > 1"),
+    "algo.max_gen_batches": _GE0, "algo.max_response_length": _GE1, "algo.overlong_buffer": _GE0,
+    "algo.overlong_penalty_factor": _GE0, "algo.adv_eps": _GT0, "algo.kl_coef": _GE0,
+    "algo.entropy_coef": _ANY, "algo.gspo_eps_low": _UNIT, "algo.gspo_eps_high": _GE0,
+    "algo.correction_high": (lambda v: v >= 1, "must be >= 1 (the band holds ratio 1)"),
+    "algo.correction_low": (lambda v: 0 <= v <= 1, "must be in [0, 1] (or null: 1/high)"),
+    "rollout.gen_batch_size": _GE1, "rollout.temperature": _GT0, "rollout.top_p": _PROB,
+    "rollout.top_k": (lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"),
+    "rollout.max_prompt_length": _GE1, "rollout.num_engines": (lambda v: v >= 0, "must be >= 0 (0: one per node)"),
+    "rollout.engine_tp": _GE1, "rollout.engine_num_cpus": _GE1,
+    "rollout.sglang_mem_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "rollout.weight_bucket_mb": _GE1, "rollout.max_engine_restarts": _GE0, "rollout.hang_timeout_s": _GT0,
+    "data.synthetic_train_size": _GE1, "data.synthetic_eval_size": _GE0,
+    "data.synthetic_max_addend": _GE1, "data.synthetic_max_factor": _GE1,
+    "reward.timeout_s": _GT0, "reward.num_workers": _GE1, "reward.correct_score": _ANY,
+    "reward.incorrect_score": _ANY,
+    "logging.num_examine": (lambda v: v >= 0, "must be >= 0 (0: log no responses)"),
+    "optimizer.lr": _GT0, "optimizer.min_lr": _GE0, "optimizer.warmup_steps": _GE0,
+    "optimizer.weight_decay": _GE0, "optimizer.adam_beta1": _UNIT, "optimizer.adam_beta2": _UNIT,
+    "optimizer.adam_eps": _GT0, "optimizer.clip_grad": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
+    "trainer.train_batch_size": _GE1, "trainer.mini_batch_size": _GE1,
+    "trainer.max_tokens_per_microbatch": _GE1, "trainer.max_steps": _GE0,
+    "trainer.sample_budget": (lambda v: v >= 0, "must be >= 0 (0: no budget)"), "trainer.seed": _GE0,
+    "eval.every": (lambda v: v >= 0, "must be >= 0 (0: never)"), "eval.k": _GE1, "eval.temperature": _GT0,
+    "eval.top_p": _PROB, "eval.max_prompts": _GE0,
+    "checkpoint.save_every": (lambda v: v >= 0, "must be >= 0 (0: none, except on a stop signal)"),
+    "checkpoint.keep_last": _GE1,
+}
+
+
+def numeric_keys(cls: type = DapoConfig, prefix: str = "") -> dict[str, type]:
+    """Every int/float key of the config tree (dotted name -> int or float)."""
+    out: dict[str, type] = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(numeric_keys(tp, f"{prefix}{name}."))
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if len(args) == 1 and args[0] in (int, float):
+            out[prefix + name] = args[0]
+    return out
+
+
+def _validate_ranges(cfg: DapoConfig) -> None:
+    """Refuse nan/inf and out-of-range numbers, naming the key (before any cross-field rule)."""
+    import math
+
+    for key in numeric_keys():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        if isinstance(value, float):
+            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+        ok, message = NUMERIC_RANGES.get(key, _ANY)
+        _check(ok(value), key, f"{message}, got {value}")
+
+
+def _validate_checkpoint(cfg: DapoConfig) -> None:
+    c = cfg.checkpoint
+    _check(not (c.overwrite and c.resume), "checkpoint.overwrite",
+           "moves an earlier run aside to start over, so it needs checkpoint.resume=false")
+
+
+def check_run_paths(cfg: DapoConfig) -> None:
+    """Before anything starts: the data files exist and checkpoint.dir can be written.
+    (Not part of `validate`: `plan` and the tests read configs whose files live elsewhere.)"""
+    import tempfile
+
+    for key in ("data.train_path", "data.eval_path"):
+        path = getattr(cfg.data, key.split(".")[1])
+        _check(not path or os.path.isfile(path), key, f"no such file: {path}")
+    root = cfg.checkpoint_dir
+    try:
+        os.makedirs(root, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"checkpoint.dir: cannot write checkpoints to {root} ({type(e).__name__}: "
+                          f"{e.strerror or e}); fix its permissions or set checkpoint.dir elsewhere") from None
 
 
 def dump_config(cfg: DapoConfig, path: str) -> None:

@@ -1,65 +1,20 @@
-"""avg@k and pass@k evaluation with the paper's sampling (temperature 1.0, top_p 0.7).
+"""`dapo-megatron eval`: evaluate a checkpoint with the trainer's actors.
 
-avg@k is the mean over prompts of the fraction of k samples that are correct (the paper's
-AIME "avg@32"); pass@k is the fraction of prompts with at least one correct sample.
+The evaluation itself (avg@k, pass@k) is a phase of the loop: controller/eval_phase.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 
-from dapo_megatron.controller.rollout_phase import sampling_params, score_groups
+from dapo_megatron.controller.loop import Trainer
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
-             seed: int = 0, out_path: str | None = None) -> dict[str, float]:
-    """Sample k responses per eval prompt on `engines` and score them."""
-    k = k or cfg.eval.k
-    if cfg.eval.max_prompts:
-        examples = examples[: cfg.eval.max_prompts]
-    if not examples:
-        return {}
-    t0 = time.perf_counter()
-    prompt_ids = [tokenizer.encode_prompt(ex.messages) for ex in examples]
-    params = sampling_params(cfg, n=k, seed=seed, stop_ids=(tokenizer.eos_id,), eval_mode=True)
-    correct = [None] * len(examples)
-    lengths = []
-    rows = []
-    for chunk, samples in engines.generate_streaming(prompt_ids, params, tag=f"eval{seed}"):
-        groups, _, _ = score_groups([examples[i] for i in chunk], [prompt_ids[i] for i in chunk],
-                                    samples, tokenizer, scorer)
-        for i, g in zip(chunk, groups):
-            correct[i] = g.correct
-            lengths.extend(len(s.token_ids) for s in g.samples)
-            if out_path:
-                rows.append({"index": g.example.index, "ground_truth": g.example.ground_truth,
-                             "correct": g.correct, "responses": g.texts})
-    if any(c is None for c in correct):
-        raise RuntimeError("evaluation lost prompts: an engine returned fewer groups than asked")
-    avg = sum(sum(c) / len(c) for c in correct) / len(correct)
-    pass_k = sum(any(c) for c in correct) / len(correct)
-    if out_path:
-        with open(out_path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    return {
-        "eval/avg@k": avg,
-        "eval/pass@k": pass_k,
-        "eval/k": float(k),
-        "eval/num_prompts": float(len(examples)),
-        "eval/length_mean": sum(lengths) / max(1, len(lengths)),
-        "time/eval": time.perf_counter() - t0,
-    }
-
-
 def run_eval(cfg, *, ckpt: str | None, data_path: str | None, k: int | None, out_path: str | None) -> dict:
     """`dapo-megatron eval`: load a checkpoint's policy into an engine and evaluate it."""
-    from dapo_megatron.controller.loop import Trainer
-
     if data_path:
         cfg.data.eval_path = data_path
     trainer = Trainer(cfg, for_eval=True)

@@ -291,6 +291,8 @@ class RayNode:
         env = dict(os.environ)
         # Stop at once on SIGTERM; Ray otherwise drains for 30 s (a serving feature).
         env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+        # Workers (policy ranks, engines) at this task's priority, not Ray's default +15.
+        env.setdefault("RAY_worker_niceness", "0")
         self.proc = subprocess.Popen(self.cmd, env=env, start_new_session=True)
 
     def exited(self) -> Optional[int]:

@@ -46,14 +46,19 @@ attention, which never stores the a*s^2 score matrix (the 5as/h term vanishes). 
   counted here as p - stage (a DAPO mini-batch has far more micro-batches than stages).
   The last stage adds the logits: bf16 2*V_pad/t plus fp32 log-softmax 4*V_pad/t per token.
   T = trainer.max_tokens_per_microbatch / c (packed sequences).
-SGLang share (colocated): SGLang takes rollout.sglang_mem_fraction of each GPU for its weights
+SGLang share (colocated): --mem-fraction-static is a fraction of the memory *free when the
+  server starts* (sglang 0.5.23 srt/mem_cache/kv_cache_configurator.py), so SGLang gets
+  rollout.sglang_mem_fraction * (GPU - overhead - training state still resident) for its weights
   (2 B per parameter / engine_tp) and its KV pool; KV costs 2 (K and V) * L * max(k/engine_tp, 1)
   * d * 2 B per token per GPU (SGLang replicates KV heads when engine_tp > k). The requested
   concurrency is rollout.gen_batch_size * G sequences of max_prompt_length + max_response_length
-  tokens spread over the engines; what does not fit in the pool waits in SGLang's queue.
-Colocated timeline (as in verl and slime): SGLang's memory is released while Megatron trains, while
-  Megatron's weights, grads and optimizer stay resident through rollout. So two peaks must fit:
-  training = static + activations + overhead; rollout = static + SGLang share + overhead.
+  tokens spread over the engines (dapo_megatron.resolve lays them out); what does not fit in the
+  pool waits in SGLang's queue.
+Colocated timeline (as in verl and slime): SGLang's memory is released while Megatron trains.
+  Megatron's weights, grads and optimizer stay resident through rollout unless trainer.offload
+  moves them to host (then also before the engines start, so SGLang's fraction sees the memory).
+  Two peaks must fit: training = static + activations + overhead; rollout = resident static +
+  SGLang share + overhead.
   `overhead_gb` (default 5 GiB) covers the CUDA context, NCCL buffers and allocator fragmentation:
   an estimate, not a measurement.
 Weight sync per step: every engine receives the whole model as bf16 HF tensors (2 B per parameter),
@@ -62,112 +67,48 @@ Weight sync per step: every engine receives the whole model as bf16 HF tensors (
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from dapo_megatron.config import ConfigError, DapoConfig, ModelConfig
+from dapo_megatron.config import ConfigError, DapoConfig
+from dapo_megatron.convert.arch import ModelArgs
+from dapo_megatron.resolve import engine_layout, layout_errors
 
 GIB = 2**30
 
 
-# --------------------------------------------------------------------------- model shape
+# --------------------------------------------------------------------------- model sizes
+# The shape itself is the model builder's `ModelArgs`, read once by dapo_megatron.resolve.
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes the planner needs, read from an HF config dict."""
-
-    architecture: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden: int  # dense MLP width
-    num_experts: int = 0  # 0: dense
-    experts_per_token: int = 0
-    expert_ffn_hidden: int = 0
-    moe_layers: tuple[bool, ...] = ()  # per layer: MoE MLP (True) or dense (False)
-    tied_embeddings: bool = False
-    qkv_bias: bool = False
-    qk_norm: bool = False
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config") -> "ModelShape":
-        """The shape as the model builder reads it (one interpretation of HF configs:
-        dapo_megatron.convert.arch.model_args_from_hf)."""
-        from dapo_megatron.convert.arch import UnsupportedModelError, model_args_from_hf
-
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if key not in hf:
-                raise ConfigError(f"{source}: {key} is missing; the planner needs the model's shape")
-        if not hf["vocab_size"]:
-            raise ConfigError(f"{source}: vocab_size is 0 (the tokenizer's size); set model.vocab_size "
-                              f"for planning")
-        try:
-            args = model_args_from_hf(hf)
-        except (UnsupportedModelError, KeyError, ValueError) as e:
-            raise ConfigError(f"{source}: {e}") from None
-        return cls(
-            architecture=hf.get("model_type", args.family),
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            num_kv_heads=args.num_kv_heads,
-            head_dim=args.head_dim,
-            ffn_hidden=args.ffn_hidden_size,
-            num_experts=args.num_experts,
-            experts_per_token=args.moe_top_k,
-            expert_ffn_hidden=args.moe_ffn_hidden_size,
-            moe_layers=tuple(args.is_moe_layer(i) for i in range(args.num_layers)),
-            tied_embeddings=args.tie_word_embeddings,
-            qkv_bias=args.qkv_bias,
-            qk_norm=args.qk_norm,
-        )
-
-    def padded_vocab(self, tp: int) -> int:
-        from dapo_megatron.convert.arch import padded_vocab_size
-
-        return padded_vocab_size(self.vocab_size, tp)
-
-    def layer_params(self, moe: bool) -> tuple[int, int]:
-        """(dense, expert) parameters of one whole layer, no parallelism."""
-        h, d, a, k = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
-        dense = 2 * h + h * (a + 2 * k) * d + a * d * h
-        dense += (a + 2 * k) * d if self.qkv_bias else 0
-        dense += 2 * d if self.qk_norm else 0
-        if moe:
-            return dense + h * self.num_experts, self.num_experts * 3 * h * self.expert_ffn_hidden
-        return dense + 3 * h * self.ffn_hidden, 0
-
-    def total_params(self) -> int:
-        """Parameters of the HF model (unpadded vocabulary)."""
-        emb = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
-        return emb + self.hidden_size + sum(sum(self.layer_params(m)) for m in self.moe_layers)
-
-    def active_params(self) -> int:
-        """Parameters used per token (MoE: K of E experts)."""
-        if not self.num_experts:
-            return self.total_params()
-        routed = self.experts_per_token * 3 * self.hidden_size * self.expert_ffn_hidden
-        return self.total_params() - sum(self.layer_params(True)[1] - routed for m in self.moe_layers if m)
+def layer_params(args: ModelArgs, moe: bool) -> tuple[int, int]:
+    """(dense, expert) parameters of one whole layer, no parallelism."""
+    h, d, a, k = args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads
+    dense = 2 * h + h * (a + 2 * k) * d + a * d * h
+    dense += (a + 2 * k) * d if args.qkv_bias else 0
+    dense += 2 * d if args.qk_norm else 0
+    if moe:
+        return dense + h * args.num_experts, args.num_experts * 3 * h * args.moe_ffn_hidden_size
+    return dense + 3 * h * args.ffn_hidden_size, 0
 
 
-def load_model_shape(model: ModelConfig) -> tuple[ModelShape, str]:
-    """The shape from model.hf_dir/config.json when that file exists, else the inline fields."""
-    if model.hf_dir:
-        path = os.path.join(model.hf_dir, "config.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                hf = json.load(f)
-            hf = hf.get("text_config", hf)
-            return ModelShape.from_hf(hf, path), path
-    return ModelShape.from_hf(model.hf_config_dict(), "model (inline shape)"), "the inline model shape"
+def _moe_layers(args: ModelArgs) -> list[bool]:
+    return [args.is_moe_layer(i) for i in range(args.num_layers)]
+
+
+def total_params(args: ModelArgs) -> int:
+    """Parameters of the HF model (unpadded vocabulary)."""
+    emb = args.vocab_size * args.hidden_size * (1 if args.tie_word_embeddings else 2)
+    return emb + args.hidden_size + sum(sum(layer_params(args, m)) for m in _moe_layers(args))
+
+
+def active_params(args: ModelArgs) -> int:
+    """Parameters used per token (MoE: K of E experts)."""
+    if not args.is_moe:
+        return total_params(args)
+    routed = args.moe_top_k * 3 * args.hidden_size * args.moe_ffn_hidden_size
+    return total_params(args) - sum(layer_params(args, True)[1] - routed for m in _moe_layers(args) if m)
 
 
 # --------------------------------------------------------------------------- layouts
@@ -186,31 +127,13 @@ class Layout:
                 f"recompute={'on' if self.recompute else 'off'}")
 
 
-def layout_errors(shape: ModelShape, layout: Layout, world: int) -> list[str]:
-    """Why `layout` cannot run `shape` on `world` GPUs; each message names the constraint."""
-    t, p, e, c = layout.tp, layout.pp, layout.ep, layout.cp
-    errors = []
-    if shape.num_heads % t:
-        errors.append(f"parallel.tp={t} must divide the attention heads (num_attention_heads={shape.num_heads})")
-    if shape.num_kv_heads % t and t % shape.num_kv_heads:
-        errors.append(f"parallel.tp={t} and the KV heads (num_key_value_heads={shape.num_kv_heads}) must "
-                      f"divide one another")
-    if shape.ffn_hidden and any(not m for m in shape.moe_layers) and shape.ffn_hidden % t:
-        errors.append(f"parallel.tp={t} must divide the MLP width (intermediate_size={shape.ffn_hidden})")
-    if shape.num_experts and shape.expert_ffn_hidden % t:
-        errors.append(f"parallel.tp={t} (= expert TP) must divide the expert MLP width "
-                      f"(moe_intermediate_size={shape.expert_ffn_hidden})")
-    if shape.num_layers % p:
-        errors.append(f"parallel.pp={p} must divide the layers (num_hidden_layers={shape.num_layers})")
-    if e > 1 and not shape.num_experts:
-        errors.append(f"parallel.ep={e} needs a MoE model; this one is dense (set parallel.ep=1)")
-    elif shape.num_experts and shape.num_experts % e:
-        errors.append(f"parallel.ep={e} must divide the experts (num_experts={shape.num_experts})")
-    if world % (t * p * c):
-        errors.append(f"tp*pp*cp = {t}*{p}*{c} = {t * p * c} must divide the world size {world}")
-    if e > 1 and world % (t * e * p):
-        errors.append(f"tp*ep*pp = {t}*{e}*{p} = {t * e * p} (the expert grid, expert TP = tp) must divide "
-                      f"the world size {world}")
+def _errors(cfg: DapoConfig, args: ModelArgs, layout: Layout, nodes: int, gpus_per_node: int) -> list[str]:
+    """The one layout check (dapo_megatron.resolve.layout_errors) for a layout the planner tries."""
+    errors = layout_errors(args, layout.tp, layout.pp, layout.ep, layout.cp, nodes * gpus_per_node, cfg.rollout)
+    try:
+        engine_layout(_on_cluster(cfg, nodes, gpus_per_node))
+    except ConfigError as e:
+        errors.append(str(e))
     return errors
 
 
@@ -249,44 +172,44 @@ def _bytes_per_param(cfg: DapoConfig) -> tuple[int, int, int]:
     return 2, 4, 12  # bf16/fp16 param, fp32 main grad, fp32 master + m + v
 
 
-def _layer_activation_bytes(shape: ModelShape, t: int, sp: bool, moe: bool) -> tuple[float, float]:
+def _layer_activation_bytes(args: ModelArgs, t: int, sp: bool, moe: bool) -> tuple[float, float]:
     """(full, recompute-kept) activation bytes per token for one layer on one TP rank."""
-    h, d = shape.hidden_size, shape.head_dim
-    a_local = shape.num_heads / t
-    k_local = max(shape.num_kv_heads / t, 1.0)  # k < t: each rank computes one KV head
+    h, d = args.hidden_size, args.head_dim
+    a_local = args.num_heads / t
+    k_local = max(args.num_kv_heads / t, 1.0)  # k < t: each rank computes one KV head
     seq_split = t if sp else 1
     act = 8 * h / seq_split
     act += 2 * (a_local + 2 * k_local) * d + 2 * a_local * d + 4 * a_local
-    if shape.qk_norm:
+    if args.qk_norm:
         act += 2 * (a_local + k_local) * d
     if moe:
-        act += 4 * shape.num_experts / seq_split
-        act += shape.experts_per_token * (2 * h + 6 * shape.expert_ffn_hidden / t)
+        act += 4 * args.num_experts / seq_split
+        act += args.moe_top_k * (2 * h + 6 * args.moe_ffn_hidden_size / t)
     else:
-        act += 6 * shape.ffn_hidden / t
+        act += 6 * args.ffn_hidden_size / t
     return act, 2 * h / seq_split
 
 
-def stage_memory(cfg: DapoConfig, shape: ModelShape, layout: Layout, world: int, stage: int) -> StageMemory:
+def stage_memory(cfg: DapoConfig, args: ModelArgs, layout: Layout, world: int, stage: int) -> StageMemory:
     t, p, e = layout.tp, layout.pp, layout.ep
     sp = cfg.parallel.sequence_parallel and t > 1
-    per_stage = shape.num_layers // p
-    layers = shape.moe_layers[stage * per_stage : (stage + 1) * per_stage]
+    per_stage = args.num_layers // p
+    layers = _moe_layers(args)[stage * per_stage : (stage + 1) * per_stage]
     first, last = stage == 0, stage == p - 1
 
     dense = expert = 0
     for moe in layers:
-        d_full, e_full = shape.layer_params(moe)
-        norms = 2 * shape.hidden_size + (2 * shape.head_dim if shape.qk_norm else 0)
-        router = shape.hidden_size * shape.num_experts if moe else 0
+        d_full, e_full = layer_params(args, moe)
+        norms = 2 * args.hidden_size + (2 * args.head_dim if args.qk_norm else 0)
+        router = args.hidden_size * args.num_experts if moe else 0
         dense += (d_full - norms - router) // t + norms + router  # norms and router are replicated
         expert += e_full // e // t
-    emb = shape.padded_vocab(t) * shape.hidden_size // t
+    emb = args.padded_vocab_size(t) * args.hidden_size // t
     if first:
         dense += emb
     if last:
-        dense += shape.hidden_size  # final norm
-        if not shape.tied_embeddings or p > 1:
+        dense += args.hidden_size  # final norm
+        if not args.tie_word_embeddings or p > 1:
             dense += emb  # output layer, or the last stage's copy of tied embeddings
 
     pb, gb, ob = _bytes_per_param(cfg)
@@ -300,14 +223,14 @@ def stage_memory(cfg: DapoConfig, shape: ModelShape, layout: Layout, world: int,
     in_flight = p - stage
     full = kept = biggest = 0.0
     for moe in layers:
-        layer_full, layer_kept = _layer_activation_bytes(shape, t, sp, moe)
+        layer_full, layer_kept = _layer_activation_bytes(args, t, sp, moe)
         full += layer_full
         kept += layer_kept
         biggest = max(biggest, layer_full)
     no_rc = in_flight * full * tokens
     rc = in_flight * kept * tokens + biggest * tokens
     if last:
-        logits = (2 + 4) * shape.padded_vocab(t) / t * tokens
+        logits = (2 + 4) * args.padded_vocab_size(t) / t * tokens
         no_rc += logits
         rc += logits
     return StageMemory(stage, dense, expert, pb * (dense + expert), gb * (dense + expert), optimizer, ref,
@@ -345,13 +268,20 @@ class WeightSync:
         return self.model_bytes * self.num_engines
 
 
-def sglang_share(cfg: DapoConfig, shape: ModelShape, world: int, gpu_mem: float) -> SglangShare:
+def sglang_share(cfg: DapoConfig, args: ModelArgs, world: int, gpu_mem: float, in_use: float = 0.0) -> SglangShare:
+    """SGLang's memory per GPU. --mem-fraction-static is a fraction of the memory free when the
+    server starts (sglang 0.5.23 srt/mem_cache/kv_cache_configurator.py), not of the GPU:
+    `in_use` is what the GPU already holds then (colocated: the training state, unless
+    trainer.offload moved it to host before the engines started, and the overhead)."""
     r, a = cfg.rollout, cfg.algo
     etp = r.engine_tp
-    engines = r.num_engines or max(world // etp, 1)
-    reserved = r.sglang_mem_fraction * gpu_mem
-    weights = 2 * shape.total_params() / etp
-    kv_per_token = 2 * shape.num_layers * max(shape.num_kv_heads / etp, 1.0) * shape.head_dim * 2
+    try:
+        engines = len(engine_layout(_on_cluster(cfg, world // cfg.parallel.gpus_per_node, cfg.parallel.gpus_per_node)))
+    except ConfigError:
+        engines = 1  # the layout error is reported by _errors
+    reserved = r.sglang_mem_fraction * max(gpu_mem - in_use, 0.0)
+    weights = 2 * total_params(args) / etp
+    kv_per_token = 2 * args.num_layers * max(args.num_kv_heads / etp, 1.0) * args.head_dim * 2
     pool = max(reserved - weights, 0.0)
     seq_len = r.max_prompt_length + a.max_response_length
     requested = math.ceil(r.gen_batch_size * a.group_size / engines)
@@ -373,8 +303,8 @@ class Suggestion:
 @dataclass
 class PlanReport:
     config_name: str
-    shape: ModelShape
-    shape_source: str
+    args: ModelArgs
+    args_source: str
     nodes: int
     gpus_per_node: int
     gpu_mem: float  # bytes
@@ -399,23 +329,26 @@ class PlanReport:
         return self.world // (self.layout.tp * self.layout.pp * self.layout.cp)
 
 
-def _evaluate(cfg: DapoConfig, shape: ModelShape, layout: Layout, nodes: int, gpus_per_node: int,
+def _evaluate(cfg: DapoConfig, args: ModelArgs, layout: Layout, nodes: int, gpus_per_node: int,
               gpu_mem: float, overhead: float) -> tuple[list[str], Optional[StageMemory], SglangShare, float, float, bool]:
     """(errors, fullest stage, SGLang share, training peak, rollout peak, fits) for one layout."""
     world = nodes * gpus_per_node
-    errors = layout_errors(shape, layout, world)
-    share = sglang_share(cfg, shape, world, gpu_mem)
+    errors = _errors(cfg, args, layout, nodes, gpus_per_node)
     if errors:
-        return errors, None, share, 0.0, 0.0, False
+        return errors, None, sglang_share(cfg, args, world, gpu_mem, overhead), 0.0, 0.0, False
     dp = world // (layout.tp * layout.pp * layout.cp)
     if cfg.trainer.mini_batch_size * cfg.algo.group_size < dp:
         errors.append(f"a mini-batch of {cfg.trainer.mini_batch_size}x{cfg.algo.group_size} responses cannot "
                       f"feed dp={dp} data-parallel ranks (raise trainer.mini_batch_size or model parallelism)")
-        return errors, None, share, 0.0, 0.0, False
-    stages = [stage_memory(cfg, shape, layout, world, s) for s in range(layout.pp)]
+        return errors, None, sglang_share(cfg, args, world, gpu_mem, overhead), 0.0, 0.0, False
+    stages = [stage_memory(cfg, args, layout, world, s) for s in range(layout.pp)]
+    colocated = cfg.rollout.placement == "colocated"
+    # What stays on the GPU outside training: the training state, unless offloaded to host.
+    resident = 0.0 if cfg.trainer.offload else max(m.static for m in stages)
+    share = sglang_share(cfg, args, world, gpu_mem, overhead + (resident if colocated else 0.0))
     worst = max(stages, key=lambda m: max(m.static + m.activations, m.static + share.reserved))
     train_peak = max(m.static + m.activations for m in stages) + overhead
-    rollout_peak = max(m.static for m in stages) + overhead + (share.reserved if share.colocated else 0.0)
+    rollout_peak = resident + overhead + (share.reserved if colocated else 0.0)
     sglang_ok = share.pool_tokens >= share.seq_len
     fits = train_peak <= gpu_mem and rollout_peak <= gpu_mem and sglang_ok
     return errors, worst, share, train_peak, rollout_peak, fits
@@ -425,13 +358,13 @@ def _divisors(n: int) -> list[int]:
     return [i for i in range(1, n + 1) if n % i == 0]
 
 
-def suggest_layout(cfg: DapoConfig, shape: ModelShape, current: Layout, nodes: int, gpus_per_node: int,
+def suggest_layout(cfg: DapoConfig, args: ModelArgs, current: Layout, nodes: int, gpus_per_node: int,
                    gpu_mem: float, overhead: float, max_nodes_factor: int = 64) -> Optional[Suggestion]:
     """The fitting layout nearest to `current` (TP kept within a node), searching this node count
     first, then twice as many nodes, and so on up to `max_nodes_factor` times as many."""
     tps = _divisors(gpus_per_node)
-    pps = _divisors(shape.num_layers)
-    eps = _divisors(shape.num_experts) if shape.num_experts else [1]
+    pps = _divisors(args.num_layers)
+    eps = _divisors(args.num_experts) if args.num_experts else [1]
     recomputes = sorted({current.recompute, True})
 
     def distance(lay: Layout) -> tuple:
@@ -447,7 +380,7 @@ def suggest_layout(cfg: DapoConfig, shape: ModelShape, current: Layout, nodes: i
                 for e in eps:
                     for rc in recomputes:
                         lay = Layout(t, p, e, current.cp, rc)
-                        _, _, _, tpk, rpk, fits = _evaluate(cfg, shape, lay, n, gpus_per_node, gpu_mem, overhead)
+                        _, _, _, tpk, rpk, fits = _evaluate(cfg, args, lay, n, gpus_per_node, gpu_mem, overhead)
                         if fits:
                             found.append((distance(lay), lay, tpk, rpk))
         if found:
@@ -465,28 +398,21 @@ def plan(cfg: DapoConfig, nodes: int, gpus_per_node: int, gpu_mem_gb: float = 80
     if nodes < 1 or gpus_per_node < 1 or gpu_mem_gb <= 0:
         raise ConfigError(f"plan: nodes={nodes}, gpus_per_node={gpus_per_node} and gpu_mem_gb={gpu_mem_gb} "
                           f"must be positive")
-    shape, source = load_model_shape(cfg.model)
+    cfg = _on_cluster(cfg, nodes, gpus_per_node)
+    args, source = _shape(cfg)
     p = cfg.parallel
     layout = Layout(p.tp, p.pp, p.ep, p.cp, cfg.model.recompute_activations)
     gpu_mem, overhead = gpu_mem_gb * GIB, overhead_gb * GIB
-    report = PlanReport(cfg.name, shape, source, nodes, gpus_per_node, gpu_mem, overhead, layout)
+    report = PlanReport(cfg.name, args, source, nodes, gpus_per_node, gpu_mem, overhead, layout)
     world = report.world
 
     errors, worst, share, train_peak, rollout_peak, fits = _evaluate(
-        cfg, shape, layout, nodes, gpus_per_node, gpu_mem, overhead)
+        cfg, args, layout, nodes, gpus_per_node, gpu_mem, overhead)
     report.errors += errors
     report.memory, report.sglang = worst, share
     report.train_peak, report.rollout_peak, report.fits = train_peak, rollout_peak, fits
 
     r = cfg.rollout
-    if shape.num_heads % r.engine_tp:
-        report.errors.append(f"rollout.engine_tp={r.engine_tp} must divide the attention heads "
-                             f"(num_attention_heads={shape.num_heads}) for SGLang")
-        report.fits = False
-    if r.placement == "colocated" and world % r.engine_tp:
-        report.errors.append(f"rollout.engine_tp={r.engine_tp} must divide the world size {world} "
-                             f"when engines are colocated")
-        report.fits = False
     if share.pool_tokens < share.seq_len:
         report.errors.append(
             f"SGLang's share ({r.sglang_mem_fraction:.2f} of {gpu_mem_gb:g} GiB) holds the weights at "
@@ -502,11 +428,34 @@ def plan(cfg: DapoConfig, nodes: int, gpus_per_node: int, gpu_mem_gb: float = 80
         report.warnings.append(
             f"SGLang holds {share.full_seqs_fit} full-length sequences per engine at once; the "
             f"{share.requested_seqs} requested per round queue (fine when most responses are short)")
-    report.sync = WeightSync(2.0 * shape.total_params(), share.num_engines, 2.0 * shape.total_params() / r.engine_tp,
-                             math.ceil(2.0 * shape.total_params() / (r.weight_bucket_mb * 2**20)))
+    report.sync = WeightSync(2.0 * total_params(args), share.num_engines, 2.0 * total_params(args) / r.engine_tp,
+                             math.ceil(2.0 * total_params(args) / (r.weight_bucket_mb * 2**20)))
     if suggest and not report.fits:
-        report.suggestion = suggest_layout(cfg, shape, layout, nodes, gpus_per_node, gpu_mem, overhead)
+        report.suggestion = suggest_layout(cfg, args, layout, nodes, gpus_per_node, gpu_mem, overhead)
     return report
+
+
+def _on_cluster(cfg: DapoConfig, nodes: int, gpus_per_node: int) -> DapoConfig:
+    """cfg as it would run on `nodes` x `gpus_per_node` (what the trainer would then start)."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.parallel.nodes, out.parallel.gpus_per_node = nodes, gpus_per_node
+    return out
+
+
+def _shape(cfg: DapoConfig) -> tuple[ModelArgs, str]:
+    """The model's ModelArgs as resolve() reads them; the planner needs the vocab."""
+    from dapo_megatron.convert.arch import model_args_from_hf
+    from dapo_megatron.resolve import read_hf_config
+
+    hf, source = read_hf_config(cfg)
+    if not hf.get("vocab_size"):
+        raise ConfigError(f"{source}: vocab_size is 0 (the tokenizer's size); set model.vocab_size for planning")
+    try:
+        return model_args_from_hf(hf), source
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # --------------------------------------------------------------------------- output
@@ -518,12 +467,12 @@ def _gib(x: float) -> str:
 
 def format_report(report: PlanReport) -> str:
     """The plan as text for a terminal (see `dapo-megatron plan`)."""
-    s, lay, out = report.shape, report.layout, []
-    total = s.total_params()
-    kind = (f"MoE, {s.num_experts} experts, {s.experts_per_token} active, {s.active_params() / 1e9:.1f} B active"
+    s, lay, out = report.args, report.layout, []
+    total = total_params(s)
+    kind = (f"MoE, {s.num_experts} experts, {s.moe_top_k} active, {active_params(s) / 1e9:.1f} B active"
             if s.num_experts else "dense")
-    out.append(f"plan for {report.config_name}: {s.architecture}, {total / 1e9:.2f} B parameters ({kind}); "
-               f"shape from {report.shape_source}")
+    out.append(f"plan for {report.config_name}: {s.family}, {total / 1e9:.2f} B parameters ({kind}); "
+               f"shape from {report.args_source}")
     out.append(f"cluster: {report.nodes} node{'s' if report.nodes != 1 else ''} x {report.gpus_per_node} GPUs "
                f"= {report.world} GPUs, "
                f"{report.gpu_mem / GIB:g} GiB each")
@@ -538,7 +487,7 @@ def format_report(report: PlanReport) -> str:
         dp_dense = world // (lay.tp * lay.pp)
         out.append(f"per GPU, pipeline stage {m.stage + 1} of {lay.pp} (the fullest):")
         out.append(f"  parameters   {_gib(m.params)}  {m.param_count:,} ({m.dense_params:,} dense, "
-                   f"{m.expert_params:,} expert; vocab padded to {s.padded_vocab(lay.tp):,})")
+                   f"{m.expert_params:,} expert; vocab padded to {s.padded_vocab_size(lay.tp):,})")
         out.append(f"  gradients    {_gib(m.grads)}  fp32 main grads (Megatron DDP)")
         shard = f"dense over {dp_dense}" + (f", experts over {world // (lay.tp * lay.ep * lay.pp)}"
                                             if m.expert_params else "")
@@ -580,6 +529,6 @@ def format_report(report: PlanReport) -> str:
     return "\n".join(line for line in out if line)
 
 
-__all__ = ["ModelShape", "Layout", "PlanReport", "StageMemory", "SglangShare", "WeightSync", "Suggestion",
-           "load_model_shape", "layout_errors", "stage_memory", "sglang_share", "suggest_layout", "plan",
+__all__ = ["Layout", "PlanReport", "StageMemory", "SglangShare", "WeightSync", "Suggestion",
+           "layer_params", "total_params", "active_params", "stage_memory", "sglang_share", "suggest_layout", "plan",
            "format_report"]

@@ -9,16 +9,11 @@ rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dapo_megatron.ports import free_port
 
 
 def _worker(rank, world_size, port, fn, args, queue):
@@ -52,7 +47,7 @@ def run_distributed(fn, world_size: int = 2, *args, timeout: float = 600.0):
     """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
         for r in range(world_size)

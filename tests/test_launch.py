@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,9 +16,10 @@ import time
 import pytest
 
 from dapo_megatron.launch import (
-    LaunchError, RayOptions, SlurmJob, expand_counts, expand_nodelist, ray_auth_env, ray_start_command,
+    LaunchError, RayNode, RayOptions, SlurmJob, expand_counts, expand_nodelist, ray_auth_env, ray_start_command,
     wait_for_cluster, wait_for_port,
 )
+from dapo_megatron.ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_SH = os.path.join(ROOT, "slurm", "launch.sh")
@@ -127,13 +127,21 @@ def test_wait_for_cluster_timeout_says_what_is_missing():
 
 
 def test_worker_gives_up_on_an_absent_head():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     t0 = time.monotonic()
     with pytest.raises(LaunchError, match=f"127.0.0.1:{port} did not answer within 1 s"):
         wait_for_port("127.0.0.1", port, timeout_s=1.0, poll_s=0.2)
     assert time.monotonic() - t0 < 5
+
+
+def test_ray_node_starts_workers_at_its_own_priority(tmp_path, monkeypatch):
+    # The raylet adds RAY_worker_niceness (Ray's default 15) to its niceness for every worker.
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    out = tmp_path / "env"
+    node = RayNode([sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ['RAY_worker_niceness'])"])
+    node.start()
+    assert node.proc.wait(timeout=60) == 0
+    assert out.read_text() == "0"
 
 
 # --------------------------------------------------------------------------- shell scripts
@@ -216,12 +224,6 @@ with open(sys.argv[1] + ".signal", "w") as f:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _processes_mentioning(tag: str) -> list[int]:
     pids = []
     for path in glob.glob("/proc/[0-9]*/cmdline"):
@@ -255,7 +257,7 @@ def slurm_sandbox(tmp_path):
         "SLURM_JOB_CPUS_PER_NODE": "2(x2)", "SLURM_GPUS_ON_NODE": "0",
         "DAPO_PYTHON": sys.executable,
         "DAPO_RAY_HEAD_IP": "127.0.0.1",  # node01/node02 do not resolve here
-        "DAPO_RAY_PORT": str(_free_port()),
+        "DAPO_RAY_PORT": str(free_port()),
         "DAPO_RAY_TEMP_DIR": ray_tmp,
         "DAPO_RAY_OBJECT_STORE_BYTES": str(150 * 2**20),
         "DAPO_CLUSTER_TIMEOUT_S": "120",
@@ -343,7 +345,7 @@ def test_train_tiny_config_across_two_ray_nodes(slurm_sandbox):
     train on the tiny CPU config for 2 steps; parallel.nodes=2 comes from the allocation."""
     env, tmp_path, started = slurm_sandbox
     run_dir = tmp_path / "run"
-    cmd = ["bash", LAUNCH_SH, "examples/tiny_cpu.yaml", "trainer.max_steps=2", "trainer.warm_start_steps=20",
+    cmd = ["bash", LAUNCH_SH, "examples/tiny_cpu.yaml", "trainer.max_steps=2",
            "eval.every=0", "parallel.gpus_per_node=1", f"trainer.run_dir={run_dir}"]
     with open(tmp_path / "batch.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from dapo_megatron.config import load_config
-from dapo_megatron.plan import GIB, Layout, format_report, plan
+from dapo_megatron.config import ConfigError, load_config
+from dapo_megatron.plan import GIB, Layout, active_params, format_report, plan, stage_memory, total_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EX = os.path.join(ROOT, "examples")
@@ -19,7 +19,7 @@ MOE = os.path.join(EX, "qwen3_235b_a22b_moe_dapo.yaml")
 
 def _cfg(path, *overrides, nodes=None):
     extra = [f"parallel.nodes={nodes}"] if nodes else []
-    return load_config(path, extra + list(overrides))
+    return load_config(path, extra + list(overrides), check_layout=False)
 
 
 # Qwen2.5-32B (config.json): vocab 152064, hidden 5120, 64 layers, 40 heads, 8 KV heads of 128,
@@ -45,7 +45,7 @@ def test_qwen32b_whole_model_count():
     # embeddings + head, 64 layers, final norm; no padding in the HF model
     by_hand = 2 * 152064 * 5120 + 64 * (
         2 * 5120 + 5120 * 7168 + 7168 + 5120 * 5120 + 3 * 5120 * 27648) + 5120
-    assert report.shape.total_params() == by_hand == 32_763_876_352
+    assert total_params(report.args) == by_hand == 32_763_876_352
 
 
 @pytest.mark.parametrize("nodes", [4, 8, 16])
@@ -79,26 +79,35 @@ def test_qwen32b_activations_by_hand():
 
 
 def test_qwen32b_sglang_share_and_weight_sync_by_hand():
-    report = plan(_cfg(QWEN32B, nodes=4), nodes=4, gpus_per_node=8)
+    report_cfg = _cfg(QWEN32B, nodes=4)
+    report = plan(report_cfg, nodes=4, gpus_per_node=8)
     sh = report.sglang
     total = 32_763_876_352
     assert sh.engine_tp == 4 and sh.num_engines == 8
     assert sh.weights == 2 * total / 4
     kv_per_token = 2 * 64 * (8 / 4) * 128 * 2  # K and V, 64 layers, 2 KV heads per GPU, bf16
     assert sh.kv_bytes_per_token == kv_per_token
-    assert sh.pool_tokens == int((0.5 * 80 * GIB - 2 * total / 4) // kv_per_token)
+    # --mem-fraction-static takes 0.5 of what is free when SGLang starts: the GPU less the
+    # overhead and the training state, which stays resident (no trainer.offload).
+    static = max(stage_memory(report_cfg, report.args, report.layout, 32, s).static for s in range(2))
+    free_at_start = 80 * GIB - 5 * GIB - static
+    assert sh.reserved == pytest.approx(0.5 * free_at_start)
+    assert sh.pool_tokens == int((0.5 * free_at_start - 2 * total / 4) // kv_per_token)
     assert sh.requested_seqs == 1536 * 16 // 8
     assert report.sync.total_bytes == 8 * 2 * total
-    assert report.rollout_peak == pytest.approx(
-        report.memory.static + 0.5 * 80 * GIB + 5 * GIB)
+    assert report.rollout_peak == pytest.approx(static + 0.5 * free_at_start + 5 * GIB)
+    # Offloaded to host before the engines start: SGLang sees everything but the overhead.
+    offloaded = plan(_cfg(QWEN32B, "trainer.offload=true", nodes=4), nodes=4, gpus_per_node=8)
+    assert offloaded.sglang.reserved == pytest.approx(0.5 * 75 * GIB)
+    assert offloaded.rollout_peak == pytest.approx(0.5 * 75 * GIB + 5 * GIB)
 
 
 def test_moe_example_expert_split_by_hand():
     """Qwen3-235B-A22B shape, tp 4, pp 2, ep 16 on 16 nodes; expert TP = tp."""
     report = plan(_cfg(MOE, nodes=16), nodes=16, gpus_per_node=8)
     assert not report.errors and report.fits
-    assert round(report.shape.total_params() / 1e9, 1) == 235.1
-    assert round(report.shape.active_params() / 1e9, 1) == 22.2
+    assert round(total_params(report.args) / 1e9, 1) == 235.1
+    assert round(active_params(report.args) / 1e9, 1) == 22.2
     m = report.memory
     attn = (4096 * 64 * 128 + 2 * 4096 * 4 * 128 + 64 * 128 * 4096) / 4
     replicated = 2 * 4096 + 2 * 128 + 4096 * 128  # norms, q/k norms, router
@@ -165,18 +174,25 @@ def test_smaller_gpus_do_not_fit():
     assert not report.fits  # rollout peak: ~23 GiB resident + 20 GiB SGLang + 5 GiB overhead
 
 
-def test_hf_dir_config_json_wins_over_inline_shape(tmp_path):
+def test_shape_comes_from_hf_dir_then_the_shipped_copy_and_nested_text_config(tmp_path):
     hf = {"model_type": "qwen2", "vocab_size": 1024, "hidden_size": 256, "num_hidden_layers": 4,
           "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 512,
           "tie_word_embeddings": True}
-    (tmp_path / "config.json").write_text(json.dumps(hf))
-    cfg = _cfg(QWEN7B, f"model.hf_dir={tmp_path}", "parallel.tp=2", nodes=1)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "some_vlm", "text_config": hf}))
+    # hf_dir's config.json (its text_config) is the shape; the example's copy must then agree.
+    cfg = _cfg(QWEN7B, f"model.hf_dir={tmp_path}", "model.hf_config=null", "parallel.tp=2", nodes=1)
     report = plan(cfg, nodes=1, gpus_per_node=8)
-    assert report.shape_source == str(tmp_path / "config.json")
+    assert report.args_source == str(tmp_path / "config.json")
     per_layer = 2 * 256 + 256 * (8 + 4) * 32 + (8 + 4) * 32 + 8 * 32 * 256 + 3 * 256 * 512
-    assert report.shape.total_params() == 1024 * 256 + 4 * per_layer + 256  # tied: one embedding
+    assert total_params(report.args) == 1024 * 256 + 4 * per_layer + 256  # tied: one embedding
+    with pytest.raises(ConfigError, match="model.hf_config: .* describes another model"):
+        plan(_cfg(QWEN7B, f"model.hf_dir={tmp_path}", "parallel.tp=2", nodes=1), nodes=1, gpus_per_node=8)
+    # Before the download: the shipped copy of config.json.
     missing = plan(_cfg(QWEN7B, f"model.hf_dir={tmp_path / 'absent'}", nodes=1), nodes=1, gpus_per_node=8)
-    assert missing.shape_source == "the inline model shape" and missing.shape.hidden_size == 3584
+    assert missing.args_source.endswith("model_configs/qwen2.5-7b.json") and missing.args.hidden_size == 3584
+    with pytest.raises(ConfigError, match="model.hf_dir: no config.json"):
+        plan(_cfg(QWEN7B, f"model.hf_dir={tmp_path / 'absent'}", "model.hf_config=null", nodes=1),
+             nodes=1, gpus_per_node=8)
 
 
 @pytest.mark.parametrize("path,nodes", [(QWEN7B, 1), (QWEN32B, 4), (MOE, 16)])

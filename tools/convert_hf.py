@@ -59,14 +59,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if a.quiet else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore")
-    from dapo_megatron.convert.dist_ckpt import (
+    from dapo_megatron.convert.hf_io import CheckpointError
+    from dapo_megatron.convert_hf import (
         ConversionError,
         hf_to_megatron,
         limit_malloc_retention,
         megatron_to_hf,
         verify,
     )
-    from dapo_megatron.convert.hf_io import CheckpointError
 
     limit_malloc_retention()
 

@@ -16,8 +16,14 @@ from .aggregate import AGG_MODES, aggregate_loss, loss_scale_counts, masked_mean
 from .correction import CORRECTION_MODES, correction_bounds, correction_weights, mismatch_metrics
 from .entropy import entropy_from_logits
 from .kl import KL_KINDS, kl_loss, kl_penalty
-from .loss import POLICY_METRIC_REDUCTIONS, policy_loss, reduce_policy_metrics
-from .objectives import LOSS_AGG, LOSS_TYPES, token_objective
+from .loss import (
+    POLICY_METRIC_REDUCTIONS,
+    finish_metrics,
+    metric_partials,
+    policy_loss,
+    reduce_policy_metrics,
+)
+from .objectives import LOSS_AGG, LOSS_TYPES, resolve_agg, token_objective
 from .overlong import overlong_filter_mask, overlong_penalty
 from .sampling import (
     SURPLUS_MODES,
@@ -45,17 +51,20 @@ __all__ = [
     "correction_bounds",
     "correction_weights",
     "entropy_from_logits",
+    "finish_metrics",
     "group_advantages",
     "keep_mask",
     "kl_loss",
     "kl_penalty",
     "loss_scale_counts",
     "masked_mean",
+    "metric_partials",
     "mismatch_metrics",
     "overlong_filter_mask",
     "overlong_penalty",
     "policy_loss",
     "reduce_policy_metrics",
+    "resolve_agg",
     "stack_group_rewards",
     "token_objective",
 ]

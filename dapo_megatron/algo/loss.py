@@ -152,34 +152,75 @@ def policy_loss(
     return loss, metrics
 
 
-def reduce_policy_metrics(
+def metric_partials(
     metrics_list: Iterable[Mapping[str, torch.Tensor | float]],
-) -> dict[str, float]:
-    """Combine the metrics of several ``policy_loss`` calls into plain floats.
+    reductions: Mapping[str, str] = POLICY_METRIC_REDUCTIONS,
+) -> torch.Tensor:
+    """The state of a metric reduction, before it is finished by :func:`finish_metrics`.
 
-    Each key is reduced as POLICY_METRIC_REDUCTIONS says; token means are weighted by
-    each call's "num_tokens". Keys missing from some calls are reduced over the calls
-    that have them. Unknown keys raise ValueError.
+    Returns a float64 tensor [4 * len(reductions)]: per name (in ``reductions`` order) the
+    sum of values (token means: weighted by "num_tokens"), the summed weight, the number of
+    calls that reported it, then all the maxima. Partials of disjoint calls combine by
+    adding the first 3n entries and taking the max of the last n, so a distributed caller
+    all-reduces them (SUM, MAX) and finishes once; the result equals reducing every call
+    in one place. Unknown keys raise ValueError.
     """
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
+    names = list(reductions)
+    slot = {name: k for k, name in enumerate(names)}
+    n = len(names)
+    sums = torch.zeros(3 * n, dtype=torch.float64)
+    maxes = torch.full((n,), float("-inf"), dtype=torch.float64)
     for metrics in metrics_list:
         num_tokens = float(metrics["num_tokens"])
         for name, value in metrics.items():
-            if name not in POLICY_METRIC_REDUCTIONS:
-                raise ValueError(f"metric {name!r} has no reduction in POLICY_METRIC_REDUCTIONS")
-            value = float(value)
-            how = POLICY_METRIC_REDUCTIONS[name]
-            if how == "sum":
-                totals[name] = totals.get(name, 0.0) + value
-            elif how == "max":
-                totals[name] = max(totals.get(name, value), value)
+            if name not in slot:
+                raise ValueError(f"metric {name!r} has no reduction (POLICY_METRIC_REDUCTIONS)")
+            k, value, how = slot[name], float(value), reductions[name]
+            sums[2 * n + k] += 1
+            if how == "max":
+                maxes[k] = max(float(maxes[k]), value)
+            elif how == "sum":
+                sums[2 * k] += value
             else:
-                totals[name] = totals.get(name, 0.0) + value * num_tokens
-                weights[name] = weights.get(name, 0.0) + num_tokens
-    for name, weight in weights.items():
-        totals[name] = totals[name] / weight if weight > 0 else 0.0
-    return totals
+                sums[2 * k] += value * num_tokens
+                sums[2 * k + 1] += num_tokens
+    return torch.cat([sums, maxes])
+
+
+def finish_metrics(partials: torch.Tensor,
+                   reductions: Mapping[str, str] = POLICY_METRIC_REDUCTIONS) -> dict[str, float]:
+    """Plain floats from :func:`metric_partials` (possibly all-reduced); a name no call
+    reported is left out; a token mean over zero tokens is 0."""
+    names = list(reductions)
+    n = len(names)
+    partials = partials.double().cpu()
+    out = {}
+    for k, name in enumerate(names):
+        if partials[2 * n + k] == 0:
+            continue
+        how = reductions[name]
+        if how == "max":
+            out[name] = float(partials[3 * n + k])
+        elif how == "sum":
+            out[name] = float(partials[2 * k])
+        else:
+            weight = float(partials[2 * k + 1])
+            out[name] = float(partials[2 * k]) / weight if weight > 0 else 0.0
+    return out
+
+
+def reduce_policy_metrics(
+    metrics_list: Iterable[Mapping[str, torch.Tensor | float]],
+    reductions: Mapping[str, str] = POLICY_METRIC_REDUCTIONS,
+) -> dict[str, float]:
+    """Combine the metrics of several ``policy_loss`` calls into plain floats.
+
+    Each key is reduced as ``reductions`` says (default POLICY_METRIC_REDUCTIONS); token
+    means are weighted by each call's "num_tokens". Keys missing from some calls are
+    reduced over the calls that have them. Unknown keys raise ValueError. The policy's
+    distributed reduction (policy/train.py) is this one with an all-reduce in the middle.
+    """
+    return finish_metrics(metric_partials(metrics_list, reductions), reductions)
 
 
 def _check_args(logprobs, old_logprobs, advantages, response_mask, eps_low, eps_high,

@@ -37,6 +37,12 @@ LOSS_AGG = {
 }
 
 
+def resolve_agg(loss_type: str, agg: str | None) -> str:
+    """``agg`` if set, else the loss's own aggregation (``algo.loss_agg: null``)."""
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    return agg or LOSS_AGG[loss_type]
+
+
 def token_objective(
     loss_type: str,
     logprobs: torch.Tensor,

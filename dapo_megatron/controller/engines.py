@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from dapo_megatron.resolve import EngineSlot, engine_layout
 from dapo_megatron.rollout.manager import RolloutManager, call_engine
 from dapo_megatron.rollout.protocol import SamplingParams
 
@@ -29,13 +30,19 @@ class WeightSource(Protocol):
 
 
 class EnginePool:
-    def __init__(self, cfg, hf_config: dict, weight_source: WeightSource | None = None) -> None:
+    def __init__(self, cfg, hf_config: dict, weight_source: WeightSource | None = None,
+                 slots: tuple[EngineSlot, ...] | None = None, policy_pg=None) -> None:
+        """slots: where each engine runs (dapo_megatron.resolve; default: resolved from cfg).
+        policy_pg: the policy's placement group, whose bundles colocated engines share."""
         self.cfg = cfg
         self.hf_config = hf_config
         self.weight_source = weight_source
         self.weight_version: int | None = None  # of the last completed sync
-        n = cfg.rollout.num_engines or max(1, cfg.parallel.nodes)
-        self.manager = RolloutManager([self._start_engine(i) for i in range(n)], factory=self._start_engine,
+        self.slots = slots if slots is not None else engine_layout(cfg)
+        self.policy_pg = policy_pg
+        engines = [self._start_engine(i) for i in range(len(self.slots))]
+        _wait_started(engines)
+        self.manager = RolloutManager(engines, factory=self._replacement,
                                       max_restarts=cfg.rollout.max_engine_restarts,
                                       on_replace=self._resync)
         self._round = None
@@ -48,15 +55,32 @@ class EnginePool:
     def restarts(self) -> int:
         return self.manager.restarts
 
+    def _replacement(self, index: int):
+        engine = self._start_engine(index)
+        _wait_started([engine])
+        return engine
+
+    @property
+    def produced(self):
+        """Every response and token the engines generated so far (a `GenerationCount`)."""
+        return self.manager.produced
+
     def _start_engine(self, index: int):
-        r = self.cfg.rollout
+        slot, r = self.slots[index], self.cfg.rollout
+        placement = {}
+        if slot.policy_bundle is not None and self.policy_pg is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            # Colocated: on the node of the training rank whose GPUs the engine serves.
+            placement["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.policy_pg, placement_group_bundle_index=slot.policy_bundle)
         if r.engine == "sglang":
             from dapo_megatron.rollout.sglang_engine import create_sglang_actor
 
-            return create_sglang_actor(self.cfg, self.hf_config, engine_index=index)
+            return create_sglang_actor(self.cfg, self.hf_config, engine_index=index, slot=slot, **placement)
         from dapo_megatron.rollout.embedded import create_embedded_actor
 
-        return create_embedded_actor(self.hf_config, num_cpus=r.engine_num_cpus,
+        return create_embedded_actor(self.hf_config, num_cpus=slot.resources["CPU"],
                                      max_batch_size=EMBEDDED_BATCH_ROWS, num_threads=r.engine_num_cpus)
 
     # ------------------------------------------------------------------ weights and memory
@@ -78,17 +102,20 @@ class EnginePool:
                 self.weight_version = version
                 return stats
             except Exception as err:  # noqa: BLE001 - sorted into engine death vs a real error
-                dead = [i for i, e in enumerate(self.engines) if not _alive(e)]
+                patience = min(60.0, self.cfg.rollout.hang_timeout_s)
+                dead = [i for i, e in enumerate(self.engines) if not _alive(e, patience)]
                 if not dead:
                     raise
                 self.weight_version = None  # replacements get their weights from the retry
                 for i in dead:
+                    _kill(self.engines[i])  # a hung (not dead) engine must not linger
                     self.manager.replace(i, err)
 
     def _push(self, version: int, engines: list) -> dict[str, float]:
-        _on_all(engines, "begin_weight_update", version)
+        timeout = self.cfg.rollout.hang_timeout_s
+        _on_all(engines, "begin_weight_update", version, timeout=timeout)
         stats = self.weight_source.push_weights(engines, version)
-        _on_all(engines, "end_weight_update")
+        _on_all(engines, "end_weight_update", timeout=timeout)
         return stats
 
     def _resync(self, engine) -> None:
@@ -121,16 +148,11 @@ class EnginePool:
             self._round.abort(wait=True)
 
     def shutdown(self) -> None:
-        import ray
-
         for engine in self.engines:
-            try:
-                ray.kill(engine)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+            _kill(engine)
 
 
-def _on_all(engines: list, method: str, *args) -> None:
+def _on_all(engines: list, method: str, *args, timeout: float | None = None) -> None:
     """engine.method(*args) on every engine, at once for Ray handles; waits for all."""
     remote = [e for e in engines if hasattr(getattr(e, method), "remote")]
     for e in engines:
@@ -139,13 +161,35 @@ def _on_all(engines: list, method: str, *args) -> None:
     if remote:
         import ray
 
-        ray.get([getattr(e, method).remote(*args) for e in remote])
+        ray.get([getattr(e, method).remote(*args) for e in remote], timeout=timeout)
 
 
-def _alive(engine) -> bool:
-    """The engine (its actor) answers at all; unlike health(), true mid-sync."""
+def _wait_started(engines: list, timeout: float = 1800.0) -> None:
+    """Block until every new engine actor answers: start-up (imports, model build, an SGLang
+    server's launch) is not a hang, so hang timeouts only apply from here on."""
+    import ray
+
+    for engine in engines:
+        if isinstance(engine, ray.actor.ActorHandle):
+            call_engine(engine, "get_weight_version", timeout=timeout)
+
+
+def _alive(engine, timeout: float = 60.0) -> bool:
+    """The engine (its actor) answers at all within timeout; unlike health(), true mid-sync."""
     try:
-        call_engine(engine, "get_weight_version", timeout=60)
+        call_engine(engine, "get_weight_version", timeout=timeout)
         return True
-    except Exception:  # noqa: BLE001 - a dead actor answers with any error
+    except Exception:  # noqa: BLE001 - a dead or frozen actor answers with an error or not at all
         return False
+
+
+def _kill(engine) -> None:
+    """End an engine actor (in-process engines have nothing to kill; ray.kill on them would
+    start a Ray instance)."""
+    import ray
+
+    if isinstance(engine, ray.actor.ActorHandle):
+        try:
+            ray.kill(engine)
+        except Exception:  # noqa: BLE001 - already gone
+            pass

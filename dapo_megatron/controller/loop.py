@@ -14,25 +14,31 @@ prompt sampler and the metrics; the phases themselves live in their modules.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import signal
+import threading
 import time
 
 import numpy as np
 import torch
 
 from dapo_megatron.algo import BatchAssembler
-from dapo_megatron.config import DapoConfig, dump_config
+from dapo_megatron.config import DapoConfig, check_run_paths, dump_config
 from dapo_megatron.controller import checkpoint as ckpt_io
 from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
+from dapo_megatron.controller.eval_phase import evaluate
+from dapo_megatron.controller.examine import log_examples
 from dapo_megatron.controller.metrics import MetricsLogger, plot_metrics
 from dapo_megatron.controller.policy_group import PolicyGroup
 from dapo_megatron.controller.rollout_phase import collect_train_groups
+from dapo_megatron.controller.run_dir import claim_run_dir
 from dapo_megatron.controller.task import load_task
 from dapo_megatron.data.sampler import PromptSampler
+from dapo_megatron.resolve import Resolved, resolve
 from dapo_megatron.reward import RewardPool
 
 logger = logging.getLogger("dapo_megatron")
@@ -50,15 +56,33 @@ def train(cfg: DapoConfig) -> list[dict]:
 class Trainer:
     def __init__(self, cfg: DapoConfig, *, for_eval: bool = False) -> None:
         self.cfg = cfg
-        os.makedirs(cfg.run_dir, exist_ok=True)
+        self.metrics: MetricsLogger | None = None
+        self.scorer = self.engines = self.policy = None
+        # Everything that can refuse the launch runs before any actor starts; config.yaml
+        # is written only once the launch is accepted (in run, after the resume checks).
+        self.lock = None if for_eval else claim_run_dir(cfg)
+        try:
+            self._start(cfg, for_eval)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, cfg: DapoConfig, for_eval: bool) -> None:
         if not for_eval:
-            dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+            check_run_paths(cfg)
+            ckpt_io.check_free_space(cfg.checkpoint_dir)
         _seed_everything(cfg.trainer.seed)
         self.task = load_task(cfg)
-        self.hf_config = _hf_config(cfg, self.task.tokenizer.vocab_size)
-        _init_ray(cfg)
+        # The shape (and prompt + response against its positions) is checked by resolve().
+        self.resolved = resolve(cfg, vocab_size=self.task.tokenizer.vocab_size)
+        self.hf_config = self.resolved.hf_config
+        _init_ray(cfg, self.resolved)
         self.policy = PolicyGroup(cfg, self.hf_config)
-        self.engines = EnginePool(cfg, self.hf_config, weight_source=self.policy)
+        if cfg.trainer.offload:
+            # Before the engines start: SGLang sizes its memory from what is free then.
+            self.policy.offload()
+        self.engines = EnginePool(cfg, self.hf_config, weight_source=self.policy,
+                                  slots=self.resolved.engines, policy_pg=self.policy.pg)
         r = cfg.reward
         self.scorer = RewardPool(num_workers=r.num_workers, timeout_s=r.timeout_s,
                                  correct_score=r.correct_score, incorrect_score=r.incorrect_score)
@@ -70,22 +94,21 @@ class Trainer:
         )
         self.step = 0
         self._saved_step = 0  # the step of the newest checkpoint (resumed or written)
-        self.generated_samples = 0
-        self.metrics: MetricsLogger | None = None
+        self.generated_samples = 0  # responses the engines generated for training (the budget's count)
+        self.generated_tokens = 0
 
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict]:
         cfg = self.cfg
         self._install_signal_handlers()  # after ray.init, which replaces SIGTERM's handler
         resumed = self.restore(None) if cfg.checkpoint.resume else False
+        dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))  # the launch is accepted
         self.metrics = MetricsLogger(
             cfg.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, config=cfg.to_dict(), resume_step=self.step,
             max_steps=cfg.trainer.max_steps,
         )
         if not resumed:
-            if self.task.embedded and cfg.trainer.warm_start_steps > 0:
-                self.policy.warm_start(self.task, cfg.trainer)
             self.sync_weights()
             if cfg.eval.every:
                 self.metrics.log(0, self.evaluate())
@@ -110,14 +133,26 @@ class Trainer:
         return self.metrics.records
 
     def _install_signal_handlers(self) -> None:
-        """SIGUSR1 (Slurm's warning before the time limit) and SIGTERM end the run cleanly at
-        the next step boundary, with a checkpoint."""
+        """SIGUSR1 (Slurm's warning before the time limit), SIGTERM and SIGINT end the run
+        cleanly at the next step boundary, with a checkpoint; a second SIGINT stops at once.
+        The actors do not see these signals even when the whole process group gets them
+        (`_init_ray` starts Ray with them blocked), so they are alive for that checkpoint."""
         self._stop_signal = None
+        first_at = [0.0]
 
         def handler(signum, _frame):
+            # One Ctrl-C can arrive twice (each thread that Ray started sees it); a second
+            # one a moment later is the user's.
+            if signum == signal.SIGINT and self._stop_signal is not None and time.monotonic() - first_at[0] > 1.0:
+                raise KeyboardInterrupt
+            if self._stop_signal is None:
+                first_at[0] = time.monotonic()
+                logger.warning("received %s: finishing step %d, then checkpointing and exiting "
+                               "(Ctrl-C again to stop without a checkpoint)", signal.Signals(signum).name,
+                               self.step)
             self._stop_signal = signum
 
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             try:
                 signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
@@ -134,18 +169,24 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One DAPO step; returns its metrics."""
         cfg, t0 = self.cfg, time.perf_counter()
+        crashes_before = self.scorer.crashes
         rollout = collect_train_groups(
             cfg=cfg, step=self.step, sampler=self.sampler, tokenizer=self.task.tokenizer,
             engines=self.engines, scorer=self.scorer, assembler=self.assembler,
         )
-        self.generated_samples += rollout.stats.generated * cfg.algo.group_size
+        # The budget counts every response the engines generated, not the groups scored.
+        self.generated_samples += rollout.generated.responses
+        self.generated_tokens += rollout.generated.tokens
+        log_examples(rollout.groups, cfg.logging.num_examine, tag=f"step {self.step}")
         metrics = {
-            **rollout.stats.as_metrics(),
+            **rollout.stats.as_metrics(), **rollout.metrics(),
             "reward/timeouts": float(rollout.reward_timeouts),
+            "reward/worker_crashes": float(self.scorer.crashes - crashes_before),
             "rollout/generated_samples_total": float(self.generated_samples),
+            "rollout/generated_tokens_total": float(self.generated_tokens),
             "rollout/engine_restarts": float(self.engines.restarts),
             "time/generate": rollout.seconds_generate, "time/reward": rollout.seconds_reward,
-            "throughput/generate_tokens_per_s": rollout.generated_tokens / max(rollout.seconds_generate, 1e-9),
+            "throughput/generate_tokens_per_s": rollout.generated.tokens / max(rollout.seconds_generate, 1e-9),
         }
         if rollout.groups:
             metrics.update(self._train_on(rollout.groups))
@@ -187,8 +228,6 @@ class Trainer:
         return {"sync/bytes": stats["bytes"], "sync/gb_per_s": stats["bytes"] / 1e9 / max(stats["seconds"], 1e-9)}
 
     def evaluate(self, k: int | None = None, out_path: str | None = None) -> dict[str, float]:
-        from dapo_megatron.eval import evaluate
-
         return evaluate(self.cfg, self.task.eval, self.task.tokenizer, self.engines, self.scorer,
                         k=k, seed=self.cfg.trainer.seed, out_path=out_path)
 
@@ -197,6 +236,7 @@ class Trainer:
         state = {
             "step": self.step,
             "generated_samples": self.generated_samples,
+            "generated_tokens": self.generated_tokens,
             "sampler": self.sampler.state_dict(),
             "carried_groups": self.assembler.carried_groups(),  # surplus="carry" only
             "python_rng": random.getstate(),
@@ -208,13 +248,47 @@ class Trainer:
         logger.info("step %d: checkpoint written to %s", self.step, path)
 
     def restore(self, path: str | None) -> bool:
-        """Load `path` (or the newest checkpoint of the run); True if one was loaded."""
-        path = path or ckpt_io.latest(self.cfg)
+        """Load `path` (a checkpoint, or a directory of them: its newest that verifies; None:
+        the run's checkpoint.dir); True if one was loaded. Newer checkpoints that do not verify
+        or fail to load are skipped, each with its reason logged."""
+        root = path or self.cfg.checkpoint_dir
+        if path is not None and not ckpt_io.is_checkpoint_root(path):
+            reason = ckpt_io.verify(path) if os.path.exists(os.path.join(path, ckpt_io.MANIFEST)) else None
+            if reason is not None:
+                raise ckpt_io.NoUsableCheckpoint(f"checkpoint {path} does not verify: {reason}")
+            self._apply(path, self.policy.load(path))  # one given directory
+            return True
         if path is None:
-            return False
-        state = self.policy.load(path)
+            ckpt_io.remove_partial_saves(root)
+        skipped = []
+        for candidate, reason in ckpt_io.verified_newest_first(root):
+            if reason is None:
+                try:
+                    state = self.policy.load(candidate)
+                except Exception as e:  # noqa: BLE001 - fall back to the previous checkpoint
+                    lines = str(e).strip().splitlines() or [""]
+                    reason = f"loading failed: {type(e).__name__}: {lines[-1][:300]}"
+            if reason is None:
+                if skipped:
+                    logger.warning("resuming from %s: the %d newer checkpoint(s) above could not be used",
+                                   candidate, len(skipped))
+                # The controller's state (data position, RNG) is applied only now: a mismatch
+                # with this config (e.g. a changed dataset) refuses the launch, no fallback.
+                self._apply(candidate, state)
+                return True
+            logger.warning("skipping checkpoint %s: %s", candidate, reason)
+            skipped.append(candidate)
+        if skipped:
+            raise ckpt_io.NoUsableCheckpoint(
+                f"none of the {len(skipped)} checkpoints in {root} can be used (reasons above); move them "
+                "aside to start over, or set checkpoint.resume=false with checkpoint.overwrite=true")
+        return False
+
+    def _apply(self, path: str, state: dict) -> None:
+        """Restore the controller's part of a checkpoint the policy has loaded."""
         self.step = self._saved_step = int(state["step"])
         self.generated_samples = int(state.get("generated_samples", 0))
+        self.generated_tokens = int(state.get("generated_tokens", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.assembler.restore_carried(state.get("carried_groups") or [])
         random.setstate(state["python_rng"])
@@ -222,14 +296,15 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.sync_weights()
         logger.info("resumed from %s at step %d", path, self.step)
-        return True
 
     def shutdown(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
-        self.scorer.close()
-        self.engines.shutdown()
-        self.policy.shutdown()
+        for part in (self.scorer, self.engines, self.policy):
+            if part is not None:
+                part.close() if part is self.scorer else part.shutdown()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _seed_everything(seed: int) -> None:
@@ -238,30 +313,67 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _hf_config(cfg: DapoConfig, vocab_size: int) -> dict:
-    """The policy's HF-style config: the checkpoint's config.json, or the inline shape."""
-    if cfg.model.hf_dir:
-        import json
-
-        path = os.path.join(cfg.model.hf_dir, "config.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"model.hf_dir: no config.json in {cfg.model.hf_dir}")
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return cfg.model.hf_config_dict(vocab_size=cfg.model.vocab_size or vocab_size)
+class RayStartError(RuntimeError):
+    """Ray did not come up after the retries; the message says what to try."""
 
 
-def _init_ray(cfg: DapoConfig) -> None:
+RAY_START_ATTEMPTS = 5  # Ray gives its raylet a fixed 30 s (node.py); a loaded machine needs more tries
+RAY_START_BACKOFF_S = 10.0
+
+
+def _init_ray(cfg: DapoConfig, resolved: Resolved | None = None) -> None:
+    """Start (or join, with RAY_ADDRESS) Ray, retrying a failed start-up: on a busy machine
+    the raylet can miss its start-up deadline, which is no reason to end the run."""
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        kwargs = dict(address=address, log_to_driver=True)
+    else:
+        # A local cluster: enough logical CPUs for every policy rank, engine and the driver,
+        # whatever this machine has (actors mostly wait on one another).
+        engines = (resolved or resolve(cfg)).engines
+        needed = cfg.parallel.world_size + int(sum(slot.resources.get("CPU", 0) for slot in engines))
+        # Ray's raylet adds worker_niceness to its own (the driver's) niceness for every worker.
+        kwargs = dict(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
+                      log_to_driver=True, configure_logging=False,
+                      _system_config={"worker_niceness": cfg.trainer.worker_niceness})
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            with _stop_signals_blocked():
+                ray.init(**kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - ray.init raises many kinds; all are retried
+            try:
+                ray.shutdown()
+            except Exception:  # noqa: BLE001
+                pass
+            reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            if attempt == RAY_START_ATTEMPTS:
+                raise RayStartError(
+                    f"Ray did not start after {attempt} attempts ({reason}). The machine may be "
+                    "overloaded: rerun later, or start a cluster with `ray start --head` and set "
+                    "RAY_ADDRESS") from e
+            wait = RAY_START_BACKOFF_S * attempt
+            logger.warning("Ray start-up failed (attempt %d/%d: %s); retrying in %.0f s",
+                           attempt, RAY_START_ATTEMPTS, reason, wait)
+            time.sleep(wait)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Start Ray's processes with SIGTERM and SIGINT blocked (a signal mask survives fork and
+    exec, and Ray's processes do not unblock them; services.py already blocks SIGINT in its
+    preexec_fn). Slurm's scancel, a preemption or Ctrl-C signal the whole process group: the
+    GCS, the raylet and every actor (policy ranks, engines) stay up, and the driver, which
+    alone handles the signal, checkpoints at the step boundary and then shuts them down."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    # A local cluster: enough logical CPUs for every policy rank, engine and the driver,
-    # whatever this machine has (actors mostly wait on one another).
-    needed = cfg.parallel.world_size + max(1, cfg.rollout.num_engines) * cfg.rollout.engine_num_cpus
-    ray.init(num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -19,6 +19,9 @@ _CONSOLE = (
     ("dynamic_sampling/kept", "kept", "{:.0f}"),
     ("dynamic_sampling/generated", "gen", "{:.0f}"),
     ("dynamic_sampling/rounds", "rounds", "{:.0f}"),
+    # Responses the engines generated this step (the budget's count) vs those trained on.
+    ("rollout/generated_responses", "resp gen", "{:.0f}"),
+    ("rollout/used_responses", "used", "{:.0f}"),
     ("response/length_mean", "len", "{:.1f}"),
     ("actor/entropy", "ent", "{:.3f}"),
     ("actor/grad_norm", "gnorm", "{:.3f}"),

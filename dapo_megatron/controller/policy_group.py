@@ -9,11 +9,11 @@ each rank pushes what it sources to the engines itself.
 from __future__ import annotations
 
 import logging
-import socket
 
 import ray
 
 from dapo_megatron.controller.batch import RolloutBatch
+from dapo_megatron.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ class PolicyGroup:
         rollout correction and the reference log-probs; only metrics come back."""
         return self._all("train_step", ray.put(batch))[0]
 
-    def warm_start(self, task, trainer_cfg) -> None:
-        metrics = self._all("warm_start", ray.put(task.train), ray.put(task.tokenizer))[0]
-        logger.info("warm start: %d supervised steps, final loss %.3f", trainer_cfg.warm_start_steps,
-                    metrics.get("loss", float("nan")))
-
     def push_weights(self, engines: list, version: int) -> dict[str, float]:
         """Every rank sends the weights it sources straight to the engines (no copy passes
         through the driver); returns the bytes sent and the slowest rank's seconds."""
@@ -104,6 +99,4 @@ def _use_gpu(cfg) -> bool:
 
 
 def _address_and_port() -> tuple[str, int]:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+    return ray.util.get_node_ip_address(), free_port("")

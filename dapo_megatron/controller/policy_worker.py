@@ -7,14 +7,11 @@ controller's `RolloutBatch` into the policy's `PolicyBatch` ([batch, seq] tensor
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from dapo_megatron.controller.batch import RolloutBatch
-
-logger = logging.getLogger(__name__)
 
 
 def to_policy_batch(batch: RolloutBatch, *, with_engine_logprobs: bool = True, pad_id: int = 0):
@@ -54,43 +51,6 @@ class PolicyWorker:
         the correction and the reference log-probs themselves (PolicyTrainer._prepare)."""
         return self.trainer.train_step(to_policy_batch(batch))
 
-    def warm_start(self, examples, tokenizer) -> dict[str, float]:
-        """Supervised warm start on worked solutions (the embedded task only).
-
-        The DAPO loss with advantage +1 and pi_old = pi_theta (ratio exactly 1, no clipping)
-        has the gradient of the token-mean negative log-likelihood, so the warm start goes
-        through the same train step, optimizer and parallel layout as RL.
-        """
-        import random
-
-        t = self.cfg.trainer
-        rng = random.Random(t.seed)
-        metrics: dict[str, float] = {}
-        with self.trainer.temporary_lr(t.warm_start_lr):
-            for step in range(t.warm_start_steps):
-                chosen = rng.sample(range(len(examples)), min(t.warm_start_batch_size, len(examples)))
-                ids, plens = [], []
-                for i in chosen:
-                    ex = examples[i]
-                    prompt = tokenizer.encode_prompt(ex.messages)
-                    response = tokenizer.encode(ex.metadata["solution"]) + [tokenizer.eos_id]
-                    ids.append(prompt + response)
-                    plens.append(len(prompt))
-                n = len(ids)
-                batch = RolloutBatch(
-                    input_ids=ids, prompt_lengths=plens, advantages=torch.ones(n), loss_weights=torch.ones(n),
-                    engine_logprobs=[[0.0] * (len(s) - p) for s, p in zip(ids, plens)],
-                    rewards=torch.ones(n), correct=torch.ones(n, dtype=torch.bool),
-                    truncated=torch.zeros(n, dtype=torch.bool),
-                )
-                # No engine sampled these: pi_old is the policy's own (ratio 1), no correction.
-                policy_batch = to_policy_batch(batch, with_engine_logprobs=False)
-                metrics = self.trainer.train_step(policy_batch, single_update=True)
-                if self.rank == 0 and (step + 1) % 50 == 0:
-                    logger.info("warm start %d/%d: nll %.3f", step + 1, t.warm_start_steps,
-                                -metrics.get("actor/logprob_mean", float("nan")))
-        return metrics
-
     def push_weights(self, engines: list, version: int) -> dict[str, float]:
         """Send this rank's share of the weights straight to ``engines`` (Ray handles).
 
@@ -105,21 +65,30 @@ class PolicyWorker:
 
         r = self.cfg.rollout
         start, sent = time.perf_counter(), 0
-        group = None
-        if r.placement == "disaggregated" and sources_anything(self.trainer.model):
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            group = WeightUpdateGroup(engines, backend, f"weights-v{version}-rank{self.rank}")
+        group, error = None, None
         try:
-            for bucket in self.trainer.export_weights(r.weight_bucket_mb * 2**20):
-                if group is not None:
-                    group.push(bucket)
-                else:
-                    push_bucket_colocated(engines, bucket, r.engine, r.engine_tp)
-                sent += sum(t.numel() * t.element_size() for _, t in bucket)
-                del bucket
-        finally:
-            if group is not None:
-                group.close()
+            if r.placement == "disaggregated" and sources_anything(self.trainer.model):
+                backend = "nccl" if torch.cuda.is_available() else "gloo"
+                group = WeightUpdateGroup(engines, backend, f"weights-v{version}-rank{self.rank}", r.hang_timeout_s)
+        except Exception as err:  # noqa: BLE001 - reported after the collective export below
+            error = err
+        # A failed push (a dead or hung engine) stops this rank's pushing but not its part in
+        # the export's TP all-gathers: the other ranks must not be left waiting in one.
+        for bucket in self.trainer.export_weights(r.weight_bucket_mb * 2**20):
+            if error is None:
+                try:
+                    if group is not None:
+                        group.push(bucket)
+                    else:
+                        push_bucket_colocated(engines, bucket, r.engine, r.engine_tp, r.hang_timeout_s)
+                    sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                except Exception as err:  # noqa: BLE001
+                    error = err
+            del bucket
+        if group is not None:
+            group.close()
+        if error is not None:
+            raise error
         return {"bytes": float(sent), "seconds": time.perf_counter() - start}
 
     def onload(self) -> None:

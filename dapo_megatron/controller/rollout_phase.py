@@ -4,6 +4,10 @@ Each round draws `rollout.gen_batch_size` prompts, samples G responses per promp
 engines, scores every response as its chunk of prompts completes, and hands the groups to
 the dynamic-sampling `BatchAssembler`. As soon as enough groups are kept, the in-flight
 chunks are aborted; the round limit (`algo.max_gen_batches`) bounds the loop.
+
+What a step cost is what the engines generated (`RolloutResult.generated`: kept, dropped,
+aborted part-way, and the rest of a chunk left unscored once the batch was full), not the
+groups scored; `used_responses` / `used_tokens` are the part the train batch holds.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from dapo_megatron.algo import BatchAssembler, Group, SamplingStats
 from dapo_megatron.data.datasets import PromptExample
+from dapo_megatron.rollout.manager import GenerationCount
 from dapo_megatron.rollout.protocol import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -44,8 +49,27 @@ class RolloutResult:
     stats: SamplingStats
     seconds_generate: float
     seconds_reward: float
-    generated_tokens: int
+    generated: GenerationCount  # everything the engines produced for this step
     reward_timeouts: int
+
+    @property
+    def used_responses(self) -> int:
+        return sum(len(g.samples) for g in self.groups)
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(len(s.token_ids) for g in self.groups for s in g.samples)
+
+    def metrics(self) -> dict[str, float]:
+        """Generated vs used, responses and tokens, for the step's metrics."""
+        return {
+            "rollout/generated_responses": float(self.generated.responses),
+            "rollout/generated_tokens": float(self.generated.tokens),
+            "rollout/aborted_responses": float(self.generated.aborted),
+            "rollout/aborted_tokens": float(self.generated.aborted_tokens),
+            "rollout/used_responses": float(self.used_responses),
+            "rollout/used_tokens": float(self.used_tokens),
+        }
 
 
 def sampling_params(cfg, *, n: int, seed: int, stop_ids: tuple[int, ...], eval_mode: bool = False) -> SamplingParams:
@@ -93,7 +117,8 @@ def collect_train_groups(*, cfg, step: int, sampler, tokenizer, engines, scorer,
     """
     a = cfg.algo
     t_gen = t_rew = 0.0
-    tokens = timeouts = 0
+    timeouts = 0
+    produced_before = engines.produced
     round_idx = 0
     while not assembler.done:
         examples: list[PromptExample] = sampler.next_batch(cfg.rollout.gen_batch_size)
@@ -111,7 +136,6 @@ def collect_train_groups(*, cfg, step: int, sampler, tokenizer, engines, scorer,
             t_rew += secs
             timeouts += n_timeouts
             for g in groups:
-                tokens += sum(len(s.token_ids) for s in g.samples)
                 group = Group(payload=g, rewards=torch.tensor(g.scores), correct=torch.tensor(g.correct))
                 round_groups.append(group)
                 kept_this_round += int(group.has_signal or not a.dynamic_sampling)
@@ -122,9 +146,11 @@ def collect_train_groups(*, cfg, step: int, sampler, tokenizer, engines, scorer,
         assembler.add_round(round_groups)
         round_idx += 1
     batch = assembler.take()
+    # Complete here: every round was either exhausted or aborted with wait.
+    generated = engines.produced - produced_before
     return RolloutResult(
         groups=[g.payload for g in batch.groups], stats=batch.stats,
-        seconds_generate=t_gen, seconds_reward=t_rew, generated_tokens=tokens, reward_timeouts=timeouts,
+        seconds_generate=t_gen, seconds_reward=t_rew, generated=generated, reward_timeouts=timeouts,
     )
 
 

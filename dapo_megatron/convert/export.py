@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.convert.load import _unwrap as unwrap
+from dapo_megatron.dtypes import to_torch
 from dapo_megatron.convert.load import canonical_name, partition_dim, tp_rank_and_size
 from dapo_megatron.convert.rules import canonical_names, megatron_to_hf
 
@@ -110,10 +111,6 @@ def _plan(model, local, dtype):
     return args, [(n, *by_name[n]) for n in order]
 
 
-def _dtype_of(name: str) -> torch.dtype:
-    return getattr(torch, name.replace("torch.", ""))
-
-
 @torch.no_grad()
 def export_hf_weights(
     model_chunks,
@@ -147,18 +144,18 @@ def export_hf_weights(
                 full = full.to(dtype)
         if dst is None:
             if me != src:
-                full = torch.empty(shape, dtype=_dtype_of(dt), device=_device())
+                full = torch.empty(shape, dtype=to_torch(dt), device=_device())
             dist.broadcast(full.contiguous() if me == src else full, src=src)
         elif src != dst:
             if me == src:
                 dist.send(full.contiguous(), dst=dst)
             elif me == dst:
-                full = torch.empty(shape, dtype=_dtype_of(dt), device=_device())
+                full = torch.empty(shape, dtype=to_torch(dt), device=_device())
                 dist.recv(full, src=src)
         if receiving:
             bucket.extend(megatron_to_hf(args, canon, full))
         # Counted from the plan, not the tensors, so every rank closes buckets in step.
-        size += _numel(shape) * _dtype_of(dt).itemsize
+        size += _numel(shape) * to_torch(dt).itemsize
         if size >= bucket_bytes:
             yield bucket
             bucket, size = [], 0

@@ -1,14 +1,12 @@
-"""Policy checkpoints with megatron.core.dist_checkpointing: atomic, reshardable.
+"""Policy checkpoints with megatron.core.dist_checkpointing: reshardable.
 
-Layout of ``<root>/``:
-    step_00000012/     one checkpoint (a dist_checkpointing directory)
-    latest             text file naming the newest complete checkpoint
-    .tmp_step_*/       a save in progress (never read; removed by the next save)
+This module writes and reads one checkpoint directory; where checkpoints live, which is the
+newest, atomic publishing and keep-last are the controller's (controller/checkpoint.py).
 
 A checkpoint holds, under these top-level keys of the sharded state dict:
     model        the GPTModel's ``sharded_state_dict()`` with prefix '' (the dict key only
                  groups; the tensor keys are megatron's, e.g. ``decoder.layers.0...``,
-                 exactly what tools/convert_hf.py (convert/dist_ckpt.py) writes, so a
+                 exactly what tools/convert_hf.py (dapo_megatron/convert_hf.py) writes, so a
                  converted HF checkpoint loads as initial weights without the optimizer)
     optimizer    the distributed optimizer state, "fully_reshardable" format
     scheduler    the lr/wd schedule (OptimizerParamScheduler.state_dict)
@@ -19,10 +17,6 @@ A checkpoint holds, under these top-level keys of the sharded state dict:
 
 Model and optimizer tensors reload under any TP/PP/DP layout (megatron reshards them);
 RNG states are per rank and restored only when the layout is unchanged.
-
-Atomicity: every rank writes into ``.tmp_step_N``; after a barrier rank 0 renames it to
-``step_N`` (one rename, atomic on POSIX) and then updates ``latest``. A crash mid-save
-leaves only a temp directory. Checkpoints beyond the newest ``keep_last`` are deleted.
 """
 
 from __future__ import annotations
@@ -31,18 +25,18 @@ import contextlib
 import logging
 import os
 import random
-import re
-import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.policy.finite import check_finite
+from dapo_megatron.policy.optimizer import load_schedule_state
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_latest", "load_checkpoint", "save_checkpoint", "write_checkpoint"]
+__all__ = ["load_checkpoint", "write_checkpoint"]
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Reshardable across TP/PP/DP; no per-chained-optimizer key prefix, so the keys do not
 # depend on how megatron splits dense and expert parameters into optimizers.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
@@ -116,23 +110,11 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def find_latest(root: str) -> str | None:
-    """The newest complete checkpoint under ``root`` (``latest`` file, else a scan)."""
-    marker = os.path.join(root, "latest")
-    if os.path.isfile(marker):
-        with open(marker, encoding="utf-8") as f:
-            name = f.read().strip()
-        if name and os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    steps = sorted(d for d in os.listdir(root) if _STEP_DIR.match(d)) if os.path.isdir(root) else []
-    return os.path.join(root, steps[-1]) if steps else None
-
-
 def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *,
                      extra_state: dict | None = None) -> str:
     """Collectively write a checkpoint straight into ``path`` (created if missing; must be
-    empty). The caller owns atomicity (e.g. the controller's temp-dir-then-rename);
-    ``save_checkpoint`` adds it. ``extra_state`` must be equal on every rank."""
+    empty). The caller owns atomicity: the controller publishes it (controller/checkpoint.py).
+    ``extra_state`` must be equal on every rank."""
     from megatron.core import dist_checkpointing
 
     if _rank() == 0:
@@ -140,6 +122,7 @@ def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *
         if os.listdir(path):
             raise FileExistsError(f"checkpoint directory {path!r} is not empty; pass a new one")
     _barrier()
+    check_finite(model_chunks, optimizer, when=f"saving step {step}")  # issue 23
     model_state = _model_state(model_chunks)
     state = {
         "model": model_state,
@@ -156,44 +139,18 @@ def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *
     return path
 
 
-def save_checkpoint(root: str, step: int, model_chunks, optimizer, scheduler, *,
-                    extra_state: dict | None = None, keep_last: int = 2) -> str:
-    """Atomically save ``step`` as ``<root>/step_<step>`` (see the module docstring) and
-    keep the newest ``keep_last``; returns the checkpoint's directory. ``root`` must be on
-    a file system every rank sees."""
-    name = f"step_{int(step):08d}"
-    final, tmp = os.path.join(root, name), os.path.join(root, f".tmp_{name}")
-    if _rank() == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # a crashed earlier attempt
-    _barrier()
-    write_checkpoint(tmp, step, model_chunks, optimizer, scheduler, extra_state=extra_state)
-    if _rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)  # re-saving a step replaces it
-        os.rename(tmp, final)
-        marker = os.path.join(root, "latest")
-        with open(marker + ".tmp", "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-        os.replace(marker + ".tmp", marker)
-        steps = sorted(d for d in os.listdir(root) if _STEP_DIR.match(d))
-        for old in steps[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-        logger.info("saved checkpoint %s", final)
-    _barrier()
-    return final
-
-
 def load_checkpoint(path: str, model_chunks, optimizer=None, scheduler=None) -> dict:
-    """Load ``path`` (a checkpoint, or a root holding several: the newest) into the model
+    """Load the checkpoint directory ``path`` into the model
     and, when given, the optimizer and scheduler; returns ``{"step", "extra_state",
     "layout"}``. A model-only checkpoint (e.g. converted from HF) needs optimizer=None.
     """
     from megatron.core import dist_checkpointing
 
-    resolved = path if os.path.isfile(os.path.join(path, "metadata.json")) else find_latest(path)
-    if resolved is None or not os.path.isdir(resolved):
+    resolved = path
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
         raise FileNotFoundError(f"no checkpoint at {path!r}: expected a dist_checkpointing "
-                                "directory (with metadata.json) or a root with step_* dirs")
+                                "directory (with metadata.json), e.g. <checkpoint.dir>/step_000012 "
+                                "or the output of tools/convert_hf.py")
     common = dist_checkpointing.load_common_state_dict(resolved)
     model_state = _model_state(model_chunks)
     request = {"model": model_state}
@@ -212,7 +169,8 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scheduler=None) -> 
     if optimizer is not None:
         _load_optimizer_state(optimizer, loaded["optimizer"])
         if scheduler is not None and "scheduler" in common:
-            scheduler.load_state_dict(common["scheduler"])
+            load_schedule_state(scheduler, common["scheduler"])  # the config's schedule wins
+    check_finite(model_chunks, optimizer, when=f"loading {resolved}")  # issue 23
     if "rng" in request:
         _set_rng_state(loaded["rng"])
     elif "layout" in common:

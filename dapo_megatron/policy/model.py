@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dapo_megatron import dtypes
 from dapo_megatron.convert.arch import ModelArgs, model_args_from_hf
 from dapo_megatron.policy.compat import enable_cpu_execution
 
@@ -38,13 +39,6 @@ def have_transformer_engine() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return False
     return True
-
-
-def _dtype(name):
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[str(name)]
 
 
 def make_transformer_config(
@@ -197,24 +191,19 @@ def build_model(
         use_te = on_gpu and have_transformer_engine()
     if use_te and not have_transformer_engine():
         raise ValueError("use_te=True but transformer_engine does not import")
-    params_dtype = _dtype(params_dtype) or (torch.bfloat16 if on_gpu else torch.float32)
+    params_dtype = dtypes.params_dtype(params_dtype, on_gpu)
 
-    tp = ps.get_tensor_model_parallel_world_size()
-    if args.num_kv_heads % tp or args.num_heads % tp:
-        raise ValueError(
-            f"tp={tp} must divide num_attention_heads={args.num_heads} and "
-            f"num_key_value_heads={args.num_kv_heads}"
-        )
-    pp = ps.get_pipeline_model_parallel_world_size()
-    if args.num_layers % pp:
-        raise ValueError(f"pp={pp} must divide num_hidden_layers={args.num_layers}")
-    ep = ps.get_expert_model_parallel_world_size()
-    if args.is_moe and args.num_experts % ep:
-        raise ValueError(f"ep={ep} must divide num_experts={args.num_experts}")
+    from dapo_megatron.resolve import layout_errors
+
+    # The one layout check config validation and the planner run too.
+    errors = layout_errors(args, ps.get_tensor_model_parallel_world_size(),
+                           ps.get_pipeline_model_parallel_world_size(),
+                           ps.get_expert_model_parallel_world_size(), ps.get_context_parallel_world_size(),
+                           torch.distributed.get_world_size(), rollout=None)
+    if errors:
+        raise ValueError(f"{args.architecture}: " + "; ".join(errors))
     if ps.get_context_parallel_world_size() > 1 and not use_te:
         raise ValueError("context parallelism (cp > 1) needs the Transformer Engine spec (GPU)")
-    if not args.is_moe and ep > 1:
-        raise ValueError(f"ep={ep} > 1 needs an MoE model ({args.architecture} is dense)")
 
     config = make_transformer_config(
         args, params_dtype=params_dtype, use_te=use_te, fp8=fp8, fp8_recipe=fp8_recipe,
@@ -224,7 +213,7 @@ def build_model(
     block_spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm"
     )
-    padded = args.padded_vocab_size(tp)
+    padded = args.padded_vocab_size(ps.get_tensor_model_parallel_world_size())
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec,

@@ -21,7 +21,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StepResult", "build_optimizer", "current_lr", "optimizer_step", "set_constant_lr"]
+__all__ = ["StepResult", "build_optimizer", "current_lr", "load_schedule_state", "optimizer_step",
+           "set_constant_lr"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ def build_optimizer(model_chunks, optim_cfg, *, total_updates: int, warmup_updat
         model_chunks: this rank's model chunks wrapped in megatron DistributedDataParallel.
         optim_cfg: ``dapo_megatron.config.OptimizerConfig`` (lr, min_lr, lr_decay,
             weight_decay, adam betas/eps, clip_grad).
-        total_updates: optimizer updates over the run (decay horizon of the schedule).
+        total_updates: optimizer updates over the run. The decay reaches min_lr one update
+            after the last, so no update runs at lr 0 unless min_lr is 0 and the run is
+            extended past its horizon without a new one (resume takes the new horizon).
         warmup_updates: updates of linear warmup (0: none).
         use_distributed_optimizer: shard optimizer state over DP ranks (must match the DDP
             config the chunks were wrapped with).
@@ -80,15 +83,49 @@ def build_optimizer(model_chunks, optim_cfg, *, total_updates: int, warmup_updat
         max_lr=optim_cfg.lr,
         min_lr=optim_cfg.min_lr,
         lr_warmup_steps=warmup_updates,
-        # megatron requires decay_steps > warmup_steps even for a constant schedule.
-        lr_decay_steps=max(total_updates, warmup_updates + 1),
+        # Update k runs at the schedule's k-th value (optimizer_step advances first), and
+        # megatron's decay hits min_lr at num_steps == lr_decay_steps: a horizon of
+        # total_updates would run the last update at min_lr (0 by default). One past it
+        # keeps every update above min_lr. megatron also requires decay_steps > warmup_steps.
+        lr_decay_steps=max(total_updates + 1, warmup_updates + 1),
         lr_decay_style=optim_cfg.lr_decay,
         start_wd=optim_cfg.weight_decay,
         end_wd=optim_cfg.weight_decay,
         wd_incr_steps=max(total_updates, 1),
         wd_incr_style="constant",
+        # On resume the config's schedule (lr, horizon from the current max_steps, warmup,
+        # decay) replaces the checkpoint's; only the update count comes from the checkpoint
+        # (optimizer_param_scheduler.py, _check_and_set: override returns the class value).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
+
+
+_SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style",
+                  "start_wd", "end_wd")
+
+
+def load_schedule_state(scheduler, state: dict) -> dict:
+    """Restore the schedule's position (update count) from a checkpoint while keeping the
+    config's schedule; logs each setting that differs from the checkpoint's and returns
+    them as ``{key: (checkpoint value, config value)}``."""
+    mine = scheduler.state_dict()
+    changed = {k: (state[k], mine[k]) for k in _SCHEDULE_KEYS if k in state and state[k] != mine[k]}
+    if changed:
+        logger.warning("lr schedule follows the config, not the checkpoint: %s",
+                       ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+    # The optimizer's param groups carry their own max_lr/min_lr, which the optimizer state
+    # just loaded from the checkpoint, and the scheduler reads those first
+    # (optimizer_param_scheduler.py, get_lr: param_group.get('max_lr', self.max_lr)).
+    for group in scheduler.optimizer.param_groups:
+        for key in ("max_lr", "min_lr"):
+            if key in group and key in state and state[key]:
+                group[key] = group[key] * mine[key] / state[key]  # keeps a per-group multiplier
+            elif key in group:
+                group[key] = mine[key]
+    scheduler.load_state_dict(state)
+    return changed
 
 
 def current_lr(optimizer) -> float:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.policy.compat import enable_cpu_execution
+from dapo_megatron.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ class ParallelLayout:
 
 
 _LAYOUT: ParallelLayout | None = None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def check_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1) -> int:
@@ -106,7 +99,7 @@ def init_parallel(
                     "init_parallel: no master_port given and MASTER_PORT is unset; pass "
                     "master_addr/master_port (Ray actors) or run under torchrun"
                 )
-            port = _free_port()
+            port = free_port()
         check_layout(world_size, tp, pp, ep, cp)
         if on_gpu:
             local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))

@@ -35,13 +35,18 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from dapo_megatron import dtypes
 from dapo_megatron.algo import (
     POLICY_METRIC_REDUCTIONS,
     aggregate_loss,
     correction_weights,
+    finish_metrics,
+    loss_scale_counts,
     masked_mean,
+    metric_partials,
     mismatch_metrics,
     policy_loss,
+    resolve_agg,
 )
 from dapo_megatron.policy.logprobs import (
     broadcast_from_last_pipeline_stage,
@@ -108,7 +113,7 @@ class PolicyTrainer:
             raise ValueError(f"parallel.cp={parallel.cp}: the trainer does not split sequences "
                              "for context parallelism yet; use cp=1 (and tp/pp for memory)")
         self.algo, self.trainer_cfg = algo, trainer
-        self.loss_agg = algo.loss_aggregation
+        self.loss_agg = resolve_agg(algo.loss, algo.loss_agg)
         # Dr. GRPO's constant normaliser is the generation budget L_max.
         self.norm_len = (algo.max_response_length if self.loss_agg == "seq-mean-token-sum-norm"
                          else None)
@@ -330,9 +335,9 @@ class PolicyTrainer:
         """Response tokens and scored sequences of this mini-batch over all DP ranks."""
         local = torch.zeros(2, dtype=torch.float64, device=self.device)
         for mb in micro:
-            mask = mb.response_mask
-            local[0] += float(mask.sum())
-            local[1] += float(mask.any(dim=-1).sum())
+            tokens, seqs = loss_scale_counts(mb.response_mask)
+            local[0] += float(tokens)
+            local[1] += float(seqs)
         if self.dp_size > 1:
             dist.all_reduce(local, group=_ps().get_data_parallel_group())
         return float(local[0]), float(local[1])
@@ -444,9 +449,9 @@ class PolicyTrainer:
             padded += layout["padded_tokens"]
             n_micro = max(n_micro, layout["num_microbatches"])
         self.step += 1
-        for name, how in _REDUCTIONS.items():
+        for name in per_update[0]:  # a step reports the mean of its updates (max: the max)
             values = [m[name] for m in per_update]
-            metrics[name] = max(values) if how == "max" else sum(values) / len(values)
+            metrics[name] = max(values) if _REDUCTIONS[name] == "max" else sum(values) / len(values)
         norms = [r.grad_norm for r in results]
         finite = [g for g in norms if torch.isfinite(torch.tensor(g))]
         seconds = time.perf_counter() - start
@@ -458,8 +463,6 @@ class PolicyTrainer:
             padding_waste=1.0 - real / padded if padded else 0.0,
             microbatches=float(n_micro), seconds=seconds, tokens_per_s=real / seconds,
             step=float(self.step))
-        if batch.ref_logprobs is None:
-            metrics.pop("kl_loss")  # no reference log-probs: nothing was measured
         return {**{f"actor/{k}": float(v) for k, v in metrics.items()}, **prepare_metrics}
 
     # ----- checkpoints, weights, memory --------------------------------------------------
@@ -467,7 +470,7 @@ class PolicyTrainer:
     def save(self, path: str, extra_state: dict | None = None) -> str:
         """Collectively write model, optimizer, scheduler, step, RNG and ``extra_state``
         (e.g. the data position) into the directory ``path`` (created if missing, must be
-        empty; the caller publishes it atomically, or use ``checkpoint.save_checkpoint``)."""
+        empty; the caller publishes it atomically: controller/checkpoint.py)."""
         from dapo_megatron.policy.checkpoint import write_checkpoint
 
         self._enter()
@@ -536,58 +539,27 @@ def _model_args(hf_config):
 
 def _resolve_dtype(params_dtype, on_gpu: bool) -> torch.dtype:
     """ModelConfig.params_dtype ("auto", "fp32", "bf16") or a torch dtype -> torch dtype."""
-    if isinstance(params_dtype, torch.dtype):
-        return params_dtype
-    if params_dtype in (None, "auto"):
-        return torch.bfloat16 if on_gpu else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16}
-    if params_dtype not in table:
+    dtype = dtypes.params_dtype(params_dtype, on_gpu)
+    if dtype == torch.float16:
         raise ValueError(f"params_dtype {params_dtype!r} is not supported by the trainer; use "
                          "'auto', 'fp32' or 'bf16'")
-    return table[params_dtype]
+    return dtype
 
 
 def _reduce_metrics(records: list[dict], device) -> dict[str, float]:
-    """Combine micro-batch metrics over this rank's micro-batches, DP ranks and PP stages.
+    """Combine micro-batch metrics over this rank's micro-batches, DP ranks and PP stages:
+    the algo reduction (``reduce_policy_metrics``) with the all-reduce in the middle.
 
     Only the last pipeline stage has records; it reduces over DP and broadcasts to the
     other stages, so every rank returns the same floats.
     """
     ps = _ps()
-    names = list(_REDUCTIONS)
-    sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
-    maxes = torch.full((len(names),), float("-inf"), dtype=torch.float64, device=device)
-    for record in records:
-        weight = float(record["num_tokens"])
-        for k, name in enumerate(names):
-            if name not in record:
-                continue
-            value = float(record[name])
-            how = _REDUCTIONS[name]
-            if how == "sum":
-                sums[2 * k] += value
-            elif how == "max":
-                maxes[k] = max(float(maxes[k]), value)
-            else:
-                sums[2 * k] += value * weight
-                sums[2 * k + 1] += weight
-    last = ps.is_pipeline_last_stage()
-    if last and ps.get_data_parallel_world_size() > 1:
+    partials = metric_partials(records, _REDUCTIONS).to(device)
+    sums, maxes = partials[: 3 * len(_REDUCTIONS)], partials[3 * len(_REDUCTIONS):]
+    if ps.is_pipeline_last_stage() and ps.get_data_parallel_world_size() > 1:
         group = ps.get_data_parallel_group()
         dist.all_reduce(sums, group=group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-    packed = broadcast_from_last_pipeline_stage(torch.cat([sums, maxes]), (3 * len(names),),
-                                                dtype=torch.float64, device=device)
-    sums, maxes = packed[: 2 * len(names)], packed[2 * len(names):]
-    out = {}
-    for k, name in enumerate(names):
-        how = _REDUCTIONS[name]
-        if how == "sum":
-            out[name] = float(sums[2 * k])
-        elif how == "max":
-            out[name] = float(maxes[k]) if float(maxes[k]) != float("-inf") else 0.0
-        else:
-            weight = float(sums[2 * k + 1])
-            out[name] = float(sums[2 * k]) / weight if weight > 0 else 0.0
-    return out
+    partials = broadcast_from_last_pipeline_stage(torch.cat([sums, maxes]), tuple(partials.shape),
+                                                  dtype=torch.float64, device=device)
+    return finish_metrics(partials, _REDUCTIONS)

@@ -81,9 +81,11 @@ def normalize_answer(text: str) -> str:
     s = _ANSWER_IS.sub("", s)
     s = _DELIMS.sub(" ", s)
     s = s.strip()
-    boxed = _BOXED_WRAP.match(s)
-    if boxed:
-        s = boxed.group(1)
+    for _ in range(4):  # "\boxed{5}.", "\boxed{\boxed{5}}"
+        boxed = _BOXED_WRAP.match(s.rstrip(".").rstrip())
+        if not boxed:
+            break
+        s = boxed.group(1).strip()
     s = _DROP_CMDS.sub(" ", s)
     s = s.replace("{,}", "")  # LaTeX thousands separator 1{,}000
     s = _FRAC_ALIASES.sub(r"\\frac", s)

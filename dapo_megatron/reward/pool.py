@@ -7,7 +7,13 @@ a chunk of items and reads one result per item; the clock restarts at every resu
 every item gets ``timeout_s`` of its own. A worker that overruns is SIGKILLed, its
 current item scores -1 with reason "timeout" (counted in ``timeouts``), the rest of its
 chunk goes back to the queue, and a fresh worker takes its place: one pathological
-answer costs at most ``timeout_s`` and the pool keeps serving.
+answer costs at most ``timeout_s`` and the pool keeps serving. An item whose worker
+crashes is retried once on a fresh worker (a crash is the machine's fault as often as
+the answer's: an OOM kill, a signal) and scores -1 with reason "worker crashed" only if
+it crashes again; every crash is counted (``crashes``, in the step metrics). Workers
+ignore SIGINT/SIGTERM: the trainer decides when to stop, and a signal to the whole
+process group must not crash the batch in flight. A reference answer longer than
+``score.MAX_REFERENCE_CHARS`` is refused in the parent without reaching a worker.
 
 Workers run with a memory cap (``RLIMIT_AS``) and no core dumps, so a runaway
 expression fails inside the worker instead of swapping the node.
@@ -27,7 +33,8 @@ from typing import Callable, Sequence
 
 from dapo_megatron.reward.extract import DEFAULT_MAX_SCAN_CHARS
 from dapo_megatron.reward.latex_parser import DEFAULT_LIMITS, ParseLimits
-from dapo_megatron.reward.score import CORRECT_SCORE, INCORRECT_SCORE, RewardResult, compute_score
+from dapo_megatron.reward.score import (CORRECT_SCORE, INCORRECT_SCORE, RewardResult, compute_score,
+                                        reference_too_long)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,10 @@ def _harden(memory_mb: int | None) -> None:
 
 def _worker_main(conn, score_fn, score_kwargs, memory_mb, preload_sympy) -> None:
     """Worker loop: receive chunks of (index, response, ground_truth), send results."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the parent stops workers (SIGKILL)
+        signal.signal(sig, signal.SIG_IGN)
     _harden(memory_mb)
     if preload_sympy:
         from dapo_megatron.reward import symbolic
@@ -121,7 +132,7 @@ class RewardPool:
             ``RewardResult``; default ``compute_score`` (tests substitute slow ones).
 
     Counters (cumulative): ``items_scored``, ``timeouts``, ``crashes``,
-    ``workers_replaced``; ``stats()`` returns them as a dict for metrics.
+    ``workers_replaced``, ``oversized_references``; ``stats()`` returns them as a dict.
     """
 
     def __init__(
@@ -166,6 +177,8 @@ class RewardPool:
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         self.items_scored = self.timeouts = self.crashes = self.workers_replaced = 0
+        self.oversized_references = 0
+        self._retried: set[int] = set()  # items of the current batch already retried once
 
     # -- worker lifecycle ----------------------------------------------------------------
     def _start_worker(self) -> _Worker:
@@ -206,6 +219,7 @@ class RewardPool:
             "timeouts": self.timeouts,
             "crashes": self.crashes,
             "workers_replaced": self.workers_replaced,
+            "oversized_references": self.oversized_references,
         }
 
     def close(self) -> None:
@@ -234,10 +248,27 @@ class RewardPool:
         tail = self.max_scan_chars
         trimmed = [r[-tail:] if isinstance(r, str) and len(r) > tail else r for r in responses]
         results: list[RewardResult | None] = [None] * len(responses)
+        refs = [str(g) for g in ground_truths]
+        todo = []
+        for i, ref in enumerate(refs):
+            too_long = reference_too_long(ref)
+            if too_long:
+                results[i] = RewardResult.failure(too_long, score=self.incorrect_score)
+                self.oversized_references += 1
+            else:
+                todo.append(i)
+        if len(todo) < len(refs):
+            logger.warning("reward: %d reference answers over the size bound scored %s without "
+                           "scoring (%s)", len(refs) - len(todo), self.incorrect_score,
+                           next(r.reason for r in results if r is not None))
         while len(self._workers) < self.num_workers:
             self._start_worker()
         try:
-            self._run(trimmed, [str(g) for g in ground_truths], results)
+            if todo:
+                sub: list[RewardResult | None] = [None] * len(todo)
+                self._run([trimmed[i] for i in todo], [refs[i] for i in todo], sub)
+                for i, r in zip(todo, sub):
+                    results[i] = r
         except BaseException:
             # Interrupted mid-batch (Ctrl-C, an error): workers may still be busy with
             # this batch, so none can be trusted with the next one.
@@ -254,8 +285,12 @@ class RewardPool:
             )
         if worker.inflight:
             index = worker.inflight.popleft()
-            results[index] = RewardResult.failure(reason, score=self.incorrect_score)
             pending.extendleft(reversed(worker.inflight))
+            if reason != "timeout" and index not in self._retried:
+                self._retried.add(index)
+                pending.appendleft(index)  # one retry, first in line on the fresh worker
+            else:
+                results[index] = RewardResult.failure(reason, score=self.incorrect_score)
         if reason == "timeout":
             self.timeouts += 1
             logger.warning("reward item timed out after %.1fs; worker replaced", self.timeout_s)
@@ -268,6 +303,7 @@ class RewardPool:
 
     def _run(self, responses: list, ground_truths: list, results: list) -> None:
         pending = deque(range(len(responses)))
+        self._retried = set()
         while True:
             for w in list(self._workers):  # dispatch to idle ready workers
                 if w.ready and not w.inflight and pending:

@@ -15,6 +15,16 @@ from dapo_megatron.reward.latex_parser import DEFAULT_LIMITS, ParseLimits
 
 CORRECT_SCORE = 1.0
 INCORRECT_SCORE = -1.0
+# Longest reference answer that is scored. Math references are short (DAPO-Math-17K's are
+# integers); a huge one is a data error, and parsing it would time out every response.
+MAX_REFERENCE_CHARS = 4096
+
+
+def reference_too_long(ground_truth: str) -> str | None:
+    """The failure reason for a reference over `MAX_REFERENCE_CHARS`, else None."""
+    if len(ground_truth) > MAX_REFERENCE_CHARS:
+        return f"reference answer too long ({len(ground_truth)} chars > {MAX_REFERENCE_CHARS})"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,9 @@ def compute_score(
         on model text. Runs in the calling process without a time limit (every
         operation is bounded by ``limits``); ``RewardPool`` adds the hard timeout.
     """
+    too_long = reference_too_long(str(ground_truth))
+    if too_long:
+        return RewardResult.failure(too_long, score=incorrect_score)
     answer = extract_answer(response, max_scan_chars)
     if answer is None:
         return RewardResult.failure("no answer", score=incorrect_score)

@@ -4,15 +4,23 @@ The engines may be in-process objects or Ray actor handles (anything with the
 RolloutEngine methods; a handle's methods are called with .remote and awaited). A round's
 prompts are cut into chunks; one worker thread per engine takes the next chunk as soon as
 its engine is free (least-loaded dispatch), so a slow engine never holds chunks others
-could run. Groups come back through `RolloutRound`'s iterator as their chunk completes:
-the caller scores them while other chunks still generate and calls `abort()` once it
-has enough. An engine whose call fails and whose health check then fails too is replaced
-through `factory`, re-synced through `on_replace` (the pool pushes the policy's weights to
-it: the manager keeps no copy of the model), and the chunk is retried on it.
+could run. Groups come back through `RolloutRound`'s iterator in prompt order, chunk by
+chunk as each completes (a chunk that finishes early waits for the ones before it), so
+which groups a caller sees first never depends on engine timing: the caller scores them
+while later chunks still generate and calls `abort()` once it has enough. An engine whose
+call fails and whose health check then fails too is replaced through `factory`, re-synced
+through `on_replace` (the pool pushes the policy's weights into it: the manager keeps no
+copy of the model), and its chunk is retried next, keeping its place in the order; a run
+with a replaced engine therefore sees the same groups as an uninterrupted one.
+
+Every sample an engine returns is counted (`GenerationCount`), whether the caller
+consumes it, drops it, never looks at it (the rest of a chunk once the batch is full) or
+it was aborted part-way: that count, not the groups scored, is what a round cost.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -46,6 +54,38 @@ def engine_is_healthy(engine: Any) -> bool:
 
 
 @dataclasses.dataclass
+class GenerationCount:
+    """What engines generated: responses with at least one token, and their tokens.
+
+    aborted / aborted_tokens are the part of it that was stopped by abort() before the
+    response finished. A response aborted before its first token cost nothing and is not
+    counted; one lost with a dead engine is not known and not counted either.
+    """
+
+    responses: int = 0
+    tokens: int = 0
+    aborted: int = 0
+    aborted_tokens: int = 0
+
+    def add_samples(self, samples_per_prompt: list[list[Sample]]) -> None:
+        for samples in samples_per_prompt:
+            for s in samples:
+                if not s.token_ids:
+                    continue
+                self.responses += 1
+                self.tokens += len(s.token_ids)
+                if s.finish_reason == "abort":
+                    self.aborted += 1
+                    self.aborted_tokens += len(s.token_ids)
+
+    def __add__(self, other: "GenerationCount") -> "GenerationCount":
+        return GenerationCount(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def __sub__(self, other: "GenerationCount") -> "GenerationCount":
+        return GenerationCount(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclasses.dataclass
 class CompletedGroup:
     """The n samples of one prompt of the round; prompt_index indexes the round's prompts."""
 
@@ -72,6 +112,20 @@ class RolloutManager:
         self.restarts = 0
         self.on_replace = on_replace
         self._lock = threading.Lock()
+        self._produced = GenerationCount()  # over the manager's life, every round
+
+    @property
+    def produced(self) -> GenerationCount:
+        """Everything the engines generated so far (a copy; subtract two to get a span).
+
+        Complete for a round once it is exhausted or aborted with wait=True.
+        """
+        with self._lock:
+            return dataclasses.replace(self._produced)
+
+    def _count(self, samples_per_prompt: list[list[Sample]]) -> None:
+        with self._lock:
+            self._produced.add_samples(samples_per_prompt)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, tag: str,
                prompts_per_call: int | None = None) -> "RolloutRound":
@@ -111,97 +165,107 @@ class RolloutManager:
 
 
 class RolloutRound:
-    """One submitted round: iterate CompletedGroups as they finish; abort() the rest."""
+    """One submitted round: iterate CompletedGroups in prompt order; abort() the rest."""
 
     def __init__(self, manager: RolloutManager, prompts: list[list[int]], params: SamplingParams,
                  tag: str, prompts_per_call: int):
         self.manager = manager
         self.params = params
         self.request_ids = [f"{tag}-{i}" for i in range(len(prompts))]
+        self.produced = GenerationCount()  # this round's share of manager.produced
         self._prompts = prompts
-        self._pending: queue.Queue = queue.Queue()
-        self._results: queue.Queue = queue.Queue()
-        self._aborted = threading.Event()
-        self._inflight: dict[int, list[int]] = {}  # engine index -> prompt indices
-        self._inflight_lock = threading.Lock()
-        chunks = [list(range(s, min(s + prompts_per_call, len(prompts))))
-                  for s in range(0, len(prompts), prompts_per_call)]
-        for chunk in chunks:
-            self._pending.put(chunk)
-        self._remaining = len(chunks)
+        self._chunks = [list(range(s, min(s + prompts_per_call, len(prompts))))
+                        for s in range(0, len(prompts), prompts_per_call)]
+        # One lock guards the pending chunks, the in-flight map and the abort flag, so a
+        # chunk is either taken before abort() (and aborted by it) or never started.
+        self._lock = threading.Lock()
+        self._pending = collections.deque(range(len(self._chunks)))  # chunk numbers
+        self._inflight: dict[int, int] = {}  # engine index -> chunk number
+        self._aborted = False
+        self._results: queue.Queue = queue.Queue()  # (kind, chunk number, payload)
         self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True)
                          for i in range(len(manager.engines))]
         for t in self._threads:
             t.start()
 
+    def _take(self, index: int) -> int | None:
+        with self._lock:
+            if self._aborted or not self._pending:
+                return None
+            number = self._pending.popleft()
+            self._inflight[index] = number
+            return number
+
     def _worker(self, index: int) -> None:
-        while not self._aborted.is_set():
-            try:
-                chunk = self._pending.get_nowait()
-            except queue.Empty:
-                return
-            with self._inflight_lock:
-                self._inflight[index] = chunk
+        while (number := self._take(index)) is not None:
+            chunk = self._chunks[number]
             try:
                 samples = call_engine(self.manager.engines[index], "generate",
                                       [self._prompts[i] for i in chunk], self.params,
                                       [self.request_ids[i] for i in chunk])
             except Exception as err:  # noqa: BLE001 - sorted into death vs real error below
-                with self._inflight_lock:
+                with self._lock:
                     self._inflight.pop(index, None)
-                if self._aborted.is_set():
-                    self._results.put(("done", chunk, None))
+                    aborted = self._aborted
+                if aborted:
+                    self._results.put(("done", number, None))
                     return
                 if engine_is_healthy(self.manager.engines[index]):
-                    self._results.put(("error", chunk, err))
+                    self._results.put(("error", number, err))
                     return
                 try:
                     self.manager.replace(index, err)
                 except Exception as fatal:  # noqa: BLE001 - surfaced by the iterator
-                    self._results.put(("error", chunk, fatal))
+                    self._results.put(("error", number, fatal))
                     return
-                self._pending.put(chunk)
+                with self._lock:
+                    # First in line again: the iterator is waiting for it, in order.
+                    self._pending.appendleft(number)
                 continue
-            with self._inflight_lock:
+            with self._lock:
                 self._inflight.pop(index, None)
-            self._results.put(("done", chunk, samples))
+                self.produced.add_samples(samples)
+            self.manager._count(samples)
+            self._results.put(("done", number, samples))
 
     def __iter__(self) -> Iterator[CompletedGroup]:
-        while self._remaining_chunks() > 0:
-            kind, chunk, payload = self._results.get()
-            with self._inflight_lock:
-                self._remaining -= 1
-            if kind == "error":
-                self.abort()
-                raise payload
-            if payload is None or self._aborted.is_set():
-                continue
-            for i, samples in zip(chunk, payload):
+        ready: dict[int, list[list[Sample]] | None] = {}
+        for number in range(len(self._chunks)):
+            while number not in ready:
+                if self._is_aborted():
+                    return
+                kind, got, payload = self._results.get()
+                if kind == "error":
+                    self.abort()
+                    raise payload
+                ready[got] = payload
+            payload = ready.pop(number)
+            if payload is None or self._is_aborted():
+                return
+            for i, samples in zip(self._chunks[number], payload):
                 # An aborted group is incomplete: it never leaves the round.
                 if any(s.finish_reason == "abort" for s in samples):
                     continue
                 yield CompletedGroup(i, self.request_ids[i], samples)
 
-    def _remaining_chunks(self) -> int:
-        with self._inflight_lock:
-            return self._remaining
+    def _is_aborted(self) -> bool:
+        with self._lock:
+            return self._aborted
 
     def abort(self, wait: bool = True) -> None:
-        """Stop the round: drop pending chunks, abort in-flight ones, optionally wait for them."""
-        self._aborted.set()
-        while True:
-            try:
-                self._pending.get_nowait()
-            except queue.Empty:
-                break
-            with self._inflight_lock:
-                self._remaining -= 1
-        with self._inflight_lock:
+        """Stop the round: drop pending chunks, abort in-flight ones, optionally wait for them.
+
+        wait=True returns once every engine call of the round has returned, so `produced`
+        (the round's and the manager's) then holds everything the round generated.
+        """
+        with self._lock:
+            self._aborted = True
+            self._pending.clear()
             inflight = dict(self._inflight)
-        for index, chunk in inflight.items():
+        for index, number in inflight.items():
             try:
                 call_engine(self.manager.engines[index], "abort",
-                            [self.request_ids[i] for i in chunk], timeout=60)
+                            [self.request_ids[i] for i in self._chunks[number]], timeout=60)
             except Exception:  # noqa: BLE001 - a dead engine has nothing to abort
                 logger.warning("abort on engine %d failed", index, exc_info=True)
         if wait:

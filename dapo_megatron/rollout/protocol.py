@@ -170,7 +170,13 @@ class RolloutEngine(Protocol):
         ...
 
     def abort(self, request_ids: list[str]) -> None:
-        """Stop the named in-flight requests; their samples return with finish_reason "abort"."""
+        """Stop the named requests at their next decode step.
+
+        The running generate call returns their samples with finish_reason "abort" and the
+        tokens generated so far (the manager counts those as generated: they were paid
+        for). An id whose generate has not started yet must still be aborted when it does.
+        Called from another thread (or a concurrent actor call) while generate runs.
+        """
         ...
 
     def health(self) -> bool:

@@ -61,20 +61,6 @@ class SGLangConfig:
     env: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def engine_configs_for_node(
-    base: SGLangConfig, gpus_per_node: int, tp_size: int
-) -> list[SGLangConfig]:
-    """One config per TP group on a node: GPUs [k*tp, (k+1)*tp) for k = 0 .. gpus/tp - 1."""
-    if tp_size < 1 or gpus_per_node % tp_size:
-        raise ValueError(
-            f"tp_size {tp_size} must divide gpus_per_node {gpus_per_node} for SGLang engines"
-        )
-    return [
-        dataclasses.replace(base, tp_size=tp_size, base_gpu_id=k * tp_size)
-        for k in range(gpus_per_node // tp_size)
-    ]
-
-
 def launch_command(cfg: SGLangConfig, port: int) -> list[str]:
     """The argv that starts the server for cfg on port."""
     if cfg.launch_cmd is not None:

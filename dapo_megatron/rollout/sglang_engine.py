@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -34,12 +33,13 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterable, Iterator
 
+from dapo_megatron.dtypes import name_of
+from dapo_megatron.ports import free_port
 from dapo_megatron.rollout.buckets import bucket_nbytes, rebucket
 from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, default_request_ids
 from dapo_megatron.rollout.sglang_api import (
     SGLangConfig,
     build_generate_payload,
-    engine_configs_for_node,
     check_logprob_support,
     default_serializer,
     launch_command,
@@ -66,12 +66,6 @@ def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
         yield prev, False
         prev = item
     yield prev, True
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class EngineDied(RuntimeError):
@@ -130,7 +124,7 @@ class SGLangEngine:
 
     def start(self) -> None:
         """Spawn the server and wait until /health_generate answers 200."""
-        self.port = self.cfg.port or _free_port(self.cfg.host)
+        self.port = self.cfg.port or free_port(self.cfg.host)
         cmd = launch_command(self.cfg, self.port)
         logger.info("starting SGLang server: %s", " ".join(cmd))
         # Own session: shutdown() can signal the server and its scheduler children at once.
@@ -359,6 +353,60 @@ class SGLangEngine:
         logger.info("SGLang weight sync v%d: %d buckets, %.1f MB in %.2f s",
                     version, count, total / 1e6, seconds)
 
+    # ------------------------------------------------------------------ weight-update session
+    # 0.5.23 refuses tensor and distributed updates outside a session
+    # (srt/managers/scheduler_components/weight_updater.py, the _session guard); the end call
+    # also runs post-load processing. Policy ranks push buckets between the two calls.
+    def begin_weight_update(self, version: int) -> None:
+        answer = self._call("POST", "/begin_weight_update", {}, self.cfg.request_timeout_s)
+        self._check_success(answer, "begin_weight_update")
+        self._partial_sync = True
+        self._pending_version = int(version)
+        self._session_bytes = 0
+
+    def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        """One bucket of tensors this process holds (CPU, or CUDA on this process's GPU)."""
+        mapped = map_weight_names(bucket, self.tie_word_embeddings, self.rename)
+        self.load_weight_bucket_serialized([self.serializer(mapped) for _ in range(self.cfg.tp_size)],
+                                           bucket_nbytes(mapped))
+
+    def load_weight_bucket_serialized(self, per_rank: list[str], nbytes: int = 0) -> None:
+        """One bucket serialized by the policy rank that owns its tensors, one payload per
+        SGLang TP rank (each rank opens and refcounts its own handles)."""
+        if len(per_rank) != self.cfg.tp_size:
+            raise ValueError(f"load_weight_bucket_serialized: {len(per_rank)} payloads for an engine with "
+                             f"tp_size={self.cfg.tp_size}: send one per SGLang TP rank")
+        answer = self._call("POST", "/update_weights_from_tensor", {
+            "serialized_named_tensors": list(per_rank), "load_format": None, "flush_cache": False,
+        }, self.cfg.request_timeout_s)
+        self._check_success(answer, "update_weights_from_tensor")
+        self._session_bytes += nbytes
+
+    def receive_weight_bucket(self, meta: Any, group_name: str) -> None:
+        """A bucket broadcast over the weight-update group (metadata first; blocks until the
+        sender's broadcasts have arrived)."""
+        answer = self._call("POST", "/update_weights_from_distributed", {
+            "names": list(meta.names), "dtypes": list(meta.dtypes), "shapes": [list(s) for s in meta.shapes],
+            "group_name": group_name, "flush_cache": False,
+        }, self.cfg.request_timeout_s)
+        self._check_success(answer, "update_weights_from_distributed")
+
+    def destroy_weights_update_group(self, group_name: str) -> None:
+        answer = self._call("POST", "/destroy_weights_update_group", {"group_name": group_name},
+                            self.cfg.request_timeout_s)
+        self._check_success(answer, "destroy_weights_update_group")
+
+    def end_weight_update(self) -> None:
+        answer = self._call("POST", "/end_weight_update", {}, self.cfg.request_timeout_s)
+        self._check_success(answer, "end_weight_update")
+        self._call("POST", "/update_weight_version", {"new_version": str(self._pending_version),
+                                                      "abort_all_requests": False}, self.cfg.request_timeout_s)
+        self._call("GET", "/flush_cache", None, 120)  # the KV/radix cache is stale after new weights
+        self.weight_version = self._pending_version
+        self._partial_sync = False
+        self._synced = True
+        logger.info("SGLang weight sync v%d: %.1f MB", self.weight_version, self._session_bytes / 1e6)
+
     def init_weights_update_group(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
         group_name: str = "weight_update_group", backend: str = "nccl",
@@ -389,7 +437,7 @@ class SGLangEngine:
         for bucket, last in _with_last(rebucket(mapped, self.cfg.bucket_bytes)):
             payload = {
                 "names": [n for n, _ in bucket],
-                "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+                "dtypes": [name_of(t.dtype) for _, t in bucket],
                 "shapes": [list(t.shape) for _, t in bucket],
                 "group_name": group_name,
                 "flush_cache": last,
@@ -447,24 +495,26 @@ class SGLangEngine:
         self._kill()
 
 
-def sglang_config_from(cfg: Any, engine_index: int = 0) -> SGLangConfig:
-    """The SGLangConfig of engine engine_index of a run (dapo_megatron.config.DapoConfig).
-
-    Engines are laid out per node in TP groups: engine k uses GPUs
-    [(k % groups) * tp, (k % groups + 1) * tp) of its node, groups = gpus_per_node // tp.
-    """
+def sglang_config_from(cfg: Any, engine_index: int = 0, slot: Any = None) -> SGLangConfig:
+    """The SGLangConfig of engine engine_index of a run (dapo_megatron.config.DapoConfig);
+    slot: its dapo_megatron.resolve.EngineSlot (default: resolved from cfg), which says
+    which GPUs of its node it uses."""
     r, par = cfg.rollout, cfg.parallel
     if not cfg.model.hf_dir:
         raise ValueError(
             "rollout.engine=sglang needs model.hf_dir: SGLang reads the architecture, tokenizer "
             "and initial weights from an HF checkpoint directory"
         )
-    groups = engine_configs_for_node(SGLangConfig(), par.gpus_per_node, r.engine_tp)
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(cfg.model.params_dtype, "auto")
+    if slot is None:
+        from dapo_megatron.resolve import engine_layout
+
+        slot = engine_layout(cfg)[engine_index]
+    # "auto" lets SGLang take the checkpoint's dtype, as the policy does on GPU.
+    dtype = "auto" if cfg.model.params_dtype == "auto" else name_of(cfg.model.params_dtype)
     return SGLangConfig(
         model_path=cfg.model.hf_dir,
         tp_size=r.engine_tp,
-        base_gpu_id=groups[engine_index % len(groups)].base_gpu_id,
+        base_gpu_id=slot.base_gpu,
         mem_fraction_static=r.sglang_mem_fraction,
         enable_memory_saver=r.placement == "colocated",
         random_seed=cfg.trainer.seed + engine_index,
@@ -480,6 +530,7 @@ def create_sglang_actor(
     hf_config: dict | None = None,
     *,
     engine_index: int = 0,
+    slot: Any = None,
     num_cpus: float = 1,
     serializer: Serializer | None = None,
     **ray_options: Any,
@@ -494,7 +545,7 @@ def create_sglang_actor(
     """
     import ray
 
-    scfg = cfg if isinstance(cfg, SGLangConfig) else sglang_config_from(cfg, engine_index)
+    scfg = cfg if isinstance(cfg, SGLangConfig) else sglang_config_from(cfg, engine_index, slot)
     tied = bool((hf_config or {}).get("tie_word_embeddings", False))
     actor_cls = ray.remote(SGLangEngine)
     return actor_cls.options(num_cpus=num_cpus, num_gpus=0, max_concurrency=4, **ray_options).remote(

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import datetime
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dapo_megatron.dtypes import name_of, to_torch
+from dapo_megatron.ports import free_port
 from dapo_megatron.rollout.protocol import WeightBucket
 
 logger = logging.getLogger(__name__)
@@ -44,15 +45,8 @@ class BucketMeta:
 
     @classmethod
     def of(cls, bucket: WeightBucket) -> "BucketMeta":
-        return cls(tuple(n for n, _ in bucket), tuple(str(t.dtype).removeprefix("torch.") for _, t in bucket),
+        return cls(tuple(n for n, _ in bucket), tuple(name_of(t.dtype) for _, t in bucket),
                    tuple(tuple(t.shape) for _, t in bucket))
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on this host."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def open_process_group(master_address: str, master_port: int, rank: int, world_size: int,
@@ -83,19 +77,22 @@ def receive_bucket(group, meta: BucketMeta, device: torch.device | str) -> Weigh
     """An engine's side of ``broadcast_bucket``: the tensors, allocated from ``meta``."""
     bucket = []
     for name, dtype, shape in zip(meta.names, meta.dtypes, meta.shapes):
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+        tensor = torch.empty(shape, dtype=to_torch(dtype), device=device)
         group.broadcast([tensor]).wait()
         bucket.append((name, tensor))
     return bucket
 
 
-def _ray_get(refs: list) -> list:
+def _ray_get(refs: list, timeout: float | None = None) -> list:
+    """ray.get, with a bound: an engine that does not take a bucket in time raises
+    GetTimeoutError (the pool then treats it as hung: killed, replaced, synced again)."""
     import ray
 
-    return ray.get(refs)
+    return ray.get(refs, timeout=timeout)
 
 
-def push_bucket_colocated(engines: list[Any], bucket: WeightBucket, engine_kind: str, engine_tp: int = 1) -> None:
+def push_bucket_colocated(engines: list[Any], bucket: WeightBucket, engine_kind: str, engine_tp: int = 1,
+                          timeout: float | None = None) -> None:
     """Hand one bucket to every engine (Ray actor handles); returns once all loaded it."""
     import ray
 
@@ -105,11 +102,11 @@ def push_bucket_colocated(engines: list[Any], bucket: WeightBucket, engine_kind:
         # One payload per SGLang TP rank: each rank's worker opens (and refcounts) its own
         # handles (srt/entrypoints/engine.py update_weights_from_tensor, tp_worker.py).
         payloads = [serialize_bucket(bucket)[0] for _ in range(engine_tp)]
-        _ray_get([e.load_weight_bucket_serialized.remote(payloads) for e in engines])
+        _ray_get([e.load_weight_bucket_serialized.remote(payloads) for e in engines], timeout)
         return
     ref = ray.put(bucket)
     try:
-        _ray_get([e.load_weight_bucket.remote(ref) for e in engines])
+        _ray_get([e.load_weight_bucket.remote(ref) for e in engines], timeout)
     finally:
         del ref
 
@@ -117,24 +114,29 @@ def push_bucket_colocated(engines: list[Any], bucket: WeightBucket, engine_kind:
 class WeightUpdateGroup:
     """The source rank's end of a disaggregated sync with ``engines`` (Ray actor handles)."""
 
-    def __init__(self, engines: list[Any], backend: str, group_name: str):
+    def __init__(self, engines: list[Any], backend: str, group_name: str, timeout: float = 600.0):
         import ray
 
         self.engines = list(engines)
         self.group_name = group_name
-        address, port = ray.util.get_node_ip_address(), free_port()
+        self.timeout = timeout
+        address, port = ray.util.get_node_ip_address(), free_port("")
         world = len(self.engines) + 1
         joins = [e.init_weights_update_group.remote(address, port, i + 1, world, group_name, backend)
                  for i, e in enumerate(self.engines)]
-        self.group = open_process_group(address, port, 0, world, group_name, backend)
-        _ray_get(joins)
+        self.group = open_process_group(address, port, 0, world, group_name, backend, timeout_s=timeout)
+        _ray_get(joins, timeout)
 
     def push(self, bucket: WeightBucket) -> None:
         meta = BucketMeta.of(bucket)
         receipts = [e.receive_weight_bucket.remote(meta, self.group_name) for e in self.engines]
         broadcast_bucket(self.group, bucket)
-        _ray_get(receipts)
+        _ray_get(receipts, self.timeout)
 
     def close(self) -> None:
-        _ray_get([e.destroy_weights_update_group.remote(self.group_name) for e in self.engines])
+        """Tear the group down on every engine that still answers."""
+        try:
+            _ray_get([e.destroy_weights_update_group.remote(self.group_name) for e in self.engines], self.timeout)
+        except Exception:  # noqa: BLE001 - a dead engine is being replaced; nothing to tear down
+            logger.warning("weight-update group %s: not every engine answered its teardown", self.group_name)
         self.group = None

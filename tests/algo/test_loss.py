@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from dapo_megatron.algo import (
     AGG_MODES,
+    finish_metrics,
     loss_scale_counts,
+    metric_partials,
     policy_loss,
     reduce_policy_metrics,
 )
@@ -290,3 +292,34 @@ def test_shape_errors_name_the_tensor():
         policy_loss(lp, old, adv[:-1], mask)
     with pytest.raises(ValueError, match="response_mask"):
         policy_loss(lp, old, adv, mask[:-1])
+
+
+def test_metric_partials_combined_across_ranks_equal_one_reduction_of_the_whole_batch():
+    """What the policy's distributed reduction relies on: per-rank partials, combined as an
+    all-reduce would (SUM, then MAX), finish to the metrics of the unsplit batch."""
+    lp, old, adv, mask = make_batch(3, batch=12)
+    scale = dict(zip(("loss_scale_tokens", "loss_scale_seqs"), loss_scale_counts(mask)))
+    _, whole = policy_loss(lp, old, adv, mask, clip_ratio_c=3.0, **scale)
+    calls = [policy_loss(lp[r], old[r], adv[r], mask[r], clip_ratio_c=3.0, **scale)[1]
+             for r in (slice(0, 3), slice(3, 5), slice(5, 9), slice(9, 12))]
+    ranks = [metric_partials(calls[:1]), metric_partials(calls[1:3]), metric_partials(calls[3:])]
+    n = len(ranks[0]) // 4
+    combined = torch.cat([sum(p[: 3 * n] for p in ranks),
+                          torch.stack([p[3 * n:] for p in ranks]).max(dim=0).values])
+    got = finish_metrics(combined)
+    assert got == reduce_policy_metrics(calls)
+    assert set(got) == set(whole)  # kl_loss: no call reported it, so it is left out
+    for name, value in whole.items():
+        assert got[name] == pytest.approx(value.item(), abs=1e-9), name
+
+
+def test_metric_reduction_skips_calls_without_a_key_and_refuses_unknown_keys():
+    calls = [{"num_tokens": 2.0, "kl_loss": 0.5, "approx_kl": 0.1},
+             {"num_tokens": 6.0, "approx_kl": 0.3}]
+    got = reduce_policy_metrics(calls)
+    assert got == {"num_tokens": 8.0, "kl_loss": 0.5, "approx_kl": pytest.approx((0.2 + 1.8) / 8)}
+    with pytest.raises(ValueError, match="'entropy'"):
+        reduce_policy_metrics([{"num_tokens": 1.0, "entropy": 0.1}])
+    assert reduce_policy_metrics([{"num_tokens": 0.0, "entropy": 0.7}],
+                                 {"num_tokens": "sum", "entropy": "token_mean"}) == \
+        {"num_tokens": 0.0, "entropy": 0.0}

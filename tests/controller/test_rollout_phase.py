@@ -2,20 +2,27 @@
 
 The engines are replaced by a scripted pool whose responses are just the answers we want
 scored; the reward is the real scorer. The test follows the rounds, the kept counts, the
-early abort, and checks that no all-correct or all-wrong group reaches the loss.
+early abort, and checks that no all-correct or all-wrong group reaches the loss. The last
+tests run the real `EnginePool` and `RolloutManager` over scripted engines: the step's
+generated count equals what the engines produced, and a replaced engine leaves the
+train batch unchanged.
 """
 
+import pytest
 import torch
 
 from dapo_megatron.algo import BatchAssembler
 from dapo_megatron.config import load_config
 from dapo_megatron.controller.batch import build_rollout_batch
+from dapo_megatron.controller.engines import EnginePool
 from dapo_megatron.controller.rollout_phase import collect_train_groups
 from dapo_megatron.data.datasets import PromptExample
 from dapo_megatron.data.sampler import PromptSampler
 from dapo_megatron.data.tokenizer import CharTokenizer
 from dapo_megatron.reward import compute_score
+from dapo_megatron.rollout.manager import GenerationCount
 from dapo_megatron.rollout.protocol import Sample
+from tests.rollout.scripted import ScriptedEngine
 
 
 class InlineScorer:
@@ -31,6 +38,7 @@ class ScriptedEngines:
         self.generated_chunks = 0
         self.aborts = 0
         self.restarts = 0
+        self.produced = GenerationCount()
 
     def generate_streaming(self, prompts, params, tag):
         for start in range(0, len(prompts), self.chunk):
@@ -50,6 +58,7 @@ class ScriptedEngines:
                     group.append(Sample(ids, [-0.1] * len(ids), "stop", i, f"{tag}-{i}", j))
                 out.append(group)
             self.generated_chunks += 1
+            self.produced.add_samples(out)
             yield idx, out
 
     def abort_all(self):
@@ -127,3 +136,86 @@ def test_overlong_shaping_and_filtering_in_batch():
     assert torch.allclose(batch.rewards[:4].double(), expected, atol=1e-6)
     assert batch.loss_weights[:4].tolist() == [0.0, 1.0, 1.0, 1.0]
     assert bool(batch.truncated[0]) and not bool(batch.truncated[1])
+
+
+# ------------------------------------------ the real pool and manager over scripted engines
+
+# Correct answers out of G=4 for prompt key k, by (k - 1) % 8; the last two of every eight
+# answer only after a long preamble (LONG tokens), so they are still generating when the
+# batch fills.
+PATTERN = [1, 2, 3, 1, 2, 0, 1, 3]
+LONG = 600
+
+
+def _answer_script(tok):
+    def script(prompt, rid, j):
+        a, rest = tok.decode(prompt[1:]).rstrip("=").split("+")
+        b, c = rest.split("*")
+        slot = (int(a) - 1) % 8
+        answer = int(a) + int(b) * int(c)
+        text = f"Answer: {answer if j < PATTERN[slot] else answer + 1}"
+        if slot >= 6:
+            text = "." * LONG + "\n" + text
+        return tok.encode(text) + [tok.eos_id]
+    return script
+
+
+@pytest.fixture
+def scripted_pool(monkeypatch):
+    """make(num_engines, die_on_call=None) -> (EnginePool over ScriptedEngines, engines made)."""
+    pools = []
+
+    def make(num_engines, die_on_call=None):
+        tok, made = CharTokenizer(), []
+
+        def start(self, index):
+            die = die_on_call if not made else None  # only the first engine dies
+            made.append(ScriptedEngine(_answer_script(tok), step_s=0.002, die_on_call=die))
+            return made[-1]
+
+        monkeypatch.setattr(EnginePool, "_start_engine", start)
+        pool = EnginePool(_cfg(**{"rollout.num_engines": num_engines}), hf_config={})
+        pools.append(pool)
+        return pool, made
+
+    yield make
+    for pool in pools:
+        pool.shutdown()
+
+
+def _steps(pool, steps=2):
+    cfg, tok = _cfg(), CharTokenizer()
+    sampler = PromptSampler(_examples(32), seed=0, shuffle=False)
+    assembler = BatchAssembler(5, 5, "drop")
+    return [collect_train_groups(cfg=cfg, step=s, sampler=sampler, tokenizer=tok, engines=pool,
+                                 scorer=InlineScorer(), assembler=assembler) for s in range(1, steps + 1)]
+
+
+def test_generated_count_equals_what_the_engines_produced(scripted_pool):
+    pool, engines = scripted_pool(num_engines=2)
+    results = _steps(pool)
+    for r in results:
+        # 8 prompts in chunks of 2. The batch fills at the first group of chunk 2, so its
+        # second group is generated but never scored; chunk 3 (long answers) is aborted.
+        assert r.stats.rounds == 1 and r.stats.generated == 5 and r.stats.kept == 5
+        assert r.used_responses == 20 and r.generated.responses > 24
+        assert r.generated.aborted > 0
+    total = sum((r.generated for r in results), GenerationCount())
+    assert total.responses == sum(e.responses for e in engines)
+    assert total.tokens == sum(e.tokens for e in engines)
+    assert total.aborted == sum(e.aborted for e in engines)
+    # What the old count (groups scored x G) missed.
+    assert total.responses > sum(r.stats.generated for r in results) * 4
+
+
+def test_replaced_engine_leaves_the_train_batch_unchanged(scripted_pool):
+    # Issue 23, finding 12. One engine, chunks of 4: the engine dies in chunk 0. Re-queued at
+    # the end, chunk 0 came after chunk 1 and the batch was prompts 4, 6, 7, 0, 1.
+    reference = _steps(scripted_pool(num_engines=1)[0], steps=1)[0]
+    pool, engines = scripted_pool(num_engines=1, die_on_call=1)
+    got = _steps(pool, steps=1)[0]
+    assert pool.restarts == 1 and len(engines) == 2
+    assert [g.example.index for g in reference.groups] == [0, 1, 2, 3, 4]
+    assert [g.example.index for g in got.groups] == [0, 1, 2, 3, 4]
+    assert [[s.token_ids for s in g.samples] for g in got.groups] == \
+        [[s.token_ids for s in g.samples] for g in reference.groups]

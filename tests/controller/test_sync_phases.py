@@ -82,37 +82,47 @@ def test_step_runs_the_memory_phases_in_order(monkeypatch, offload):
     assert metrics["sync/bytes"] == 4.0 and trainer.engines.weight_version == 7
 
 
-class KillingSource(StateDictSource):
-    """Kills engine 0's actor after the first bucket of the first push."""
+class FaultySource(StateDictSource):
+    """Kills (or freezes with SIGSTOP) engine 0 after the first bucket of the first push."""
 
-    def __init__(self, model, pool_ref):
+    def __init__(self, model, pool_ref, fault):
         super().__init__(model)
-        self.pool_ref = pool_ref
+        self.pool_ref, self.fault = pool_ref, fault
         self.pushes = 0
 
     def push_weights(self, engines, version):
+        import os
+        import signal
+
         import ray
 
         from dapo_megatron.rollout.weight_sync import push_bucket_colocated
 
         self.pushes += 1
         for i in range(0, len(self.state), 4):
-            push_bucket_colocated(engines, self.state[i:i + 4], "embedded")
+            push_bucket_colocated(engines, self.state[i:i + 4], "embedded", timeout=30.0)
             if self.pushes == 1 and i == 0:
-                ray.kill(self.pool_ref[0].engines[0])
+                victim = self.pool_ref[0].engines[0]
+                if self.fault == "kill":
+                    ray.kill(victim)
+                else:
+                    pid = ray.get(victim.__ray_call__.remote(lambda self: os.getpid()))
+                    os.kill(pid, signal.SIGSTOP)
         return {"bytes": 0.0, "seconds": 0.0}
 
 
-def test_engine_killed_during_sync_is_replaced_and_synced_from_the_source(ray_local):  # noqa: F811
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_engine_dead_or_hung_during_sync_is_replaced_and_synced_from_the_source(ray_local, fault):  # noqa: F811
     import ray
 
     cfg = _cfg()
     cfg.rollout.num_engines = 2
+    cfg.rollout.hang_timeout_s = 30.0  # generous: this machine may be loaded
     hf = cfg.model.hf_config_dict(vocab_size=64)
     torch.manual_seed(0)
     model = build_hf_model(hf)
     holder = []
-    pool = EnginePool(cfg, hf, weight_source=KillingSource(model, holder))
+    pool = EnginePool(cfg, hf, weight_source=FaultySource(model, holder, fault))
     holder.append(pool)
     try:
         pool.sync_weights(5)

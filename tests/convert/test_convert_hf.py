@@ -26,7 +26,7 @@ def _cli(*args, check=True):
 
 
 def _round_trip_worker(rank, world, dirs, work):
-    from dapo_megatron.convert.dist_ckpt import hf_to_megatron, megatron_to_hf, verify
+    from dapo_megatron.convert_hf import hf_to_megatron, megatron_to_hf, verify
 
     diffs = {}
     for fam, d in dirs.items():
@@ -64,7 +64,7 @@ def test_round_trip_bit_exact_every_family(tmp_path):
 
 
 def _layout_worker(rank, world, layout, ckpt, hf_dir):
-    from dapo_megatron.convert.dist_ckpt import load_megatron_checkpoint
+    from dapo_megatron.convert_hf import load_megatron_checkpoint
     from dapo_megatron.policy.parallel import init_parallel
     from tests.convert.tiny import megatron_logits, prompt_ids
 

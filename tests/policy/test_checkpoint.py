@@ -1,5 +1,6 @@
 """Checkpoints: saved under TP=2, reloaded under PP=2 with identical log-probs, and the
-resumed run's next step equals the uninterrupted one; atomic save and keep-last."""
+resumed run's next step equals the uninterrupted one. Atomic publishing and keep-last are
+the controller's (tests/controller/test_metrics_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,6 @@ torch.set_num_threads(1)
 
 
 def _worker(rank, world_size, root):
-    import torch.distributed as dist
-
-    from dapo_megatron.policy.checkpoint import find_latest, save_checkpoint
     from dapo_megatron.policy.parallel import destroy_parallel
     from tests.policy.test_train import make_trainer, tiny_batch, tiny_hf_model
 
@@ -28,16 +26,6 @@ def _worker(rank, world_size, root):
     out["lp_after_1"] = trainer.compute_logprobs(tiny_batch(2)).tolist()
     ckpt = os.path.join(root, "controller_tmp")
     trainer.save(ckpt, {"data": data_position})
-    # The atomic keep-last wrapper around the same writer.
-    atomic_root = os.path.join(root, "atomic")
-    for step in (1, 2, 3):
-        trainer.step = step
-        save_checkpoint(atomic_root, step, trainer.model, trainer.optimizer, trainer.scheduler,
-                        extra_state={"step": step}, keep_last=2)
-    dist.barrier()
-    out["atomic_dirs"] = sorted(os.listdir(atomic_root))
-    out["latest"] = os.path.basename(find_latest(atomic_root))
-    trainer.step = 1
     uninterrupted = trainer.train_step(tiny_batch(2))
     out["lp_after_2"] = trainer.compute_logprobs(tiny_batch(3)).tolist()
     destroy_parallel()
@@ -99,12 +87,6 @@ def test_resume_continues_step_counter_schedule_and_optimizer_state(results):
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.dist
-def test_atomic_save_keeps_last_n_and_points_latest(results):
-    assert results["atomic_dirs"] == ["latest", "step_00000002", "step_00000003"]
-    assert results["latest"] == "step_00000003"
-
-
 def _converted_worker(rank, world_size, hf_dir, megatron_dir, seqs):
     import json
 
@@ -136,7 +118,7 @@ def _converted_worker(rank, world_size, hf_dir, megatron_dir, seqs):
 def test_hf_weights_and_converted_checkpoint_start_from_the_hf_model(tmp_path):
     """from_config's initial weights (HF safetensors under TP=2; tools/convert_hf.py's
     checkpoint under PP=2) score tokens like the HF model itself (float64 reference)."""
-    from dapo_megatron.convert.dist_ckpt import hf_to_megatron
+    from dapo_megatron.convert_hf import hf_to_megatron
     from tests.convert.tiny import VOCAB, make_hf_model
 
     hf_dir, megatron_dir = str(tmp_path / "hf"), str(tmp_path / "megatron")

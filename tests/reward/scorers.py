@@ -19,3 +19,17 @@ def hang_or_crash(response, ground_truth, **kwargs):
     if response == CRASH:
         os._exit(3)
     return compute_score(response, ground_truth, **kwargs)
+
+
+CRASH_ONCE = "CRASH-ONCE:"  # followed by a marker file path: crash unless the file exists
+
+
+def crash_once(response, ground_truth, **kwargs):
+    """Crash the worker the first time a response is seen (a transient fault: OOM kill)."""
+    if isinstance(response, str) and response.startswith(CRASH_ONCE):
+        marker, _, text = response[len(CRASH_ONCE):].partition("|")
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(9)
+        response = text
+    return compute_score(response, ground_truth, **kwargs)

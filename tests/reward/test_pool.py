@@ -36,7 +36,7 @@ def test_pool_matches_in_process_scoring():
         assert pool.score(responses, gts) == expected
         assert pool.score([], []) == []
         assert pool.stats() == {"items_scored": len(responses), "timeouts": 0, "crashes": 0,
-                                "workers_replaced": 0}
+                                "workers_replaced": 0, "oversized_references": 0}
     assert BatchScorer is RewardPool
 
 
@@ -63,11 +63,12 @@ def test_timed_out_item_scores_minus_one_and_worker_is_replaced():
 
 
 def test_crashed_worker_is_replaced():
+    """An item that crashes its worker every time is retried once, then scores -1."""
     with RewardPool(num_workers=1, timeout_s=5.0, score_fn=hang_or_crash) as pool:
         results = pool.score(["Answer: 1", CRASH, "Answer: 2"], ["1", "1", "2"])
         assert [r.score for r in results] == [1.0, -1.0, 1.0]
         assert results[1].reason == "worker crashed"
-        assert pool.crashes == 1 and pool.timeouts == 0
+        assert pool.crashes == 2 and pool.timeouts == 0
 
 
 def test_close_stops_workers():

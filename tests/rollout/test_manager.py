@@ -1,4 +1,5 @@
-"""RolloutManager over in-process engines: dispatch, streaming, abort, dead-engine retry."""
+"""RolloutManager over in-process engines: dispatch, streaming, abort, dead-engine retry,
+groups in prompt order, and the count of everything the engines generated."""
 
 import sys
 import time
@@ -12,6 +13,7 @@ from dapo_megatron.rollout.protocol import SamplingParams
 from dapo_megatron.rollout.sglang_api import SGLangConfig
 from dapo_megatron.rollout.sglang_engine import SGLangEngine
 from tests.rollout.reference import tiny_config
+from tests.rollout.scripted import ScriptedEngine
 from tests.rollout.test_sglang_engine import FAKE, expected_for, json_serializer, read_log
 
 PROMPTS = [[1 + i, 2, 3 + (i % 3)] for i in range(10)]
@@ -102,3 +104,63 @@ def test_real_errors_are_not_retried():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         list(manager.submit([[1], [10**6]], SamplingParams(max_new_tokens=2), tag="x"))
     assert manager.restarts == 0
+
+
+# ---------------------------------------------------------------- order and counting
+
+
+def _script(prompt, rid, j):
+    """Sample j of a prompt: 3 + j + prompt[0] % 4 tokens derived from the prompt."""
+    return [(prompt[0] * 7 + j + t) % 50 + 1 for t in range(3 + j + prompt[0] % 4)]
+
+
+def _round_order(manager, params, tag="o"):
+    groups = list(manager.submit(PROMPTS, params, tag=tag, prompts_per_call=2))
+    return [g.prompt_index for g in groups], {g.prompt_index: [s.token_ids for s in g.samples] for g in groups}
+
+
+def test_replaced_engine_chunk_keeps_its_place():
+    # Issue 23, finding 12: the chunk of an engine that died used to be re-queued behind
+    # the others, so a consumer taking the first groups of a round took different ones.
+    params = SamplingParams(n=2, max_new_tokens=64, seed=0)
+    reference_order, reference = _round_order(RolloutManager([ScriptedEngine(_script)]), params)
+    assert reference_order == list(range(len(PROMPTS)))
+    made = []
+
+    def factory(index):
+        made.append(ScriptedEngine(_script))
+        return made[-1]
+
+    dying = ScriptedEngine(_script, die_on_call=2)  # dies on chunk 1 (prompts 2, 3)
+    manager = RolloutManager([dying], factory=factory, max_restarts=1)
+    order, got = _round_order(manager, params)
+    assert manager.restarts == 1 and dying.calls[1] == ["o-2", "o-3"]
+    assert made[0].calls[0] == ["o-2", "o-3"]  # retried first, before chunk 2
+    assert order == reference_order and got == reference
+
+
+def test_groups_arrive_in_prompt_order_whatever_the_engine_speed():
+    params = SamplingParams(n=2, max_new_tokens=64, seed=0)
+    slow, fast = ScriptedEngine(_script, step_s=0.05), ScriptedEngine(_script, step_s=0.0)
+    order, _ = _round_order(RolloutManager([slow, fast]), params)
+    assert order == list(range(len(PROMPTS)))
+    assert len(fast.calls) > len(slow.calls)  # the fast engine did run ahead
+
+
+def test_produced_counts_every_returned_sample_including_aborted_and_unread():
+    # Prompts 0..3 answer in a few steps; 4..9 would run for 2000 steps, and are aborted.
+    def script(prompt, rid, j):
+        return [5] * (2000 if int(rid.split("-")[1]) >= 4 else 3 + j)
+
+    engines = [ScriptedEngine(script, step_s=0.002), ScriptedEngine(script, step_s=0.002)]
+    manager = RolloutManager(engines)
+    round_ = manager.submit(PROMPTS, SamplingParams(n=2, max_new_tokens=4000), tag="c", prompts_per_call=2)
+    first = next(iter(round_))  # chunk 0's first group; its second group is never read
+    round_.abort()
+    assert first.prompt_index == 0
+    assert sum(e.aborted for e in engines) > 0  # a long chunk was stopped part-way
+    produced = manager.produced
+    assert produced.responses == sum(e.responses for e in engines) == round_.produced.responses
+    assert produced.tokens == sum(e.tokens for e in engines)
+    assert produced.aborted == sum(e.aborted for e in engines)
+    assert produced.responses > 2  # more than the one group read

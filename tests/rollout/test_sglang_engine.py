@@ -19,7 +19,6 @@ from dapo_megatron.rollout.sglang_api import (
     SGLangConfig,
     build_generate_payload,
     check_logprob_support,
-    engine_configs_for_node,
     launch_command,
     launch_env,
     map_weight_names,
@@ -59,9 +58,14 @@ def test_launch_command_and_per_node_configs():
     assert "--enable-memory-saver" in cmd and cmd[-2:] == ["--attention-backend", "fa3"]
     assert launch_env(cfg)["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
     assert "SGLANG_RETURN_ORIGINAL_LOGPROB" not in launch_env(SGLangConfig(model_path="x", env={}))
-    assert [c.base_gpu_id for c in engine_configs_for_node(cfg, 8, 2)] == [0, 2, 4, 6]
-    with pytest.raises(ValueError, match="tp_size 3"):
-        engine_configs_for_node(cfg, 8, 3)
+    # Each engine's GPUs come from dapo_megatron.resolve (tests/test_resolve.py).
+    from dapo_megatron.config import load_config
+    from dapo_megatron.rollout.sglang_engine import sglang_config_from
+
+    run = load_config(None, ["rollout.engine=sglang", "rollout.engine_tp=2", "parallel.gpus_per_node=8",
+                             "parallel.nodes=2", "model.hf_dir=null", "model.vocab_size=256"], check_layout=False)
+    run.model.hf_dir = "/ckpt/qwen"
+    assert [sglang_config_from(run, k).base_gpu_id for k in range(8)] == [0, 2, 4, 6] * 2
     with pytest.raises(ValueError, match="model_path"):
         launch_command(SGLangConfig(), 1)
     assert isinstance(SGLangEngine(SGLangConfig(), start=False), RolloutEngine)

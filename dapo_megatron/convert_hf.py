@@ -1,5 +1,8 @@
 """HF checkpoint <-> Megatron distributed checkpoint (the logic behind tools/convert_hf.py).
 
+This driver spawns ranks and builds models with policy/, so it sits above policy/; the
+name/layout rules it applies live in convert/, which imports nothing above itself.
+
 A converted checkpoint directory holds exactly ``model.sharded_state_dict()`` (prefix '' by
 default) saved with ``megatron.core.dist_checkpointing`` (loadable under any TP/PP/EP), plus:
 - ``hf_config.json``: the source config.json, byte for byte (written back verbatim);
@@ -18,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 
 import torch
@@ -26,6 +28,8 @@ import torch
 from dapo_megatron.convert.arch import UnsupportedModelError, model_args_from_hf
 from dapo_megatron.convert.hf_io import CheckpointError, SafetensorsReader, ShardWriter
 from dapo_megatron.convert.rules import MissingTensorError, hf_names, hf_shapes
+from dapo_megatron.dtypes import name_of, to_torch
+from dapo_megatron.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -175,15 +179,9 @@ def _model_dtype(reader: SafetensorsReader) -> torch.dtype:
     return reader.dtype("model.embed_tokens.weight")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world: int, *args) -> None:
     """Run ``fn(rank, world, port, *args)`` on ``world`` local gloo ranks (1: in process)."""
-    port = _free_port()
+    port = free_port()
     if world == 1:
         fn(0, 1, port, *args)
         return
@@ -261,12 +259,12 @@ def hf_to_megatron(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, ep: int =
     meta = {
         "format": "dapo-megatron/hf-dist-checkpoint/1",
         "architecture": args.architecture,
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": name_of(dtype),
         "vocab_size": args.vocab_size,
         "padded_vocab_size": args.padded_vocab_size(tp),
         "sharded_state_dict_prefix": "",
         "written_with_layout": {"tp": tp, "pp": pp, "ep": ep},
-        "hf_tensors": {n: str(reader.dtype(n)).replace("torch.", "") for n in hf_names(args)},
+        "hf_tensors": {n: name_of(reader.dtype(n)) for n in hf_names(args)},
     }
     del reader
 
@@ -345,7 +343,7 @@ def load_megatron_checkpoint(megatron_dir: str, *, dtype: torch.dtype | None = N
     Call ``init_parallel`` first.
     """
     raw, cfg, meta, prefix = _checkpoint_info(megatron_dir, hf_config, prefix)
-    chunks = _build(cfg, dtype or getattr(torch, meta.get("dtype", "float32")))
+    chunks = _build(cfg, dtype or to_torch(meta.get("dtype", "float32")))
     model = chunks[0]
     loaded = _load_sharded(model.sharded_state_dict(prefix=prefix), megatron_dir)
     if prefix:
@@ -409,7 +407,7 @@ def _to_hf_rank(rank, world, port, megatron_dir, tmp, max_shard_bytes, hf_config
 
     _init(rank, world, port, 1, 1, 1)
     raw, cfg, meta, prefix = _checkpoint_info(megatron_dir, hf_config, prefix)
-    chunks = _build(cfg, getattr(torch, meta.get("dtype", "float32")))
+    chunks = _build(cfg, to_torch(meta.get("dtype", "float32")))
     model = chunks[0]
     args = model.model_args
     sharded = model.sharded_state_dict(prefix=prefix)
@@ -419,7 +417,7 @@ def _to_hf_rank(rank, world, port, megatron_dir, tmp, max_shard_bytes, hf_config
     _load_with_one_copy(model, sharded, megatron_dir, same_vocab)
     dtypes = meta.get("hf_tensors", {})
     shapes = hf_shapes(args)
-    entries = [(n, getattr(torch, dtypes[n]) if n in dtypes else model.config.params_dtype,
+    entries = [(n, to_torch(dtypes[n]) if n in dtypes else model.config.params_dtype,
                 shapes[n]) for n in hf_names(args)]
     writer = ShardWriter(tmp, entries, max_shard_bytes)
     progress = Progress("write HF", len(entries), sum(
@@ -463,7 +461,7 @@ def verify(hf_dir: str, megatron_dir: str) -> float:
 
     from dapo_megatron.policy.model import causal_attention_mask, unwrap
 
-    _init(0, 1, _free_port(), 1, 1, 1)
+    _init(0, 1, free_port(), 1, 1, 1)
     chunks, _, _ = load_megatron_checkpoint(megatron_dir, dtype=torch.float32)
     model = unwrap(chunks[0]).eval()
     ids = fixed_prompt(model.model_args.vocab_size)
