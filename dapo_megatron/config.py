@@ -131,7 +131,16 @@ class AlgoConfig:
     eps_low: float = 0.2  # Clip-Higher (sec. 3.1): decoupled lower ...
     eps_high: float = 0.28  # ... and upper clip range
     clip_ratio_c: Optional[float] = None  # dual-clip bound for negative advantages; off
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # The surrogate (algo/objectives.py): DAPO's clipped token ratio, GSPO's sequence ratio
+    # (arXiv 2507.18071), CISPO's clipped IS weight (arXiv 2506.13585), Dr. GRPO (arXiv
+    # 2503.20783: no std in the advantage, constant normaliser algo.max_response_length).
+    loss: Literal["dapo", "gspo", "cispo", "drgrpo"] = "dapo"
+    # None: the loss's own (dapo, cispo: token-mean; gspo: seq-mean-token-mean; drgrpo:
+    # seq-mean-token-sum-norm, i.e. divided by sequences * algo.max_response_length).
+    loss_agg: Optional[Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                               "seq-mean-token-sum-norm"]] = None
+    gspo_eps_low: float = 3e-4  # GSPO's clip range of the sequence ratio (its experiments)
+    gspo_eps_high: float = 4e-4
     dynamic_sampling: bool = True  # sec. 3.2: keep groups with 0 < #correct < G
     max_gen_batches: int = 10  # generation rounds per step before giving up (0: unbounded)
     surplus: Literal["drop", "carry"] = "drop"  # kept groups beyond train_batch_size
@@ -143,8 +152,17 @@ class AlgoConfig:
     adv_eps: float = 1e-6
     adv_std_unbiased: bool = True  # std over the G rewards divides by G-1 (torch.std, verl)
     kl_coef: float = 0.0  # DAPO drops the KL term (sec. 2.3); > 0 gives GRPO's KL loss
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # against the frozen initial weights
+    reference_offload: bool = False  # GPU: the KL reference's weights in host memory between steps
     entropy_coef: float = 0.0
+    # Train/inference mismatch correction (algo/correction.py): weight each token's policy-
+    # gradient term by rho = pi_old / pi_engine truncated at correction_high (token-tis,
+    # seq-tis: TIS, Yao et al. 2025), or drop tokens / sequences whose rho lies outside
+    # [correction_low, correction_high] (token-mask: IcePop, arXiv 2510.18855; seq-mask).
+    # seq-* use the geometric mean of the sequence's token ratios.
+    rollout_correction: Literal["none", "token-tis", "token-mask", "seq-tis", "seq-mask"] = "none"
+    correction_high: float = 2.0  # C; the TIS blog's value (the mismatch metrics count outside too)
+    correction_low: Optional[float] = None  # None: 1 / correction_high
 
 
 @dataclass
@@ -482,6 +500,7 @@ def _validate(cfg: DapoConfig) -> None:
         f"L_cache={a.overlong_buffer} must be >= 0 and < L_max=algo.max_response_length={a.max_response_length}",
     )
     _check(a.max_gen_batches >= 0, "algo.max_gen_batches", "must be >= 0 (0: unbounded)")
+    _validate_loss_and_correction(cfg)
     _check(t.train_batch_size >= 1, "trainer.train_batch_size", "must be >= 1")
     _check(t.sample_budget >= 0, "trainer.sample_budget", "must be >= 0 (0: no budget)")
     _check(t.mini_batch_size >= 1, "trainer.mini_batch_size", "must be >= 1")
@@ -552,6 +571,18 @@ def _validate_gpu_features(cfg: DapoConfig) -> None:
                + ". On Hopper (H100/H200, 9.0) use fp8_recipe delayed, tensorwise or blockwise")
 
 
+def _validate_loss_and_correction(cfg: DapoConfig) -> None:
+    a = cfg.algo
+    if a.clip_ratio_c is not None:
+        _check(a.loss in ("dapo", "drgrpo"), "algo.clip_ratio_c",
+               f"dual clip bounds the PPO-clip token term; algo.loss={a.loss} has none (unset it)")
+    if a.rollout_correction != "none":
+        _check(cfg.rollout.old_logprobs == "policy", "algo.rollout_correction",
+               "corrects pi_old (the policy's recomputed log-probs) towards the engine's sampling "
+               "distribution; with rollout.old_logprobs=engine the ratio is 1 and it does nothing. "
+               "Set rollout.old_logprobs=policy or algo.rollout_correction=none")
+
+
 _GE0 = (lambda v: v >= 0, "must be >= 0")
 _GE1 = (lambda v: v >= 1, "must be >= 1")
 _GT0 = (lambda v: v > 0, "must be > 0")
@@ -573,7 +604,9 @@ NUMERIC_RANGES: dict[str, tuple] = {
     "algo.clip_ratio_c": (lambda v: v > 1, "dual-clip bound must be > 1"),
     "algo.max_gen_batches": _GE0, "algo.max_response_length": _GE1, "algo.overlong_buffer": _GE0,
     "algo.overlong_penalty_factor": _GE0, "algo.adv_eps": _GT0, "algo.kl_coef": _GE0,
-    "algo.entropy_coef": _ANY,
+    "algo.entropy_coef": _ANY, "algo.gspo_eps_low": _UNIT, "algo.gspo_eps_high": _GE0,
+    "algo.correction_high": (lambda v: v >= 1, "must be >= 1 (the band holds ratio 1)"),
+    "algo.correction_low": (lambda v: 0 <= v <= 1, "must be in [0, 1] (or null: 1/high)"),
     "rollout.gen_batch_size": _GE1, "rollout.temperature": _GT0, "rollout.top_p": _PROB,
     "rollout.top_k": (lambda v: v == -1 or v >= 1, "must be -1 (off) or >= 1"),
     "rollout.max_prompt_length": _GE1, "rollout.num_engines": (lambda v: v >= 0, "must be >= 0 (0: one per node)"),

@@ -17,7 +17,7 @@ def test_paper_defaults():
     cfg = DapoConfig()
     assert (cfg.algo.eps_low, cfg.algo.eps_high) == (0.2, 0.28)
     assert cfg.algo.group_size == 16
-    assert cfg.algo.loss_agg == "token-mean"
+    assert cfg.algo.loss == "dapo" and cfg.algo.loss_agg is None  # None: DAPO's token-mean
     assert (cfg.algo.max_response_length, cfg.algo.overlong_buffer) == (20480, 4096)
     assert cfg.trainer.train_batch_size == 512 and cfg.trainer.num_mini_batches == 16
     assert cfg.optimizer.lr == 1e-6 and cfg.optimizer.warmup_steps == 20
@@ -122,3 +122,37 @@ def test_valid_parallel_layouts():
     cfg = load_config(None, ["parallel.gpus_per_node=4", "parallel.ep=2", "parallel.tp=2",
                              "model.architecture=qwen3_moe", "model.num_experts=4"])
     assert cfg.parallel.data_parallel_size == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["algo.loss=ppo"], "algo.loss"),
+        (["algo.rollout_correction=tis"], "algo.rollout_correction"),
+        (["algo.rollout_correction=token-tis", "rollout.old_logprobs=engine"], "algo.rollout_correction"),
+        (["algo.correction_high=0.5"], "algo.correction_high"),
+        (["algo.correction_low=2.0"], "algo.correction_low"),
+        (["algo.loss=gspo", "algo.clip_ratio_c=3.0"], "algo.clip_ratio_c"),
+        (["algo.loss=cispo", "algo.clip_ratio_c=3.0"], "algo.clip_ratio_c"),
+        (["algo.gspo_eps_low=1.0"], "algo.gspo_eps_low"),
+        (["algo.kl_coef=-0.1"], "algo.kl_coef"),
+        (["algo.kl_estimator=k4"], "algo.kl_estimator"),
+    ],
+)
+def test_loss_correction_and_kl_checks_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, overrides)
+
+
+def test_each_loss_resolves_its_own_aggregation_unless_set():
+    from dapo_megatron.algo import resolve_agg
+
+    def agg(*overrides):
+        a = load_config(None, list(overrides)).algo
+        return resolve_agg(a.loss, a.loss_agg)
+
+    assert agg() == "token-mean"
+    assert agg("algo.loss=gspo") == "seq-mean-token-mean"
+    assert agg("algo.loss=drgrpo") == "seq-mean-token-sum-norm"
+    assert agg("algo.loss=cispo") == "token-mean"
+    assert agg("algo.loss=gspo", "algo.loss_agg=token-mean") == "token-mean"

@@ -9,6 +9,9 @@ implementation DAPO was released on) uses. ``unbiased=False`` gives the populati
 (divide by G). For +-1 rewards the two differ by a factor sqrt(G / (G - 1)), e.g. 3% at
 G = 16. A group whose rewards are all equal (std 0, or G = 1) carries no signal and gets
 advantage exactly 0, whatever eps.
+
+``scale_by_std=False`` is Dr. GRPO's advantage A_i = R_i - mean(R) (arXiv 2503.20783:
+dividing by the std weights groups whose rewards barely differ, too easy or too hard, up).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 def group_advantages(
     rewards: torch.Tensor, eps: float = 1e-6, *, unbiased: bool = True,
+    scale_by_std: bool = True,
 ) -> torch.Tensor:
     """Normalise rewards within each group.
 
@@ -25,6 +29,7 @@ def group_advantages(
         rewards: [num_groups, G] scalar reward of each response, grouped by prompt.
         eps: added to the std to bound the advantage when the std is tiny.
         unbiased: divide the variance by G - 1 (default) or by G (population std).
+        scale_by_std: divide by std + eps (GRPO, DAPO) or not (Dr. GRPO).
 
     Returns:
         [num_groups, G] advantages, float32 or the input's float dtype if wider; zero for
@@ -37,12 +42,13 @@ def group_advantages(
     rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
     if rewards.shape[1] == 0:
         return rewards.clone()
-    mean = rewards.mean(dim=-1, keepdim=True)
-    if rewards.shape[1] > 1:
-        std = rewards.std(dim=-1, keepdim=True, correction=1 if unbiased else 0)
-    else:
-        std = torch.zeros_like(mean)  # the unbiased std of one sample is NaN
-    advantages = (rewards - mean) / (std + eps)
+    advantages = rewards - rewards.mean(dim=-1, keepdim=True)
+    if scale_by_std:
+        if rewards.shape[1] > 1:
+            std = rewards.std(dim=-1, keepdim=True, correction=1 if unbiased else 0)
+        else:
+            std = torch.zeros_like(advantages[:, :1])  # the unbiased std of one sample is NaN
+        advantages = advantages / (std + eps)
     # Compare values rather than std == 0: the mean of equal floats can differ from them
     # by an ulp, which divided by eps would give a small spurious advantage.
     all_equal = (rewards == rewards[:, :1]).all(dim=-1, keepdim=True)

@@ -9,6 +9,9 @@ accumulation, data parallelism) therefore pass the global count:
 - ``agg="token-mean"``:          sum_i sum_t l_it / loss_scale_tokens
 - ``agg="seq-mean-token-mean"``: sum_i (sum_t l_it / n_i) / loss_scale_seqs
 - ``agg="seq-mean-token-sum"``:  sum_i sum_t l_it / loss_scale_seqs
+- ``agg="seq-mean-token-sum-norm"``: sum_i sum_t l_it / (loss_scale_seqs * norm_len), a
+  constant ``norm_len`` per sequence instead of its length (Dr. GRPO, arXiv 2503.20783:
+  the generation budget L_max)
 
 where n_i is the number of response tokens of sequence i, ``loss_scale_tokens`` the total
 number of response tokens and ``loss_scale_seqs`` the number of sequences that have at
@@ -25,7 +28,7 @@ import torch
 
 from ._checks import check_choice, check_same_shape
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def loss_scale_counts(response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +53,7 @@ def aggregate_loss(
     *,
     loss_scale_tokens: int | float | torch.Tensor | None = None,
     loss_scale_seqs: int | float | torch.Tensor | None = None,
+    norm_len: int | float | None = None,
 ) -> torch.Tensor:
     """Aggregate ``loss_per_token`` [batch, seq] over the tokens where ``response_mask``.
 
@@ -59,8 +63,10 @@ def aggregate_loss(
         response_mask: [batch, seq], bool or 0/1.
         agg: one of AGG_MODES (see the module docstring for the formulas).
         loss_scale_tokens: global response-token count; used by ``agg="token-mean"``.
-        loss_scale_seqs: global count of sequences with response tokens; used by the two
+        loss_scale_seqs: global count of sequences with response tokens; used by the
             seq-mean modes.
+        norm_len: the constant per-sequence normaliser of "seq-mean-token-sum-norm"
+            (required there, refused elsewhere).
 
     Returns:
         0-d tensor. With the global normaliser given, the sum of this value over any
@@ -68,10 +74,16 @@ def aggregate_loss(
         and nothing in the mask, the result is 0 (not NaN).
 
     Raises:
-        ValueError: unknown ``agg``, mismatched shapes, or a seq-mean mode given only
-            ``loss_scale_tokens`` (a token count would silently mis-normalise it).
+        ValueError: unknown ``agg``, mismatched shapes, a seq-mean mode given only
+            ``loss_scale_tokens`` (a token count would silently mis-normalise it), or
+            ``norm_len`` missing for (or given to a mode other than) the -norm mode.
     """
     check_choice("agg", agg, AGG_MODES)
+    if (agg == "seq-mean-token-sum-norm") != (norm_len is not None):
+        raise ValueError(f"norm_len={norm_len!r}: it is required by, and only by, "
+                         "agg='seq-mean-token-sum-norm'")
+    if norm_len is not None and not norm_len > 0:
+        raise ValueError(f"norm_len must be positive, got {norm_len}")
     check_same_shape("loss_per_token", loss_per_token, response_mask=response_mask)
     if loss_per_token.dim() != 2:
         raise ValueError(
@@ -96,6 +108,8 @@ def aggregate_loss(
         tokens_per_seq = mask.sum(dim=-1).clamp(min=1).to(per_seq.dtype)
         per_seq = per_seq / tokens_per_seq
     denominator = _denominator(loss_scale_seqs, mask.any(dim=-1).sum(), "loss_scale_seqs")
+    if norm_len is not None:
+        denominator = denominator * norm_len
     return per_seq.sum() / denominator
 
 

@@ -59,10 +59,11 @@ def kl_loss(
     agg: str = "token-mean",
     loss_scale_tokens: int | float | torch.Tensor | None = None,
     loss_scale_seqs: int | float | torch.Tensor | None = None,
+    norm_len: int | float | None = None,
 ) -> torch.Tensor:
     """KL(pi_theta || pi_ref) estimate aggregated over response tokens: a 0-d tensor.
 
-    ``response_mask`` [batch, seq]; ``agg`` and the loss scales mean what they mean for
+    ``response_mask`` [batch, seq]; ``agg``, the loss scales and ``norm_len`` mean what they mean for
     :func:`dapo_megatron.algo.aggregate.aggregate_loss`, so the term splits across
     micro-batches exactly like the policy loss. Add ``beta * kl_loss(...)`` to the loss.
     """
@@ -74,5 +75,5 @@ def kl_loss(
     per_token = kl_penalty(logprobs, ref_logprobs, kind)
     return aggregate_loss(
         per_token, response_mask, agg,
-        loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs,
+        loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs, norm_len=norm_len,
     )

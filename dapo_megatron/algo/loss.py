@@ -1,4 +1,5 @@
-"""The DAPO policy loss: decoupled clip, token-level aggregation, optional dual clip and KL.
+"""The policy loss: DAPO's decoupled clip and token-level aggregation (the default), the
+other surrogates of objectives.py, optional dual clip and KL.
 
 DAPO (arXiv 2503.14476, eq. 8) maximises
 
@@ -20,6 +21,7 @@ import torch
 from ._checks import check_choice, check_same_shape, compute_dtype
 from .aggregate import aggregate_loss, masked_mean
 from .kl import KL_KINDS, kl_loss
+from .objectives import token_objective
 
 # How each metric of policy_loss combines across calls (micro-batches, data-parallel
 # ranks): "sum" adds values; "token_mean" is a mean weighted by "num_tokens"; "max" is max.
@@ -52,6 +54,8 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: str = "k3",
+    loss_type: str = "dapo",
+    norm_len: int | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss (to minimise) and its metrics.
 
@@ -75,6 +79,11 @@ def policy_loss(
             reported as metric "kl_loss".
         kl_coef: weight of the KL term in the loss (0 = DAPO: no KL; needs ref_logprobs).
         kl_kind: KL estimator, "k1", "k2" or "k3" (see kl.py).
+        loss_type: the surrogate, one of objectives.LOSS_TYPES ("dapo", "gspo", "cispo",
+            "drgrpo"; see objectives.py). Give it the aggregation it is defined with
+            (objectives.LOSS_AGG) unless ablating.
+        norm_len: the constant normaliser of agg="seq-mean-token-sum-norm" (Dr. GRPO's
+            L_max); see aggregate.py.
 
     Returns:
         (loss, metrics). ``loss`` is a 0-d tensor in at least float32. ``metrics`` maps
@@ -87,8 +96,10 @@ def policy_loss(
           scale is given.
         - num_tokens (sum): response tokens in this call.
         - clip_frac_low (token mean): fraction of response tokens with A < 0 and
-          r < 1 - eps_low (the lower clip is active: no gradient).
-        - clip_frac_high (token mean): A > 0 and r > 1 + eps_high.
+          r < 1 - eps_low (the lower clip is active: no gradient); for gspo the sequence
+          ratio decides for all its tokens; 0 for cispo.
+        - clip_frac_high (token mean): A > 0 and r > 1 + eps_high; for cispo, tokens whose
+          IS weight was truncated at 1 + eps_high (whatever A).
         - dual_clip_frac (token mean): A < 0 and r > clip_ratio_c (0 when off).
         - approx_kl (token mean): KL(pi_old || pi_theta) by the k3 estimator
           (r - 1) - log r, which is unbiased for tokens sampled from pi_old and >= 0.
@@ -107,16 +118,13 @@ def policy_loss(
         advantages = advantages[:, None]
     advantages = torch.where(mask, advantages.detach().to(dtype), zero)
 
-    # Masked positions get ratio 1: padding never produces inf or NaN through exp().
-    log_ratio = torch.where(mask, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zero)
+    objective, log_ratio, clipped_low, clipped_high = token_objective(
+        loss_type, logprobs.to(dtype), old_logprobs, advantages, mask, eps_low=eps_low,
+        eps_high=eps_high, clip_ratio_c=clip_ratio_c)
     ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-    objective = torch.minimum(ratio * advantages, clipped_ratio * advantages)
-    if clip_ratio_c is not None:
-        dual_bound = clip_ratio_c * advantages
-        objective = torch.where(advantages < 0, torch.maximum(objective, dual_bound), objective)
 
-    scales = dict(loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs)
+    scales = dict(loss_scale_tokens=loss_scale_tokens, loss_scale_seqs=loss_scale_seqs,
+                  norm_len=norm_len)
     pg_loss = aggregate_loss(-objective, mask, agg, **scales)
     loss = pg_loss
     metrics: dict[str, torch.Tensor] = {}
@@ -127,8 +135,6 @@ def policy_loss(
         metrics["kl_loss"] = kl_term.detach()
 
     with torch.no_grad():
-        clipped_low = (advantages < 0) & (ratio < 1.0 - eps_low)
-        clipped_high = (advantages > 0) & (ratio > 1.0 + eps_high)
         metrics.update(
             loss=loss.detach(),
             pg_loss=pg_loss.detach(),

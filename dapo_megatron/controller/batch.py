@@ -56,7 +56,8 @@ def build_rollout_batch(groups: list[ScoredGroup], algo) -> RolloutBatch:
             lengths.flatten(), algo.max_response_length, algo.overlong_buffer, algo.overlong_penalty_factor
         )
         rewards = rewards + penalty.view_as(rewards).to(torch.float64)
-    advantages = group_advantages(rewards, eps=algo.adv_eps, unbiased=algo.adv_std_unbiased)
+    advantages = group_advantages(rewards, eps=algo.adv_eps, unbiased=algo.adv_std_unbiased,
+                                  scale_by_std=algo.loss != "drgrpo")  # Dr. GRPO: no std
     weights = torch.ones_like(rewards)
     if algo.overlong_filter:
         weights = overlong_filter_mask(truncated.flatten()).view_as(weights).to(weights.dtype)

@@ -1,9 +1,9 @@
 """The DAPO loop. One step, in the order of DESIGN.md:
 
     generate + reward + filter  ->  engines release memory  ->  policy onloads
-    ->  advantages, old log-probs, train  ->  policy offloads (if configured)
-    ->  engines resume weights  ->  weight sync  ->  engines resume KV cache
-    ->  metrics, checkpoint, periodic eval
+    ->  advantages, train (old log-probs, mismatch, correction, reference on the ranks)
+    ->  policy offloads (if configured)  ->  engines resume weights  ->  weight sync
+    ->  engines resume KV cache  ->  metrics, checkpoint, periodic eval
 
 The memory phases are what lets colocated SGLang and Megatron share GPUs; each call is a
 no-op where there is nothing to move (CPU, the embedded engine), but is always made.
@@ -199,27 +199,24 @@ class Trainer:
         return metrics
 
     def _train_on(self, groups) -> dict[str, float]:
-        """Advantages, old log-probs, the policy update and the weight sync for kept groups,
-        inside the colocated memory phases."""
+        """Advantages, the policy update and the weight sync for kept groups, inside the
+        colocated memory phases."""
         cfg = self.cfg
         batch = build_rollout_batch(groups, cfg.algo)
         t1 = time.perf_counter()
         self.engines.release_memory()
         self.policy.onload()
         t2 = time.perf_counter()
-        old_logprobs, mismatch = self.policy.old_logprobs(batch, use_engine=cfg.rollout.old_logprobs == "engine")
+        train_metrics = self.policy.train(batch)  # actor/*, mismatch/*, correction/*, time/*
         t3 = time.perf_counter()
-        train_metrics = self.policy.train(batch, old_logprobs)
-        t4 = time.perf_counter()
         if cfg.trainer.offload:
             self.policy.offload()
         sync = self.sync_weights()
-        t5 = time.perf_counter()
+        t4 = time.perf_counter()
         return {
-            **batch_metrics(batch), **mismatch, **train_metrics, **sync,
-            "time/memory_phases": t2 - t1, "time/old_logprobs": t3 - t2, "time/train": t4 - t3,
-            "time/sync": t5 - t4,
-            "throughput/train_tokens_per_s": batch.num_response_tokens / max(t4 - t3, 1e-9),
+            **batch_metrics(batch), **train_metrics, **sync,
+            "time/memory_phases": t2 - t1, "time/train": t3 - t2, "time/sync": t4 - t3,
+            "throughput/train_tokens_per_s": batch.num_response_tokens / max(t3 - t2, 1e-9),
         }
 
     def sync_weights(self) -> dict[str, float]:

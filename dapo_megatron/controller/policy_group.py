@@ -1,9 +1,9 @@
 """The Megatron policy as a group of Ray actors, one per training rank.
 
 Every rank receives the same calls (Megatron ranks run collectives together); results
-that exist once (log-probs, metrics) are taken from rank 0, which the policy guarantees
-holds them (log-probs are broadcast from the last pipeline stage, metrics are all-reduced).
-Weights never come back: each rank pushes what it sources to the engines itself.
+that exist once (metrics) are taken from rank 0, which the policy guarantees holds them
+(metrics are all-reduced). Log-probs never leave the ranks, and weights never come back:
+each rank pushes what it sources to the engines itself.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 
 import ray
-import torch
 
 from dapo_megatron.controller.batch import RolloutBatch
 from dapo_megatron.ports import free_port
@@ -54,29 +53,10 @@ class PolicyGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def old_logprobs(self, batch: RolloutBatch, *, use_engine: bool) -> tuple[list[torch.Tensor], dict]:
-        """pi_old of every response token, and the train/inference mismatch against the engine.
-
-        The policy always recomputes (that is the mismatch metric); with
-        `rollout.old_logprobs=engine` the engine's values are then used as pi_old.
-        """
-        ref = ray.put(batch)
-        policy_lp = self._all("compute_logprobs", ref)[0]
-        diffs = [
-            (p - torch.tensor(e, dtype=p.dtype)).abs()
-            for p, e in zip(policy_lp, batch.engine_logprobs) if len(e)
-        ]
-        flat = torch.cat(diffs) if diffs else torch.zeros(1)
-        mismatch = {
-            "mismatch/logprob_abs_diff_max": float(flat.max()),
-            "mismatch/logprob_abs_diff_mean": float(flat.mean()),
-        }
-        if use_engine:
-            return [torch.tensor(e, dtype=torch.float32) for e in batch.engine_logprobs], mismatch
-        return policy_lp, mismatch
-
-    def train(self, batch: RolloutBatch, old_logprobs: list[torch.Tensor]) -> dict[str, float]:
-        return self._all("train_step", ray.put(batch), ray.put(old_logprobs))[0]
+    def train(self, batch: RolloutBatch) -> dict[str, float]:
+        """One policy update. The ranks compute pi_old, the train/inference mismatch, the
+        rollout correction and the reference log-probs; only metrics come back."""
+        return self._all("train_step", ray.put(batch))[0]
 
     def push_weights(self, engines: list, version: int) -> dict[str, float]:
         """Every rank sends the weights it sources straight to the engines (no copy passes

@@ -14,31 +14,20 @@ import torch
 from dapo_megatron.controller.batch import RolloutBatch
 
 
-def to_policy_batch(batch: RolloutBatch, old_logprobs: list[torch.Tensor] | None, pad_id: int = 0):
+def to_policy_batch(batch: RolloutBatch, *, with_engine_logprobs: bool = True, pad_id: int = 0):
     """[batch, seq] tensors: the response mask covers response tokens of unmasked samples,
-    and per-token log-probs sit at the positions of the tokens they score."""
+    and the engine's per-token log-probs sit at the positions of the tokens they score."""
     from dapo_megatron.policy.microbatch import PolicyBatch
 
-    masks, olds, engines = [], [], []
+    masks, engines = [], []
     for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lengths)):
-        n = len(ids) - p
         keep = bool(batch.loss_weights[i] > 0)
-        masks.append([False] * p + [keep] * n)
+        masks.append([False] * p + [keep] * (len(ids) - p))
         engines.append([0.0] * p + list(batch.engine_logprobs[i]))
-        if old_logprobs is not None:
-            olds.append([0.0] * p + old_logprobs[i].tolist())
     return PolicyBatch.from_sequences(
         batch.input_ids, masks, batch.advantages.tolist(),
-        old_logprobs=olds if old_logprobs is not None else None, engine_logprobs=engines, pad_id=pad_id,
+        engine_logprobs=engines if with_engine_logprobs else None, pad_id=pad_id,
     )
-
-
-def response_logprobs(batch: RolloutBatch, token_logprobs: torch.Tensor) -> list[torch.Tensor]:
-    """Cut [batch, seq] per-token log-probs back into per-response vectors."""
-    out = []
-    for i, (ids, p) in enumerate(zip(batch.input_ids, batch.prompt_lengths)):
-        out.append(token_logprobs[i, p : len(ids)].float().clone())
-    return out
 
 
 class PolicyWorker:
@@ -57,12 +46,10 @@ class PolicyWorker:
     def ready(self) -> bool:
         return True
 
-    def compute_logprobs(self, batch: RolloutBatch) -> list[torch.Tensor]:
-        lp = self.trainer.compute_logprobs(to_policy_batch(batch, None))
-        return response_logprobs(batch, lp)
-
-    def train_step(self, batch: RolloutBatch, old_logprobs: list[torch.Tensor]) -> dict[str, float]:
-        return self.trainer.train_step(to_policy_batch(batch, old_logprobs))
+    def train_step(self, batch: RolloutBatch) -> dict[str, float]:
+        """One policy update on the rollout batch; the ranks compute pi_old, the mismatch,
+        the correction and the reference log-probs themselves (PolicyTrainer._prepare)."""
+        return self.trainer.train_step(to_policy_batch(batch))
 
     def push_weights(self, engines: list, version: int) -> dict[str, float]:
         """Send this rank's share of the weights straight to ``engines`` (Ray handles).

@@ -4,12 +4,16 @@
 rank is given the same whole ``PolicyBatch``; the trainer picks its data-parallel share.
 
 One ``train_step(batch)``:
-  1. old log-probs: recomputed by the current policy (forward only) unless the config says
-     the rollout engine's are used; the gap to the engine's log-probs is measured;
+  1. ``_prepare``, the one place that decides what the update compares against: pi_old
+     recomputed by the current policy (forward only), the train/inference mismatch against
+     the engine's log-probs (``mismatch/*``), pi_old replaced by the engine's when
+     ``rollout.old_logprobs=engine``, the rollout correction's per-token weights folded into
+     the advantages (``algo.rollout_correction``), and the frozen reference's log-probs
+     when ``algo.kl_coef > 0`` (reference.py);
   2. the batch is cut into ``num_mini_batches`` mini-batches; each is split over DP ranks
      and into token-budget micro-batches (microbatch.py), run through megatron's
-     ``get_forward_backward_func`` (1F1B under pipeline parallelism) with the DAPO loss
-     from ``dapo_megatron.algo``, and applied by one optimizer update (optimizer.py).
+     ``get_forward_backward_func`` (1F1B under pipeline parallelism) with the loss of
+     ``algo.loss`` from ``dapo_megatron.algo``, and applied by one optimizer update.
 
 The loss normaliser is global: ``loss_scale_tokens`` is the mini-batch's response-token
 count summed over its micro-batches and DP ranks (one all-reduce). Megatron then scales
@@ -35,10 +39,14 @@ from dapo_megatron import dtypes
 from dapo_megatron.algo import (
     POLICY_METRIC_REDUCTIONS,
     aggregate_loss,
+    correction_weights,
     finish_metrics,
     loss_scale_counts,
+    masked_mean,
     metric_partials,
+    mismatch_metrics,
     policy_loss,
+    resolve_agg,
 )
 from dapo_megatron.policy.logprobs import (
     broadcast_from_last_pipeline_stage,
@@ -105,6 +113,10 @@ class PolicyTrainer:
             raise ValueError(f"parallel.cp={parallel.cp}: the trainer does not split sequences "
                              "for context parallelism yet; use cp=1 (and tp/pp for memory)")
         self.algo, self.trainer_cfg = algo, trainer
+        self.loss_agg = resolve_agg(algo.loss, algo.loss_agg)
+        # Dr. GRPO's constant normaliser is the generation budget L_max.
+        self.norm_len = (algo.max_response_length if self.loss_agg == "seq-mean-token-sum-norm"
+                         else None)
         self.fixed_micro_batch_size = fixed_micro_batch_size
         self.temperature = float(getattr(rollout, "temperature", 1.0) or 1.0)
         self.old_logprobs_source = getattr(rollout, "old_logprobs", "policy")
@@ -147,6 +159,15 @@ class PolicyTrainer:
             load_hf_state_dict(self.model, hf_state_dict)
             for chunk in self.model:  # start every DP replica from the same weights
                 chunk.broadcast_params()
+        self.reference = None
+        if algo.kl_coef > 0:
+            from dapo_megatron.policy.reference import ReferencePolicy
+
+            self.reference = ReferencePolicy(
+                build_model(hf_config, params_dtype=self.params_dtype, wrap_ddp=False,
+                            pipeline_dtype=self.params_dtype, **overrides),
+                offload=algo.reference_offload)
+            self.reference.copy_from(self.model)
         self.vocab_size = self.model[0].model_args.vocab_size
         self.model_config = get_model_config(self.model[0])
         num_mini = max(1, trainer.num_mini_batches)
@@ -194,6 +215,8 @@ class PolicyTrainer:
             from dapo_megatron.policy.checkpoint import load_checkpoint
 
             load_checkpoint(m.load, trainer.model)
+            if trainer.reference is not None:
+                trainer.reference.copy_from(trainer.model)
         return trainer
 
     @contextlib.contextmanager
@@ -241,9 +264,10 @@ class PolicyTrainer:
                  for rows in plan.per_rank[self.dp_rank]]
         return micro, plan
 
-    def _run(self, micro: list[MicroBatch], loss_func, forward_only: bool):
-        """Megatron forward(/backward) over this rank's micro-batches; returns what the
-        last pipeline stage's ``loss_func`` reported (empty elsewhere)."""
+    def _run(self, micro: list[MicroBatch], loss_func, forward_only: bool, model=None):
+        """Megatron forward(/backward) of ``model`` (default: the policy) over this rank's
+        micro-batches; returns what the last pipeline stage's ``loss_func`` reported (empty
+        elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from dapo_megatron.policy.model import attention_mask_for
@@ -262,15 +286,16 @@ class PolicyTrainer:
         max_rows = max(mb.input_ids.shape[0] for mb in micro)
         max_len = max(mb.input_ids.shape[1] for mb in micro)
         return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=self.model,
+            forward_step_func=forward_step, data_iterator=iter(micro), model=model or self.model,
             num_microbatches=len(micro), seq_length=max_len, micro_batch_size=max_rows,
             forward_only=forward_only)
 
     # ----- log-probs ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def compute_logprobs(self, batch: PolicyBatch, *, with_entropy: bool = False):
-        """Log-probs (and entropy) of every token of ``batch`` under the current weights.
+    def compute_logprobs(self, batch: PolicyBatch, *, with_entropy: bool = False, model=None):
+        """Log-probs (and entropy) of every token of ``batch`` under the current weights
+        (or under ``model``, chunks of the same layout, e.g. the frozen reference).
 
         Returns:
             ``logprobs``, or ``(logprobs, entropy)`` with ``with_entropy``: fp32 CPU
@@ -288,7 +313,7 @@ class PolicyTrainer:
                                                  temperature=self.temperature)
             return logits.new_zeros(()), {"rows": mb.rows, "lp": lp, "ent": ent}
 
-        for record in self._run(micro, loss_func, forward_only=True):
+        for record in self._run(micro, loss_func, forward_only=True, model=model):
             if not record["rows"]:
                 continue
             rows = torch.as_tensor(record["rows"], device=self.device)
@@ -325,16 +350,17 @@ class PolicyTrainer:
                                              with_entropy=True)
         mask = mb.response_mask.to(logits.device)
         ref = None if mb.ref_logprobs is None else mb.ref_logprobs.to(logits.device)
+        scales = dict(loss_scale_tokens=scale_tokens, loss_scale_seqs=scale_seqs,
+                      norm_len=self.norm_len)
+        eps_low, eps_high = ((algo.gspo_eps_low, algo.gspo_eps_high) if algo.loss == "gspo"
+                             else (algo.eps_low, algo.eps_high))
         loss, metrics = policy_loss(
             lp, mb.old_logprobs.to(logits.device), mb.advantages.to(logits.device), mask,
-            eps_low=algo.eps_low, eps_high=algo.eps_high, agg=algo.loss_agg,
-            clip_ratio_c=algo.clip_ratio_c, loss_scale_tokens=scale_tokens,
-            loss_scale_seqs=scale_seqs, ref_logprobs=ref, kl_coef=algo.kl_coef,
-            kl_kind=algo.kl_estimator)
+            eps_low=eps_low, eps_high=eps_high, agg=self.loss_agg,
+            clip_ratio_c=algo.clip_ratio_c, ref_logprobs=ref, kl_coef=algo.kl_coef,
+            kl_kind=algo.kl_estimator, loss_type=algo.loss, **scales)
         if algo.entropy_coef:
-            loss = loss - algo.entropy_coef * aggregate_loss(
-                ent, mask, algo.loss_agg, loss_scale_tokens=scale_tokens,
-                loss_scale_seqs=scale_seqs)
+            loss = loss - algo.entropy_coef * aggregate_loss(ent, mask, self.loss_agg, **scales)
         with torch.no_grad():
             count = mask.sum().clamp(min=1)
             metrics["entropy"] = (ent * mask).sum() / count
@@ -355,35 +381,64 @@ class PolicyTrainer:
                   "num_microbatches": plan.num_microbatches}
         return _reduce_metrics(records, self.device), result, layout
 
-    def train_step(self, batch: PolicyBatch, single_update: bool = False) -> dict[str, float]:
-        """One rollout step: old log-probs, then ``num_mini_batches`` optimizer updates
-        (one with ``single_update``).
+    def _prepare(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float]]:
+        """What the update compares against, decided here only.
 
-        ``batch`` is the whole rollout batch (the same on every rank); see ``PolicyBatch``
-        for shapes. Returns plain-float metrics named ``actor/*``, identical on every rank:
-        the loss terms, clip fractions, approx_kl (pi_old vs pi_theta), entropy and
-        logprob_mean of the response tokens (means over the updates); grad_norm (mean of
-        finite norms), grad_norm_max, lr (of the last update), skipped_steps (non-finite
-        gradient norm), tokens, padded_tokens, padding_waste, microbatches (per DP rank,
-        max), seconds, tokens_per_s; with engine log-probs, logprob_abs_diff_mean/_max
-        (the train/inference mismatch of the response tokens).
+        pi_old: ``batch.old_logprobs`` if given, else recomputed by the policy. With the
+        engine's log-probs present, the mismatch is measured against that pi_old
+        (``mismatch/*``); then ``rollout.old_logprobs=engine`` swaps pi_old for the engine's,
+        and ``algo.rollout_correction`` multiplies each token's advantage by its correction
+        weight (``correction/*``). The reference's log-probs are added when the KL term is on.
+        Returns the batch to train on and the metrics of these steps.
         """
-        self._enter()
-        start = time.perf_counter()
-        metrics: dict[str, float] = {}
-        old = batch.old_logprobs
-        if self.old_logprobs_source == "engine" and batch.engine_logprobs is not None:
-            old = batch.engine_logprobs
+        algo, metrics = self.algo, {}
+        old, engine, mask = batch.old_logprobs, batch.engine_logprobs, batch.response_mask
         if old is None:
             t0 = time.perf_counter()
             old = self.compute_logprobs(batch)
-            metrics["old_logprobs_seconds"] = time.perf_counter() - t0
-        if batch.engine_logprobs is not None and old is not batch.engine_logprobs:
-            metrics.update(_mismatch(old, batch.engine_logprobs, batch.response_mask))
-        batch = PolicyBatch(batch.input_ids, batch.seq_lens, batch.response_mask,
-                            batch.advantages, old_logprobs=old,
-                            engine_logprobs=batch.engine_logprobs,
-                            ref_logprobs=batch.ref_logprobs)
+            metrics["time/old_logprobs"] = time.perf_counter() - t0
+        advantages = batch.advantages
+        if engine is not None:
+            band = dict(high=algo.correction_high, low=algo.correction_low)
+            metrics.update({f"mismatch/{k}": v for k, v in
+                            mismatch_metrics(old, engine, mask, **band).items()})
+            if self.old_logprobs_source == "engine":
+                old = engine
+            if algo.rollout_correction != "none":
+                weights = correction_weights(old, engine, mask, algo.rollout_correction, **band)
+                per_token = advantages if advantages.dim() == 2 else advantages[:, None]
+                # Every loss is linear in A at a fixed ratio: w * A weights the whole term.
+                advantages = per_token * weights
+                metrics["correction/weight_mean"] = float(masked_mean(weights, mask))
+                metrics["correction/masked_frac"] = float(masked_mean((weights == 0).float(), mask))
+        ref = batch.ref_logprobs
+        if ref is None and self.reference is not None:
+            t0 = time.perf_counter()
+            with self.reference.onloaded() as model:
+                ref = self.compute_logprobs(batch, model=model)
+            metrics["time/ref_logprobs"] = time.perf_counter() - t0
+        prepared = PolicyBatch(batch.input_ids, batch.seq_lens, mask, advantages,
+                               old_logprobs=old, engine_logprobs=engine, ref_logprobs=ref)
+        return prepared, metrics
+
+    def train_step(self, batch: PolicyBatch, single_update: bool = False) -> dict[str, float]:
+        """One rollout step: ``_prepare`` (pi_old, mismatch, correction, reference), then
+        ``num_mini_batches`` optimizer updates (one with ``single_update``).
+
+        ``batch`` is the whole rollout batch (the same on every rank); see ``PolicyBatch``
+        for shapes. Returns plain floats, identical on every rank: ``actor/*``, the loss
+        terms, clip fractions, approx_kl (pi_old vs pi_theta), kl_loss (against the
+        reference, when on), entropy and logprob_mean of the response tokens (means over
+        the updates); grad_norm (mean of finite norms), grad_norm_max, lr (of the last
+        update), skipped_steps (non-finite gradient norm), tokens, padded_tokens,
+        padding_waste, microbatches (per DP rank, max), seconds, tokens_per_s; and from
+        ``_prepare`` ``mismatch/*`` and ``correction/*`` (with engine log-probs) and
+        ``time/old_logprobs``, ``time/ref_logprobs``.
+        """
+        self._enter()
+        start = time.perf_counter()
+        batch, prepare_metrics = self._prepare(batch)
+        metrics: dict[str, float] = {}
         per_update, results, real, padded, n_micro = [], [], 0, 0, 0
         num_updates = 1 if single_update else min(self.num_mini_batches, max(1, batch.size))
         for rows in split_mini_batches(batch.size, num_updates):
@@ -408,7 +463,7 @@ class PolicyTrainer:
             padding_waste=1.0 - real / padded if padded else 0.0,
             microbatches=float(n_micro), seconds=seconds, tokens_per_s=real / seconds,
             step=float(self.step))
-        return {f"actor/{k}": float(v) for k, v in metrics.items()}
+        return {**{f"actor/{k}": float(v) for k, v in metrics.items()}, **prepare_metrics}
 
     # ----- checkpoints, weights, memory --------------------------------------------------
 
@@ -489,15 +544,6 @@ def _resolve_dtype(params_dtype, on_gpu: bool) -> torch.dtype:
         raise ValueError(f"params_dtype {params_dtype!r} is not supported by the trainer; use "
                          "'auto', 'fp32' or 'bf16'")
     return dtype
-
-
-def _mismatch(policy_lp: torch.Tensor, engine_lp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Train/inference mismatch: abs gap of the policy's and the engine's log-probs."""
-    mask = mask.bool()
-    if not bool(mask.any()):
-        return {"logprob_abs_diff_mean": 0.0, "logprob_abs_diff_max": 0.0}
-    diff = (policy_lp.float() - engine_lp.float()).abs()[mask]
-    return {"logprob_abs_diff_mean": float(diff.mean()), "logprob_abs_diff_max": float(diff.max())}
 
 
 def _reduce_metrics(records: list[dict], device) -> dict[str, float]:

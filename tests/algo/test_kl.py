@@ -9,6 +9,8 @@ import torch
 
 from dapo_megatron.algo import AGG_MODES, kl_loss, kl_penalty, loss_scale_counts, policy_loss
 
+from .reference import agg_extra
+
 
 def random_distributions(seed: int, vocab: int = 50):
     g = torch.Generator().manual_seed(seed)
@@ -65,18 +67,19 @@ def test_kl_in_policy_loss_is_coef_times_kl_loss_and_splits(agg):
     ref = lp + torch.randn(6, 8, generator=g, dtype=torch.float64) * 0.3
     mask = torch.rand(6, 8, generator=g) > 0.3
     adv = torch.randn(6, generator=g, dtype=torch.float64)
-    pg, _ = policy_loss(lp, old, adv, mask, agg=agg)
-    kl = kl_loss(lp, ref, mask, agg=agg)
-    total, metrics = policy_loss(lp, old, adv, mask, agg=agg, ref_logprobs=ref, kl_coef=0.04)
+    extra = agg_extra(agg)
+    pg, _ = policy_loss(lp, old, adv, mask, agg=agg, **extra)
+    kl = kl_loss(lp, ref, mask, agg=agg, **extra)
+    total, metrics = policy_loss(lp, old, adv, mask, agg=agg, **extra, ref_logprobs=ref, kl_coef=0.04)
     assert total.item() == pytest.approx(pg.item() + 0.04 * kl.item(), rel=1e-12)
     assert metrics["kl_loss"].item() == pytest.approx(kl.item(), rel=1e-12)
     # Default: reference log-probs only monitored, not in the loss (DAPO has no KL term).
-    monitored, metrics = policy_loss(lp, old, adv, mask, agg=agg, ref_logprobs=ref)
+    monitored, metrics = policy_loss(lp, old, adv, mask, agg=agg, **extra, ref_logprobs=ref)
     assert monitored.item() == pytest.approx(pg.item(), rel=1e-12)
     assert metrics["kl_loss"].item() == pytest.approx(kl.item(), rel=1e-12)
     # Split in two halves with global scales: the halves add up.
     tokens, seqs = loss_scale_counts(mask)
     scale = dict(loss_scale_tokens=tokens) if agg == "token-mean" else dict(loss_scale_seqs=seqs)
-    halves = sum(kl_loss(lp[s], ref[s], mask[s], agg=agg, **scale).item()
+    halves = sum(kl_loss(lp[s], ref[s], mask[s], agg=agg, **scale, **extra).item()
                  for s in (slice(0, 2), slice(2, 6)))
     assert halves == pytest.approx(kl.item(), abs=1e-12)

@@ -71,7 +71,7 @@ def test_loss_and_gradient_match_float64_reference(
 
     lp64 = lp.clone().requires_grad_(True)
     loss, _ = policy_loss(lp64, old, adv, mask, eps_low=eps_low, eps_high=eps_high,
-                          agg=agg, clip_ratio_c=clip_c)
+                          agg=agg, clip_ratio_c=clip_c, **reference.agg_extra(agg))
     loss.backward()
     assert loss.dtype == torch.float64
     assert loss.item() == pytest.approx(ref_loss, abs=1e-12, rel=1e-12)
@@ -81,7 +81,8 @@ def test_loss_and_gradient_match_float64_reference(
     # float32, the precision training uses, agrees to float32 accuracy.
     lp32 = lp.float().requires_grad_(True)
     loss32, _ = policy_loss(lp32, old.float(), adv.float(), mask, eps_low=eps_low,
-                            eps_high=eps_high, agg=agg, clip_ratio_c=clip_c)
+                            eps_high=eps_high, agg=agg, clip_ratio_c=clip_c,
+                            **reference.agg_extra(agg))
     loss32.backward()
     assert loss32.dtype == torch.float32
     assert loss32.item() == pytest.approx(ref_loss, abs=1e-5, rel=1e-5)
@@ -179,9 +180,11 @@ def test_any_split_sums_to_unsplit_loss(seed, agg, assignment, dtype):
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     tokens, seqs = loss_scale_counts(mask)
     scale = dict(loss_scale_tokens=tokens) if agg == "token-mean" else dict(loss_scale_seqs=seqs)
+    scale.update(reference.agg_extra(agg))
 
     whole_lp = lp.clone().requires_grad_(True)
-    whole, whole_metrics = policy_loss(whole_lp, old, adv, mask, agg=agg, clip_ratio_c=3.0)
+    whole, whole_metrics = policy_loss(whole_lp, old, adv, mask, agg=agg, clip_ratio_c=3.0,
+                                       **reference.agg_extra(agg))
     whole.backward()
 
     pieces_lp = lp.clone().requires_grad_(True)
@@ -261,7 +264,8 @@ def test_masked_positions_are_ignored_even_if_not_finite():
 def test_empty_mask_gives_zero_loss_not_nan():
     lp = torch.zeros(2, 3, requires_grad=True)
     for agg in AGG_MODES:
-        loss, metrics = policy_loss(lp, lp.detach(), torch.ones(2), torch.zeros(2, 3), agg=agg)
+        loss, metrics = policy_loss(lp, lp.detach(), torch.ones(2), torch.zeros(2, 3), agg=agg,
+                                    **reference.agg_extra(agg))
         assert loss.item() == 0.0
         assert metrics["num_tokens"].item() == 0
 

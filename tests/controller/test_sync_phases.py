@@ -1,7 +1,7 @@
 """The colocated memory phases of a step, in order, and an engine that dies mid-sync.
 
 - A recording engine and a recording policy show the loop's order: engines release memory,
-  the policy onloads, computes pi_old, trains, offloads (when configured), engines resume
+  the policy onloads, trains (its ranks compute pi_old), offloads (when configured), engines resume
   their weight memory, each engine's weight-update session receives the policy's push,
   engines resume their KV cache.
 - An engine actor killed in the middle of a sync is replaced and the whole pool is synced
@@ -35,11 +35,7 @@ class RecordingPolicy:
     def __init__(self, log):
         self.log = log
 
-    def old_logprobs(self, batch, use_engine):
-        self.log.append(("policy", "old_logprobs"))
-        return [], {}
-
-    def train(self, batch, old):
+    def train(self, batch):
         self.log.append(("policy", "train"))
         return {"actor/loss": 0.0}
 
@@ -74,14 +70,14 @@ def test_step_runs_the_memory_phases_in_order(monkeypatch, offload):
     trainer.engines = EnginePool(cfg, {}, weight_source=trainer.policy)
     metrics = trainer._train_on(groups=[object()])
     expected = [
-        ("engine", "release_memory"), ("policy", "onload"), ("policy", "old_logprobs"), ("policy", "train"),
+        ("engine", "release_memory"), ("policy", "onload"), ("policy", "train"),
         *([("policy", "offload")] if offload else []),
         ("engine", "resume_memory", ["weights"]), ("engine", "begin_weight_update", 7),
         ("policy", "push_weights", 7), ("engine", "load_weight_bucket", [("w", torch.zeros(1))]),
         ("engine", "end_weight_update"), ("engine", "resume_memory", ["kv_cache"]),
     ]
     assert [e[:2] for e in log] == [e[:2] for e in expected]
-    assert log[5 if offload else 4] == ("engine", "resume_memory", ["weights"])
+    assert log[4 if offload else 3] == ("engine", "resume_memory", ["weights"])
     assert log[-1] == ("engine", "resume_memory", ["kv_cache"])
     assert metrics["sync/bytes"] == 4.0 and trainer.engines.weight_version == 7
 

@@ -1,0 +1,121 @@
+"""The train step's own preparation on 2 gloo ranks (policy/train.py ``_prepare``,
+policy/reference.py): pi_old recomputed on the ranks, the mismatch and the correction
+against deliberately perturbed engine log-probs, the frozen reference under TP=2, DP=2 and PP=2,
+and the loss variants' global normalisers under DP and micro-batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_distributed
+from tests.policy.test_train import budget_for, full_weights, make_trainer, max_diff, tiny_batch, tiny_hf_model
+
+torch.set_num_threads(1)
+
+
+def perturb(lp, mask, seed=0):
+    """Engine log-probs that disagree with the policy: small noise everywhere, +-1.5 on about
+    one response token in five."""
+    g = torch.Generator().manual_seed(seed)
+    big = (torch.rand(lp.shape, generator=g) < 0.2).float()
+    sign = torch.where(torch.rand(lp.shape, generator=g) < 0.5, -1.0, 1.0)
+    noise = 0.02 * torch.randn(lp.shape, generator=g) + 1.5 * big * sign
+    return lp + noise * mask
+
+
+def _worker(rank, world_size):
+    from dapo_megatron.algo import correction_weights, mismatch_metrics
+    from dapo_megatron.policy.parallel import destroy_parallel
+
+    hf, out = tiny_hf_model(), {}
+    for name, tp, pp in (("tp2", 2, 1), ("dp2", 1, 1), ("pp2", 1, 2)):
+        batch = tiny_batch()
+        trainer = make_trainer(hf, tp=tp, pp=pp, lr=1e-2, kl_coef=0.05,
+                               rollout_correction="token-mask")
+        initial = trainer.compute_logprobs(batch)
+        batch.engine_logprobs = perturb(initial, batch.response_mask)
+        with trainer.reference.onloaded() as model:
+            out[f"{name}_ref_before"] = trainer.compute_logprobs(batch, model=model)
+        prepared, metrics = trainer._prepare(batch)
+        weights = correction_weights(initial, batch.engine_logprobs, batch.response_mask,
+                                     "token-mask", high=2.0)
+        out[f"{name}_adv_diff"] = float((prepared.advantages - batch.advantages[:, None] * weights)
+                                        .abs().max())
+        out[f"{name}_masked"] = float(((weights == 0) & batch.response_mask).sum())
+        out[f"{name}_mismatch"] = {k: metrics[f"mismatch/{k}"] for k in mismatch_metrics(
+            initial, batch.engine_logprobs, batch.response_mask)}
+        out[f"{name}_mismatch_ref"] = mismatch_metrics(initial, batch.engine_logprobs,
+                                                       batch.response_mask)
+        out[f"{name}_old_is_policy"] = bool(torch.equal(prepared.old_logprobs, initial))
+        out[f"{name}_ref_is_initial"] = bool(torch.equal(prepared.ref_logprobs, initial))
+        first = trainer.train_step(batch)
+        second = trainer.train_step(batch)
+        out[f"{name}_kl"] = (first["actor/kl_loss"], second["actor/kl_loss"])
+        out[f"{name}_correction"] = (first["correction/masked_frac"], first["correction/weight_mean"])
+        out[f"{name}_moved"] = float((trainer.compute_logprobs(batch) - initial).abs().max())
+        with trainer.reference.onloaded() as model:
+            out[f"{name}_ref_after"] = trainer.compute_logprobs(batch, model=model)
+        destroy_parallel()
+
+    # The variants whose normaliser is global (GSPO's sequence mean, Dr. GRPO's constant)
+    # with a correction on: DP=2 x 4 micro-batches updates the weights as DP=1 x 1 (TP=2) does.
+    for loss in ("gspo", "drgrpo"):
+        weights = {}
+        for name, tp, count in (("tp2_mb1", 2, 1), ("dp2_mb4", 1, 4)):
+            batch = tiny_batch()
+            probe = make_trainer(hf, tp=2)
+            batch.engine_logprobs = perturb(probe.compute_logprobs(batch), batch.response_mask, seed=1)
+            destroy_parallel()
+            trainer = make_trainer(hf, tp=tp, budget=budget_for(batch, 2 // tp, count), lr=1e-3,
+                                   loss=loss, rollout_correction="seq-tis",
+                                   gspo_eps_low=0.2, gspo_eps_high=0.28)
+            metrics = trainer.train_step(batch)
+            out[f"{loss}_{name}_mb"] = metrics["actor/microbatches"]
+            out[f"{loss}_{name}_loss"] = metrics["actor/loss"]
+            weights[name] = full_weights(trainer)
+            destroy_parallel()
+        out[f"{loss}_weight_diff"] = max_diff(weights["tp2_mb1"], weights["dp2_mb4"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    out0, out1 = run_distributed(_worker, 2)
+    for key in out0:
+        if isinstance(out0[key], torch.Tensor):
+            assert torch.equal(out0[key], out1[key]), key
+        else:
+            assert out0[key] == out1[key], key
+    return out0
+
+
+@pytest.mark.dist
+def test_prepare_computes_pi_old_mismatch_and_correction_on_the_ranks(results):
+    for name in ("tp2", "dp2", "pp2"):
+        assert results[f"{name}_old_is_policy"] and results[f"{name}_ref_is_initial"]
+        assert results[f"{name}_masked"] > 5  # the perturbation pushed tokens out of the band
+        assert results[f"{name}_adv_diff"] == 0.0
+        assert results[f"{name}_mismatch"] == results[f"{name}_mismatch_ref"]
+        masked_frac, weight_mean = results[f"{name}_correction"]
+        assert 0 < masked_frac < 1 and weight_mean == pytest.approx(1 - masked_frac)
+
+
+@pytest.mark.dist
+def test_reference_is_the_frozen_initial_policy_in_every_layout(results):
+    for name in ("dp2", "pp2"):
+        torch.testing.assert_close(results[f"{name}_ref_before"], results["tp2_ref_before"],
+                                   atol=1e-5, rtol=0)
+    for name in ("tp2", "dp2", "pp2"):
+        assert results[f"{name}_moved"] > 1e-3  # the policy moved ...
+        assert torch.equal(results[f"{name}_ref_after"], results[f"{name}_ref_before"])  # ... not the reference
+        first, second = results[f"{name}_kl"]
+        assert 0 < first < second  # KL to the reference grows as the policy moves away
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("loss", ["gspo", "drgrpo"])
+def test_global_normalisers_of_the_variants_are_split_invariant(results, loss):
+    assert results[f"{loss}_tp2_mb1_mb"] == 1 and results[f"{loss}_dp2_mb4_mb"] == 4
+    assert results[f"{loss}_tp2_mb1_loss"] == pytest.approx(results[f"{loss}_dp2_mb4_loss"], abs=1e-5)
+    assert results[f"{loss}_weight_diff"] < 1e-5
