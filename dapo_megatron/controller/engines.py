@@ -67,8 +67,12 @@ class EnginePool:
             self._round.abort(wait=True)
 
     def shutdown(self) -> None:
+        """Let each engine end its own processes first: an SGLang server runs in its own
+        session and outlives a killed actor, holding GPU memory (SGLangEngine.shutdown
+        ends its whole process group); then kill the actors."""
         import ray
 
+        self.manager.shutdown()
         for engine in self.engines:
             try:
                 ray.kill(engine)

@@ -217,25 +217,31 @@ RECEIVER = textwrap.dedent("""
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     rank = int(sys.argv[1])
-    body = json.loads(sys.stdin.read())
-    req = pydantic.TypeAdapter(UpdateWeightsFromTensorReqInput).validate_python(body)
-    # srt/managers/tp_worker.py, deserialize_own_rank: rank r opens entry r only.
-    monkey_patch_torch_reductions()
-    data = MultiprocessingSerializer.deserialize(req.serialized_named_tensors[rank])
-    assert req.load_format == "flattened_bucket", req.load_format
-    bucket = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
-    print(json.dumps([[n, str(t.dtype), t.double().flatten().tolist()]
-                      for n, t in bucket.reconstruct_tensors()]))
+    out = []
+    for body in json.loads(sys.stdin.read()):
+        req = pydantic.TypeAdapter(UpdateWeightsFromTensorReqInput).validate_python(body)
+        # srt/managers/tp_worker.py, deserialize_own_rank: rank r opens entry r only.
+        monkey_patch_torch_reductions()
+        data = MultiprocessingSerializer.deserialize(req.serialized_named_tensors[rank])
+        assert req.load_format == "flattened_bucket", req.load_format
+        bucket = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
+        out += [[n, str(t.dtype), t.double().flatten().tolist()] for n, t in bucket.reconstruct_tensors()]
+    print(json.dumps(out))
 """)
 
 
-def open_in_fresh_process(body, rank):
-    """SGLang's receiving side in a new interpreter of its own session (not a fork of us)."""
-    proc = subprocess.run(
-        [sys.executable, "-c", RECEIVER.format(root=str(ROOT)), str(rank)],
-        input=json.dumps(body), capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert proc.returncode == 0, f"TP rank {rank} could not open its payload:\n{proc.stderr[-2000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def open_in_fresh_processes(bodies, tp_size):
+    """SGLang's receiving side, one new interpreter per TP rank, each in its own session
+    (not a fork of the sender), all while the sender is alive."""
+    procs = [subprocess.Popen([sys.executable, "-c", RECEIVER.format(root=str(ROOT)), str(rank)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for rank in range(tp_size)]
+    results = []
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(json.dumps(bodies), timeout=600)
+        assert proc.returncode == 0, f"TP rank {rank} could not open its payload:\n{err[-2000:]}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def test_each_tp_rank_opens_its_own_payload_in_another_process_tree():
@@ -245,11 +251,9 @@ def test_each_tp_rank_opens_its_own_payload_in_another_process_tree():
     engine.update_weights([weights], version=1)
     bodies = [body for _, path, body in rec.calls if path == "/update_weights_from_tensor"]
     assert len(bodies) == 2  # 40-byte buckets: one tensor each
-    got = []
-    for body in bodies:
-        per_rank = [open_in_fresh_process(body, rank) for rank in range(2)]
-        assert per_rank[0] == per_rank[1]
-        got += per_rank[0]
+    per_rank = open_in_fresh_processes(bodies, 2)
+    assert per_rank[0] == per_rank[1]
+    got = per_rank[0]
     assert [(n, d) for n, d, _ in got] == [(n, str(t.dtype)) for n, t in weights]
     for (_, _, values), (_, t) in zip(got, weights):
         assert values == t.double().flatten().tolist()

@@ -353,3 +353,18 @@ def test_repeated_deaths_give_up_and_health_reports_it(fake, tmp_path):
     engine.shutdown()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_engine_pool_shutdown_ends_the_server_process_group(fake):
+    """The server runs in its own session: killing the actor alone would leave it (and its
+    GPU memory) behind, so EnginePool.shutdown has each engine end its process group."""
+    from dapo_megatron.controller.engines import EnginePool
+    from dapo_megatron.rollout.manager import RolloutManager
+
+    engine, _ = fake()
+    pid = engine.process.pid
+    pool = EnginePool.__new__(EnginePool)  # no config: the pool around an existing engine
+    pool.manager = RolloutManager([engine])
+    pool.shutdown()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
