@@ -179,6 +179,9 @@ class RolloutConfig:
     engine_tp: int = 1
     engine_num_cpus: int = 1  # CPU cores per embedded engine actor
     sglang_mem_fraction: float = 0.5  # of GPU memory, colocated with training
+    # SGLang honours per-sample seeds only with --enable-deterministic-inference (0.5.23,
+    # srt/sampling/sampling_batch_info.py); false trades resume reproducibility for speed.
+    sglang_deterministic: bool = True
     weight_bucket_mb: int = 512  # the weight sync's bucket size (read by policy_worker only)
     # colocated: engines share the training GPUs (memory released/resumed around training,
     # weights as CUDA IPC handles); disaggregated: engines on GPUs of their own, weights

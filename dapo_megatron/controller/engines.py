@@ -148,6 +148,10 @@ class EnginePool:
             self._round.abort(wait=True)
 
     def shutdown(self) -> None:
+        """Let each engine end its own processes first: an SGLang server runs in its own
+        session and outlives a killed actor, holding GPU memory (SGLangEngine.shutdown
+        ends its whole process group); then kill the actors."""
+        self.manager.shutdown()
         for engine in self.engines:
             _kill(engine)
 

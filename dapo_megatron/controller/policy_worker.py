@@ -39,6 +39,7 @@ class PolicyWorker:
 
         self.cfg = cfg
         self.rank = rank
+        self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
         self.trainer = PolicyTrainer.from_config(
             cfg, hf_config, rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
         )
@@ -80,7 +81,8 @@ class PolicyWorker:
                     if group is not None:
                         group.push(bucket)
                     else:
-                        push_bucket_colocated(engines, bucket, r.engine, r.engine_tp, r.hang_timeout_s)
+                        push_bucket_colocated(engines, bucket, r.engine, r.engine_tp, r.hang_timeout_s,
+                                              tie_word_embeddings=self.tie_word_embeddings)
                     sent += sum(t.numel() * t.element_size() for _, t in bucket)
                 except Exception as err:  # noqa: BLE001
                     error = err

@@ -36,6 +36,10 @@ class SGLangConfig:
     enable_memory_saver: required for release_memory / resume_memory (colocated mode).
     return_original_logprob: start the server with SGLANG_RETURN_ORIGINAL_LOGPROB=1 so
         that its log-probs are temperature-1 (raw) ones.
+    deterministic_inference: start with --enable-deterministic-inference. SGLang 0.5.23
+        reads a request's sampling_seed only in that mode
+        (srt/sampling/sampling_batch_info.py, from_schedule_batch); without it the seeds
+        are ignored and a resumed run does not regenerate the same samples.
     bucket_bytes: upper bound of one update_weights_from_tensor request's tensors.
     launch_cmd: replaces `python -m sglang.launch_server ...` entirely (custom launchers,
         tests); "{port}" in it is replaced by the chosen port.
@@ -51,6 +55,7 @@ class SGLangConfig:
     random_seed: int = 0
     dtype: str = "auto"
     return_original_logprob: bool = False
+    deterministic_inference: bool = True
     bucket_bytes: int = 512 * 2**20
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 3600.0
@@ -77,18 +82,24 @@ def launch_command(cfg: SGLangConfig, port: int) -> list[str]:
         "--mem-fraction-static", str(cfg.mem_fraction_static),
         "--random-seed", str(cfg.random_seed),
         "--dtype", cfg.dtype,
-        # Warm-up requests can outlast the health wait on a busy node; our health check
+        # Warm-up requests can outlast the health wait on a busy node; our start-up check
         # (/health_generate) runs a real generation anyway.
         "--skip-server-warmup",
     ]
     if cfg.enable_memory_saver:
         cmd.append("--enable-memory-saver")
+    if cfg.deterministic_inference:
+        cmd.append("--enable-deterministic-inference")
     return cmd + list(cfg.extra_args)
 
 
 def launch_env(cfg: SGLangConfig) -> dict[str, str]:
     env = dict(os.environ)
     env.update(cfg.env)
+    # 0.5.23's GET /health runs a one-token generation unless this is off
+    # (srt/entrypoints/http_server.py, health_generate; srt/environ.py): a liveness probe
+    # must not generate while the weights and KV cache are released.
+    env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] = "false"
     if cfg.return_original_logprob:
         env["SGLANG_RETURN_ORIGINAL_LOGPROB"] = "1"
     return env
@@ -258,24 +269,55 @@ def map_weight_names(
     return out
 
 
-def default_serializer(bucket: WeightBucket) -> str:
-    """SGLang's own serializer: CUDA tensors become IPC handles (colocated, zero copy)."""
-    from sglang.srt.utils import MultiprocessingSerializer
+# ---------------------------------------------------------------------- weight payloads
+# SGLang's own sender path for update_weights_from_tensor with load_format="flattened_bucket":
+# the tensors of one bucket are concatenated into one uint8 tensor
+# (srt/weight_sync/tensor_bucket.py, FlattenedTensorBucket), the dict
+# {"flattened_tensor", "metadata"} is serialized once per engine TP rank, and rank r
+# deserializes only entry r with MultiprocessingSerializer.deserialize, i.e. SafeUnpickler
+# (srt/managers/tp_worker.py, deserialize_own_rank; srt/utils/common.py).
+FLATTENED_BUCKET = "flattened_bucket"
 
-    return MultiprocessingSerializer.serialize(bucket, output_str=True)
 
+def serialize_bucket(named_tensors: WeightBucket, engine_tp_size: int) -> list[str]:
+    """One update_weights_from_tensor payload per engine TP rank for one bucket.
 
-def serialize_bucket(
-    bucket: WeightBucket,
-    tie_word_embeddings: bool = False,
-    rename: dict[str, str] | None = None,
-    serializer=None,
-) -> tuple[str, int]:
-    """Trainer-side half of a colocated sync: (payload string, bytes) of one bucket.
+    Call it in the process that owns the tensors (a policy rank), on HF-named tensors
+    (map_weight_names first), and keep the tensors alive until the engine's
+    update_weights_from_serialized call for this bucket has returned.
 
-    Run in the process that owns the (CUDA) tensors; keep the tensors alive until the
-    engine's update_weights_serialized call for this bucket has returned.
+    CUDA tensors travel as CUDA IPC handles, zero copy: sglang's
+    monkey_patch_torch_reductions() (srt/utils/patch_torch.py) names the device by UUID so
+    the scheduler opens the handle on the right GPU whatever its CUDA_VISIBLE_DEVICES, and
+    each rank gets its own serialization because 0.5.23 counts IPC references per rank.
+    CPU tensors are pickled by value (bytes in the payload): torch's shared-memory
+    reduction would send a file descriptor (multiprocessing.resource_sharer.DupFd) that a
+    process in another tree (the SGLang scheduler, another authkey) cannot open.
     """
-    mapped = map_weight_names(bucket, tie_word_embeddings, rename)
-    nbytes = sum(t.numel() * t.element_size() for _, t in mapped)
-    return (serializer or default_serializer)(mapped), nbytes
+    if engine_tp_size < 1:
+        raise ValueError(f"serialize_bucket: engine_tp_size must be >= 1, got {engine_tp_size}")
+    if not named_tensors:
+        raise ValueError("serialize_bucket: empty bucket (SGLang refuses an empty flattened bucket)")
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    devices = {t.device.type for _, t in named_tensors}
+    if len(devices) != 1:
+        raise ValueError(f"serialize_bucket: one bucket mixes devices {sorted(devices)}")
+    bucket = FlattenedTensorBucket(named_tensors=[(n, t.detach()) for n, t in named_tensors])
+    payload = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
+    if devices == {"cpu"}:
+        return [_pickle_by_value(payload)] * engine_tp_size  # bytes: any rank may open any copy
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    monkey_patch_torch_reductions()
+    return [MultiprocessingSerializer.serialize(payload, output_str=True) for _ in range(engine_tp_size)]
+
+
+def _pickle_by_value(obj: Any) -> str:
+    """Plain pickle (not ForkingPickler): a CPU tensor's storage goes in as bytes, which
+    SafeUnpickler rebuilds through its _safe_load_torch_storage (srt/utils/common.py)."""
+    import base64
+    import pickle
+
+    return base64.b64encode(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)).decode()

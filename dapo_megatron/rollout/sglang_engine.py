@@ -1,23 +1,39 @@
 """SGLang rollout engine: one SGLang HTTP server per node or TP group, driven over HTTP.
 
-Written against SGLang 0.5.x's HTTP API (sglang.srt.entrypoints.http_server), the same
-endpoints its Python ``Engine`` wraps:
+Written against SGLang 0.5.23's HTTP API (sglang.srt.entrypoints.http_server) and checked
+by tests/contract/, which run SGLang's own request classes and weight-update manager:
 
 - ``POST /generate``: see sglang_api.build_generate_payload / to_samples.
-- ``POST /update_weights_from_tensor`` with ``serialized_named_tensors`` (one
-  ``MultiprocessingSerializer.serialize(named_tensors, output_str=True)`` string per TP
-  rank; in colocated mode the tensors are CUDA tensors and travel as CUDA IPC handles),
-  ``flush_cache`` (only on the last bucket) and ``weight_version``.
+- Weight sync, always one session per version (0.5.23 refuses updates outside one):
+  ``POST /begin_weight_update``, then per bucket ``POST /update_weights_from_tensor``
+  ({"serialized_named_tensors": one payload per TP rank, "load_format":
+  "flattened_bucket", "flush_cache": true only on the last bucket, "weight_version"}),
+  then ``POST /end_weight_update``.
 - ``POST /init_weights_update_group`` and ``POST /update_weights_from_distributed``
   (names, dtypes, shapes; the trainer broadcasts the tensors over the NCCL group) when
-  the engine sits on other GPUs than the trainer.
-- ``POST /release_memory_occupation`` / ``POST /resume_memory_occupation`` (needs
-  ``--enable-memory-saver``), ``POST /abort_request`` ({"rid"}), ``GET /flush_cache``,
-  ``GET /health_generate``.
+  the engine sits on other GPUs than the trainer; also inside a session.
+- ``POST /release_memory_occupation`` / ``POST /resume_memory_occupation`` with explicit
+  tags (needs ``--enable-memory-saver``), ``POST /abort_request`` ({"rid"}),
+  ``GET /flush_cache``, ``GET /health`` (liveness; the server runs with health-check
+  generation off) and ``GET /health_generate`` (a real one-token generation).
+
+Colocated weight sync, zero copy (the interface policy.push_weights uses):
+
+    engine.begin_weight_update()                        # once per version, every engine
+    for bucket in buckets:                              # HF names, CUDA tensors
+        payloads = sglang_api.serialize_bucket(map_weight_names(bucket, tied), engine_tp)
+        engine.update_weights_from_serialized(payloads, version, flush_cache=last, nbytes=...)
+        # keep the bucket's tensors alive until this call has returned
+    engine.end_weight_update(version)
+
+serialize_bucket must run in the process that owns the CUDA tensors (a policy rank on
+the engine's GPUs), never in this actor. ``update_weights(buckets, version)`` is the
+host-copy path: it serializes here, by value, and runs the same session.
 
 If the server process dies, the engine restarts it, restores the last synced weights
-through ``weights_provider`` and retries the batch (``max_restarts`` times).
-sglang itself is imported lazily (only the default serializer needs it).
+through ``weights_provider`` and retries the batch (``max_restarts`` times). sglang itself
+is imported lazily (only serialize_bucket needs it). The server runs in its own session;
+``shutdown`` ends that whole process group (the HTTP server and its scheduler children).
 """
 
 from __future__ import annotations
@@ -41,11 +57,12 @@ from dapo_megatron.rollout.sglang_api import (
     SGLangConfig,
     build_generate_payload,
     check_logprob_support,
-    default_serializer,
+    FLATTENED_BUCKET,
     launch_command,
     launch_env,
     map_weight_names,
     sample_rid,
+    serialize_bucket,
     to_samples,
 )
 
@@ -53,7 +70,10 @@ logger = logging.getLogger(__name__)
 
 # Returns (buckets of the current weights, their version); called after a restart.
 WeightsProvider = Callable[[], tuple[Iterable[WeightBucket], int]]
-Serializer = Callable[[WeightBucket], str]
+
+# SGLang 0.5.23's memory tags (srt/constants.py, GPU_MEMORY_ALL_TYPES): an empty or absent
+# tag list releases or resumes all three.
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 
 
 def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
@@ -78,7 +98,6 @@ class SGLangEngine:
 
     weights_provider: called after a restart to restore the latest synced weights; without
         it a restart after any update_weights raises instead of serving stale weights.
-    serializer: bucket -> str for update_weights_from_tensor (default: SGLang's).
     tie_word_embeddings, rename: see map_weight_names.
     exit_on_death: inside a Ray actor, end the actor when the server cannot be recovered,
         so the owner sees RayActorError and replaces the engine (and re-syncs weights).
@@ -89,7 +108,6 @@ class SGLangEngine:
         cfg: SGLangConfig,
         *,
         weights_provider: WeightsProvider | None = None,
-        serializer: Serializer | None = None,
         tie_word_embeddings: bool = False,
         rename: dict[str, str] | None = None,
         start: bool = True,
@@ -97,7 +115,6 @@ class SGLangEngine:
     ):
         self.cfg = cfg
         self.weights_provider = weights_provider
-        self.serializer = serializer or default_serializer
         self.tie_word_embeddings = tie_word_embeddings
         self.rename = rename
         self.exit_on_death = exit_on_death
@@ -106,9 +123,11 @@ class SGLangEngine:
         self.port = 0
         self.restarts = 0
         self.last_sync: dict[str, float] = {}
+        self._sync_stats: list = [0.0, 0, 0]  # start, bytes, buckets of the open session
         self._inflight: dict[str, list[str]] = {}
         self._inflight_lock = threading.Lock()
         self._released: set[str] = set()  # memory tags currently released
+        self._session_open = False  # between begin_weight_update and end_weight_update
         self._synced = False  # weights differ from model_path's since an update
         self._partial_sync = False  # an update_weights stopped part-way: refuse to sample
         if start:
@@ -147,6 +166,10 @@ class SGLangEngine:
             time.sleep(0.2)
         # An empty queue before the first release_memory (slime does the same).
         self._request("GET", "/flush_cache", None, timeout=60)
+        if not self.cfg.deterministic_inference:
+            logger.warning("SGLang server without --enable-deterministic-inference: per-sample "
+                           "seeds are ignored, so a resumed run does not regenerate the same "
+                           "samples (rollout.sglang_deterministic=false)")
 
     def _ping(self) -> bool:
         try:
@@ -162,6 +185,7 @@ class SGLangEngine:
         version, synced = self.weight_version, self._synced
         self.weight_version = self.cfg.initial_weight_version
         self._released, self._synced, self._partial_sync = set(), False, False
+        self._session_open = False
         self.start()
         if synced:
             if self.weights_provider is None:
@@ -247,6 +271,11 @@ class SGLangEngine:
         if len(request_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request_ids")
         check_logprob_support(params, self.cfg.return_original_logprob)
+        if self._released:
+            raise RuntimeError(
+                f"SGLang engine: generate while memory is released ({sorted(self._released)}); "
+                "call resume_memory first"
+            )
         if self._partial_sync:
             raise RuntimeError(
                 "SGLang engine: the last weight update failed part-way, the server holds mixed "
@@ -297,90 +326,123 @@ class SGLangEngine:
             except (EngineDied, OSError, urllib.error.URLError) as err:
                 logger.warning("abort of %s failed: %s", srid, err)
 
-    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        """Push HF-named tensors in buckets of <= cfg.bucket_bytes, serialized here.
+    # ------------------------------------------------------------------ weights
+    # 0.5.23 answers every update_weights_from_tensor / _from_distributed with HTTP 400
+    # unless it runs inside a session (srt/managers/scheduler_components/weight_updater.py,
+    # the _session guard); end_weight_update also runs the model's post-load processing.
+    def begin_weight_update(self, version: int | None = None) -> None:
+        """Open the server's weight-update session (one per sync, around all buckets);
+        `version` is what end_weight_update() will then serve when it is given none."""
+        self._pending_version = int(version) if version is not None else self.weight_version
+        if self._session_open:
+            raise RuntimeError("SGLang engine: a weight-update session is already open; "
+                               "call end_weight_update first")
+        answer = self._call("POST", "/begin_weight_update", {}, self.cfg.request_timeout_s)
+        self._check_success(answer, "begin_weight_update")
+        self._session_open = True
+        self._partial_sync = True  # until end_weight_update: the weights are mixed
+        self._sync_stats = [time.perf_counter(), 0, 0]
 
-        Right when this process holds the tensors (in-process engine, or CPU tensors).
-        Colocated on GPUs behind Ray, serialize in the trainer process instead
-        (sglang_api.serialize_bucket) and call update_weights_serialized: CUDA tensors must not
-        travel through Ray's object store into a GPU-less actor.
-        """
-        mapped = (map_weight_names(b, self.tie_word_embeddings, self.rename) for b in buckets)
-        payloads = (
-            ([self.serializer(bucket)] * self.cfg.tp_size, bucket_nbytes(bucket))
-            for bucket in rebucket(mapped, self.cfg.bucket_bytes)
-        )
-        self._post_tensor_buckets(payloads, version)
-
-    def update_weights_serialized(
-        self, buckets: Iterable[list[str] | tuple[list[str], int]], version: int
-    ) -> None:
-        """Push buckets serialized by the trainer: per bucket, one string per TP rank
-        (the trainer rank on the GPU of SGLang's TP rank r makes entry r, so every CUDA IPC
-        handle is opened on its own device), optionally paired with the bucket's bytes."""
-        payloads = (b if isinstance(b, tuple) else (b, 0) for b in buckets)
-        self._post_tensor_buckets(payloads, version)
-
-    def _post_tensor_buckets(self, payloads: Iterable[tuple[list[str], int]], version: int) -> None:
-        start, total, count = time.perf_counter(), 0, 0
-        self._partial_sync = True
-        for (per_rank, nbytes), last in _with_last(payloads):
-            if len(per_rank) != self.cfg.tp_size:
-                raise ValueError(
-                    f"update_weights: a bucket has {len(per_rank)} serialized payloads but the "
-                    f"engine runs tp_size={self.cfg.tp_size}: send one per SGLang TP rank"
-                )
-            answer = self._call(
-                "POST",
-                "/update_weights_from_tensor",
-                {
-                    "serialized_named_tensors": list(per_rank),
-                    "load_format": None,
-                    # The KV/radix cache is stale after new weights: flush once, at the end.
-                    "flush_cache": last,
-                    "weight_version": str(version),
-                },
-                self.cfg.request_timeout_s,
-            )
-            self._check_success(answer, "update_weights_from_tensor")
-            total += nbytes
-            count += 1
-            self._synced = True
+    def end_weight_update(self, version: int | None = None) -> None:
+        """Close the session; the server now serves weight version `version` (default: the
+        one begin_weight_update was given). The radix cache is stale after new weights."""
+        if not self._session_open:
+            raise RuntimeError("SGLang engine: end_weight_update without begin_weight_update")
+        version = self._pending_version if version is None else version
+        answer = self._call("POST", "/end_weight_update", {}, self.cfg.request_timeout_s)
+        if getattr(self, "_flush_at_end", False):
+            self._flush_at_end = False
+            self._call("GET", "/flush_cache", None, 120)
+        self._session_open = False
+        self._check_success(answer, "end_weight_update")
         self.weight_version = int(version)
         self._partial_sync = False
+        start, total, count = self._sync_stats
         seconds = time.perf_counter() - start
         self.last_sync = {"bytes": float(total), "seconds": seconds, "buckets": float(count)}
         logger.info("SGLang weight sync v%d: %d buckets, %.1f MB in %.2f s",
                     version, count, total / 1e6, seconds)
 
-    # ------------------------------------------------------------------ weight-update session
-    # 0.5.23 refuses tensor and distributed updates outside a session
-    # (srt/managers/scheduler_components/weight_updater.py, the _session guard); the end call
-    # also runs post-load processing. Policy ranks push buckets between the two calls.
-    def begin_weight_update(self, version: int) -> None:
-        answer = self._call("POST", "/begin_weight_update", {}, self.cfg.request_timeout_s)
-        self._check_success(answer, "begin_weight_update")
-        self._partial_sync = True
-        self._pending_version = int(version)
-        self._session_bytes = 0
-
-    def load_weight_bucket(self, bucket: WeightBucket) -> None:
-        """One bucket of tensors this process holds (CPU, or CUDA on this process's GPU)."""
-        mapped = map_weight_names(bucket, self.tie_word_embeddings, self.rename)
-        self.load_weight_bucket_serialized([self.serializer(mapped) for _ in range(self.cfg.tp_size)],
-                                           bucket_nbytes(mapped))
-
-    def load_weight_bucket_serialized(self, per_rank: list[str], nbytes: int = 0) -> None:
-        """One bucket serialized by the policy rank that owns its tensors, one payload per
-        SGLang TP rank (each rank opens and refcounts its own handles)."""
-        if len(per_rank) != self.cfg.tp_size:
-            raise ValueError(f"load_weight_bucket_serialized: {len(per_rank)} payloads for an engine with "
-                             f"tp_size={self.cfg.tp_size}: send one per SGLang TP rank")
-        answer = self._call("POST", "/update_weights_from_tensor", {
-            "serialized_named_tensors": list(per_rank), "load_format": None, "flush_cache": False,
-        }, self.cfg.request_timeout_s)
+    def update_weights_from_serialized(
+        self, payloads: list[str], version: int, flush_cache: bool = False, nbytes: int = 0
+    ) -> None:
+        """Load one bucket serialized by its owner (sglang_api.serialize_bucket): one
+        payload per engine TP rank. Only inside begin_weight_update / end_weight_update;
+        flush_cache=True on the last bucket (the radix cache is stale after new weights)."""
+        if not self._session_open:
+            raise RuntimeError("SGLang engine: update_weights_from_serialized outside a "
+                               "weight-update session; call begin_weight_update first")
+        if len(payloads) != self.cfg.tp_size:
+            raise ValueError(
+                f"update_weights: a bucket has {len(payloads)} serialized payloads but the "
+                f"engine runs tp_size={self.cfg.tp_size}: send one per SGLang TP rank"
+            )
+        answer = self._call(
+            "POST",
+            "/update_weights_from_tensor",
+            {
+                "serialized_named_tensors": list(payloads),
+                "load_format": FLATTENED_BUCKET,
+                "flush_cache": bool(flush_cache),
+                "weight_version": str(version),
+            },
+            self.cfg.request_timeout_s,
+        )
         self._check_success(answer, "update_weights_from_tensor")
-        self._session_bytes += nbytes
+        self._synced = True
+        self._sync_stats[1] += int(nbytes)
+        self._sync_stats[2] += 1
+
+    def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """Push HF-named host copies in buckets of <= cfg.bucket_bytes, one session.
+
+        Serialized here, by value (see serialize_bucket): correct from any process but it
+        copies the weights through HTTP. Colocated on GPUs, a policy rank serializes its
+        CUDA tensors itself and calls begin_weight_update / update_weights_from_serialized /
+        end_weight_update (zero copy).
+        """
+        mapped = (map_weight_names(b, self.tie_word_embeddings, self.rename) for b in buckets)
+        payloads = (
+            (serialize_bucket(bucket, self.cfg.tp_size), bucket_nbytes(bucket))
+            for bucket in rebucket(mapped, self.cfg.bucket_bytes)
+        )
+        self.update_weights_serialized(payloads, version)
+
+    def update_weights_serialized(
+        self, buckets: Iterable[list[str] | tuple[list[str], int]], version: int
+    ) -> None:
+        """One session over buckets already serialized (per bucket: one string per TP rank,
+        optionally paired with the bucket's bytes)."""
+        self.begin_weight_update()
+        try:
+            for bucket, last in _with_last(buckets):
+                per_rank, nbytes = bucket if isinstance(bucket, tuple) else (bucket, 0)
+                self.update_weights_from_serialized(per_rank, version, flush_cache=last, nbytes=nbytes)
+        except BaseException:
+            self._abandon_session()
+            raise
+        self.end_weight_update(version)
+
+    def _abandon_session(self) -> None:
+        """Close a session after a failed bucket; the weights stay marked partial."""
+        if self._session_open:
+            try:
+                self._call("POST", "/end_weight_update", {}, 60)
+            except Exception:  # noqa: BLE001 - a dead server has no session left
+                logger.warning("closing the weight-update session failed", exc_info=True)
+            self._session_open = False
+
+    # The push protocol (rollout/protocol.py): policy ranks send buckets into the session.
+    def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        """One bucket of tensors this process holds, serialized here (by value)."""
+        mapped = map_weight_names(bucket, self.tie_word_embeddings, self.rename)
+        self.load_weight_bucket_serialized(serialize_bucket(mapped, self.cfg.tp_size), bucket_nbytes(mapped))
+
+    def load_weight_bucket_serialized(self, payloads: list[str], nbytes: int = 0) -> None:
+        """One bucket serialized by the policy rank that owns its tensors (one payload per
+        SGLang TP rank), inside the session begin_weight_update(version) opened."""
+        self.update_weights_from_serialized(payloads, self._pending_version, flush_cache=False, nbytes=nbytes)
+        self._flush_at_end = True  # which bucket is last is known only when the session closes
 
     def receive_weight_bucket(self, meta: Any, group_name: str) -> None:
         """A bucket broadcast over the weight-update group (metadata first; blocks until the
@@ -396,16 +458,6 @@ class SGLangEngine:
                             self.cfg.request_timeout_s)
         self._check_success(answer, "destroy_weights_update_group")
 
-    def end_weight_update(self) -> None:
-        answer = self._call("POST", "/end_weight_update", {}, self.cfg.request_timeout_s)
-        self._check_success(answer, "end_weight_update")
-        self._call("POST", "/update_weight_version", {"new_version": str(self._pending_version),
-                                                      "abort_all_requests": False}, self.cfg.request_timeout_s)
-        self._call("GET", "/flush_cache", None, 120)  # the KV/radix cache is stale after new weights
-        self.weight_version = self._pending_version
-        self._partial_sync = False
-        self._synced = True
-        logger.info("SGLang weight sync v%d: %.1f MB", self.weight_version, self._session_bytes / 1e6)
 
     def init_weights_update_group(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -426,58 +478,93 @@ class SGLangEngine:
         broadcast: Callable[[WeightBucket], None],
         group_name: str = "weight_update_group",
     ) -> None:
-        """Separate-GPU sync: post each bucket's metadata, then broadcast its tensors.
+        """Separate-GPU sync, one session: post each bucket's metadata, then broadcast it.
 
         broadcast(bucket) runs in the trainer process (rank 0 of the group) and must
         torch.distributed.broadcast each tensor in order; the HTTP call blocks until the
         server has received them, so it runs in a thread meanwhile.
         """
-        self._partial_sync = True
         mapped = (map_weight_names(b, self.tie_word_embeddings, self.rename) for b in buckets)
-        for bucket, last in _with_last(rebucket(mapped, self.cfg.bucket_bytes)):
-            payload = {
-                "names": [n for n, _ in bucket],
-                "dtypes": [name_of(t.dtype) for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket],
-                "group_name": group_name,
-                "flush_cache": last,
-                "weight_version": str(version),
-            }
-            result: dict[str, Any] = {}
+        self.begin_weight_update()
+        try:
+            for bucket, last in _with_last(rebucket(mapped, self.cfg.bucket_bytes)):
+                self._post_distributed_bucket(bucket, last, version, broadcast, group_name)
+        except BaseException:
+            self._abandon_session()
+            raise
+        self.end_weight_update(version)
 
-            def post() -> None:
-                try:
-                    result["answer"] = self._call("POST", "/update_weights_from_distributed",
-                                                  payload, self.cfg.request_timeout_s)
-                except Exception as err:  # re-raised in the caller's thread below
-                    result["error"] = err
+    def _post_distributed_bucket(self, bucket, last, version, broadcast, group_name) -> None:
+        payload = {
+            "names": [n for n, _ in bucket],
+            "dtypes": [str(t.dtype).replace("torch.", "") for _, t in bucket],
+            "shapes": [list(t.shape) for _, t in bucket],
+            "group_name": group_name,
+            "flush_cache": last,
+            "weight_version": str(version),
+        }
+        result: dict[str, Any] = {}
 
-            thread = threading.Thread(target=post)
-            thread.start()
-            broadcast(bucket)
-            thread.join()
-            if "error" in result:
-                raise result["error"]
-            self._check_success(result["answer"], "update_weights_from_distributed")
-            self._synced = True
-        self.weight_version = int(version)
-        self._partial_sync = False
+        def post() -> None:
+            try:
+                result["answer"] = self._call("POST", "/update_weights_from_distributed",
+                                              payload, self.cfg.request_timeout_s)
+            except Exception as err:  # re-raised in the caller's thread below
+                result["error"] = err
 
-    def release_memory(self) -> None:
-        """Free weights and KV cache (colocated train phase); queue must be empty first."""
+        thread = threading.Thread(target=post)
+        thread.start()
+        broadcast(bucket)
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        self._check_success(result["answer"], "update_weights_from_distributed")
+        self._synced = True
+        self._sync_stats[1] += bucket_nbytes(bucket)
+        self._sync_stats[2] += 1
+
+    # ------------------------------------------------------------------ memory
+    def release_memory(self, tags: list[str] | None = None) -> None:
+        """Free GPU memory (colocated train phase); tags default to all of MEMORY_TAGS.
+
+        0.5.23 asserts that the server is idle (weight_updater.py,
+        release_memory_occupation), so this refuses while requests are in flight, and
+        releases only what is resident (a second release of a tag is a no-op here).
+        """
+        tags = list(MEMORY_TAGS) if not tags else list(tags)
+        unknown = set(tags) - set(MEMORY_TAGS)
+        if unknown:
+            raise ValueError(f"release_memory: unknown tags {sorted(unknown)}; SGLang knows {MEMORY_TAGS}")
+        with self._inflight_lock:
+            busy = sorted(self._inflight)
+        if busy:
+            raise RuntimeError(f"release_memory while requests are in flight ({busy[:3]}...): "
+                               "SGLang releases memory only when idle; abort or finish them first")
+        todo = [t for t in tags if t not in self._released]
+        if not todo:
+            return
         self._call("GET", "/flush_cache", None, 120)
-        self._call("POST", "/release_memory_occupation", {}, self.cfg.request_timeout_s)
-        self._released = {"weights", "kv_cache"}
+        self._call("POST", "/release_memory_occupation", {"tags": todo}, self.cfg.request_timeout_s)
+        self._released |= set(todo)
 
     def resume_memory(self, tags: list[str] | None = None) -> None:
-        """Re-acquire memory; tags ["weights"] then ["kv_cache"] lets a sync run in between."""
-        self._call("POST", "/resume_memory_occupation", {"tags": tags}, self.cfg.request_timeout_s)
-        # Resuming only "weights" still leaves the KV cache released, and vice versa.
-        self._released -= set(tags) if tags is not None else self._released
+        """Re-acquire released memory; tags default to everything released. ["weights"]
+        first, a weight sync, then ["kv_cache", "cuda_graph"] keeps the peak low. 0.5.23
+        raises in the scheduler when a tag is resumed that is not released, so only
+        released tags are sent."""
+        tags = sorted(self._released) if tags is None else list(tags)
+        todo = [t for t in tags if t in self._released]
+        if not todo:
+            return
+        self._call("POST", "/resume_memory_occupation", {"tags": todo}, self.cfg.request_timeout_s)
+        self._released -= set(todo)
+
+    def released_memory(self) -> list[str]:
+        return sorted(self._released)
 
     def health(self) -> bool:
-        """Alive and answering; /health_generate runs a real generation, so while memory is
-        released (no weights, no KV cache) only the process and /health are checked."""
+        """Alive and answering. /health_generate runs a real generation, so while memory is
+        released only /health is asked (started with generation on /health turned off)."""
         if not self.alive():
             return False
         if self._released:
@@ -487,6 +574,9 @@ class SGLangEngine:
             except (OSError, urllib.error.URLError, ValueError):
                 return False
         return self._ping()
+
+    def get_tp_size(self) -> int:
+        return self.cfg.tp_size
 
     def get_weight_version(self) -> int:
         return self.weight_version
@@ -518,6 +608,7 @@ def sglang_config_from(cfg: Any, engine_index: int = 0, slot: Any = None) -> SGL
         mem_fraction_static=r.sglang_mem_fraction,
         enable_memory_saver=r.placement == "colocated",
         random_seed=cfg.trainer.seed + engine_index,
+        deterministic_inference=r.sglang_deterministic,
         dtype=dtype,
         bucket_bytes=r.weight_bucket_mb * 2**20,
         # A Ray actor without GPUs may see no devices; base_gpu_id indexes the node's GPUs.
@@ -532,7 +623,6 @@ def create_sglang_actor(
     engine_index: int = 0,
     slot: Any = None,
     num_cpus: float = 1,
-    serializer: Serializer | None = None,
     **ray_options: Any,
 ):
     """An SGLangEngine in a Ray actor; cfg is a DapoConfig or an SGLangConfig.
@@ -549,5 +639,5 @@ def create_sglang_actor(
     tied = bool((hf_config or {}).get("tie_word_embeddings", False))
     actor_cls = ray.remote(SGLangEngine)
     return actor_cls.options(num_cpus=num_cpus, num_gpus=0, max_concurrency=4, **ray_options).remote(
-        scfg, serializer=serializer, tie_word_embeddings=tied, exit_on_death=True
+        scfg, tie_word_embeddings=tied, exit_on_death=True
     )

@@ -92,17 +92,20 @@ def _ray_get(refs: list, timeout: float | None = None) -> list:
 
 
 def push_bucket_colocated(engines: list[Any], bucket: WeightBucket, engine_kind: str, engine_tp: int = 1,
-                          timeout: float | None = None) -> None:
+                          timeout: float | None = None, tie_word_embeddings: bool = False) -> None:
     """Hand one bucket to every engine (Ray actor handles); returns once all loaded it."""
     import ray
 
     if engine_kind == "sglang":
-        from dapo_megatron.rollout.sglang_api import serialize_bucket
+        from dapo_megatron.rollout.sglang_api import map_weight_names, serialize_bucket
 
-        # One payload per SGLang TP rank: each rank's worker opens (and refcounts) its own
-        # handles (srt/entrypoints/engine.py update_weights_from_tensor, tp_worker.py).
-        payloads = [serialize_bucket(bucket)[0] for _ in range(engine_tp)]
-        _ray_get([e.load_weight_bucket_serialized.remote(payloads) for e in engines], timeout)
+        # Serialized here, in the process that owns the (CUDA) tensors, one payload per SGLang
+        # TP rank: each rank's worker opens and refcounts its own handles
+        # (srt/entrypoints/engine.py update_weights_from_tensor, tp_worker.py).
+        mapped = map_weight_names(bucket, tie_word_embeddings)
+        payloads = serialize_bucket(mapped, engine_tp)
+        nbytes = sum(t.numel() * t.element_size() for _, t in mapped)
+        _ray_get([e.load_weight_bucket_serialized.remote(payloads, nbytes) for e in engines], timeout)
         return
     ref = ray.put(bucket)
     try:

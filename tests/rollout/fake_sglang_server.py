@@ -1,24 +1,38 @@
-"""A stand-in for SGLang's HTTP server, for tests without a GPU: a real process on loopback.
+"""A stand-in for SGLang 0.5.23's HTTP server on CPU, built on SGLang's own pieces.
 
-It speaks the subset of the API that SGLangEngine uses, with SGLang's request and
-response shapes, and generates deterministic tokens: token k of a sample is
-(sum(input_ids) + 7 k + sampling_seed + weight_version) % 50 with log-prob -(token+1)/100.
-Every request is appended as a JSON line to --log, so a test can see what reached the
-server across restarts. If the file --die-marker exists when a /generate arrives, the
-server deletes it and exits mid-request (os._exit), like a crashed scheduler.
+Everything that decides whether a request is accepted is SGLang's code, run here:
+/generate bodies go through the JSON contract gate (srt/entrypoints/api_contract.py), the
+GenerateReqInput dataclass with normalize_batch_and_arguments, and SamplingParams.verify;
+control bodies are parsed into their io_struct classes the way FastAPI does (pydantic,
+through sglang's own schema hook); weight updates, release and resume run in SGLang's
+SchedulerWeightUpdaterManager (srt/managers/scheduler_components/weight_updater.py: the
+session guard, the idle assertion, the tag bookkeeping); tensor payloads are opened by
+MultiprocessingSerializer.deserialize (SafeUnpickler), one per TP rank, and unpacked by
+FlattenedTensorBucket. Rejections answer as http_server.py does (HTTP 400).
 
-    python fake_sglang_server.py --port P --log events.jsonl [--die-marker F] [--step-delay S]
+What is ours is the model: token k of a sample is
+(sum(input_ids) + 7 k + sampling_seed + weight_version) % 50 with log-prob -(token+1)/100,
+and a weight named "reject" fails to load, like a name the model lacks. Every request is
+appended as a JSON line to --log. If the file --die-marker exists when a /generate
+arrives, the server deletes it and exits mid-request (os._exit), like a crashed scheduler.
+
+    python fake_sglang_server.py --port P --log events.jsonl [--tp-size N] [--die-marker F] [--step-delay S]
 """
 
 import argparse
-import base64
 import json
 import os
+import sys
 import threading
 import time
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-STATE = {"version": 0, "aborted": set()}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests import sglang_cpu  # noqa: E402
+
+VOCAB = 50
+STATE = {"version": 0, "aborted": set(), "running": 0}
 LOCK = threading.Lock()
 
 
@@ -37,7 +51,7 @@ def generate(args, body):
             if aborted:
                 reason = {"type": "abort", "message": "Abort request " + rid}
                 break
-            tok = (sum(ids) + 7 * k + sp.get("sampling_seed", 0) + STATE["version"]) % 50
+            tok = (sum(ids) + 7 * k + sp.get("sampling_seed", 0) + STATE["version"]) % VOCAB
             tokens.append(tok)
             if tok in sp.get("stop_token_ids", []):
                 reason = {"type": "stop", "matched": tok}
@@ -57,13 +71,138 @@ def generate(args, body):
     return outs
 
 
-def make_handler(args):
+class CharTokenizer:
+    """The server's tokenizer, as SamplingParams.normalize uses it (stop-string lengths)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+def check_generate(body):
+    """SGLang's admission of a /generate body: None, or the error it answers with."""
+    import pydantic
+    from sglang.srt.entrypoints.api_contract import generate_contract_error
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    error = generate_contract_error(body)
+    if error is not None:
+        return error
+    try:
+        obj = pydantic.TypeAdapter(GenerateReqInput).validate_python(body)
+        obj.normalize_batch_and_arguments()
+        for sp in body["sampling_params"]:
+            params = SamplingParams(**sp)
+            params.normalize(CharTokenizer())
+            params.verify(VOCAB)
+    except Exception as err:  # noqa: BLE001 - SGLang answers these with HTTP 400
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+class Weights:
+    """SGLang's scheduler-side weight manager over a model that records what it loads."""
+
+    def __init__(self, tp_size):
+        import torch
+        import torch.distributed as dist
+        from sglang.srt.disaggregation.utils import DisaggregationMode
+        from sglang.srt.managers.scheduler_components import weight_updater as wu
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+        # The runtime context SGLang's launcher publishes: one TP group (gloo, world 1,
+        # since one process plays every rank) and the weight cache off.
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        wu.get_parallel = lambda: types.SimpleNamespace(tp_group=types.SimpleNamespace(cpu_group=None))
+        wu.get_model = lambda: types.SimpleNamespace(weight_cache_mode="off")
+        self.loaded = []
+
+        def deserialize_own_rank(payloads):
+            if len(payloads) != tp_size:
+                raise ValueError(f"{len(payloads)} payloads for tp_size {tp_size}")
+            # Every rank opens its own payload in its own scheduler; here all in turn.
+            return [MultiprocessingSerializer.deserialize(p) for p in payloads][0]
+
+        def update_weights_from_tensor(named_tensors, load_format=None):
+            if load_format != "flattened_bucket":
+                return False, f"the stand-in model takes flattened_bucket, not {load_format!r}"
+            bucket = FlattenedTensorBucket(flattened_tensor=named_tensors["flattened_tensor"],
+                                           metadata=named_tensors["metadata"])
+            names = [n for n, _ in bucket.reconstruct_tensors()]
+            if "reject" in names:
+                return False, "Unknown weight name: reject"
+            self.loaded.append(names)
+            return True, "Success"
+
+        runner = types.SimpleNamespace(weight_updater=types.SimpleNamespace(
+            begin_weight_update=lambda: None,
+            end_weight_update=lambda run_post_load: None,
+            update_weights_from_tensor=update_weights_from_tensor,
+            load_weights_from_distributed=lambda weights: (True, "Success")))
+        model = torch.nn.Linear(2, 2)
+        model.register_buffer("rotary", torch.ones(2))
+        target = types.SimpleNamespace(
+            receive_weights_from_distributed=lambda **kw: kw)
+        tp_worker = types.SimpleNamespace(
+            weight_update_runners=lambda: [("target", runner)],
+            deserialize_own_rank=deserialize_own_rank,
+            init_weights_update_group=lambda req: (True, "Succeeded to initialize group."),
+            model_runner=types.SimpleNamespace(model=model, weight_updater=target))
+
+        def record_version(new_version):
+            if new_version is not None:
+                STATE["version"] = int(new_version)
+
+        scheduler = types.SimpleNamespace(_engine_paused=False, disaggregation_mode=DisaggregationMode.NULL,
+                                          record_weight_version_change=record_version)
+        idle = lambda ignore_waiting=False: STATE["running"] == 0  # noqa: E731
+        self.manager = wu.SchedulerWeightUpdaterManager(
+            tp_worker=tp_worker, draft_worker=None,
+            memory_saver_adapter=types.SimpleNamespace(pause=lambda tag: None, resume=lambda tag: None),
+            flush_cache=lambda empty_cache=False: idle(), is_fully_idle=idle, scheduler=scheduler)
+
+    def handle(self, path, body):
+        """(HTTP status, answer) as http_server.py gives them."""
+        import pydantic
+        from sglang.srt.managers import io_struct as io
+
+        routes = {
+            "/begin_weight_update": (io.BeginWeightUpdateReqInput, self.manager.begin_weight_update),
+            "/end_weight_update": (io.EndWeightUpdateReqInput, self.manager.end_weight_update),
+            "/update_weights_from_tensor": (io.UpdateWeightsFromTensorReqInput,
+                                            self.manager.update_weights_from_tensor),
+            "/update_weights_from_distributed": (io.UpdateWeightsFromDistributedReqInput,
+                                                 self.manager.update_weights_from_distributed),
+            "/init_weights_update_group": (io.InitWeightsUpdateGroupReqInput,
+                                           self.manager.init_weights_update_group),
+            "/release_memory_occupation": (io.ReleaseMemoryOccupationReqInput,
+                                           self.manager.release_memory_occupation),
+            "/resume_memory_occupation": (io.ResumeMemoryOccupationReqInput,
+                                          self.manager.resume_memory_occupation),
+        }
+        cls, method = routes[path]
+        try:
+            req = pydantic.TypeAdapter(cls).validate_python(body)
+        except pydantic.ValidationError as err:
+            return 422, {"detail": str(err)}  # FastAPI's answer to a body it cannot parse
+        try:
+            out = method(req)
+        except Exception as err:  # noqa: BLE001 - http_server.py: _create_error_response
+            return 400, {"error": {"message": f"{type(err).__name__}: {err}"}}
+        if hasattr(out, "success"):
+            return (200 if out.success else 400), {"success": out.success, "message": out.message}
+        return 200, None
+
+
+def make_handler(args, weights):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
             pass
 
         def reply(self, obj, code=200):
-            data = json.dumps(obj).encode()
+            data = b"" if obj is None else json.dumps(obj).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -72,8 +211,22 @@ def make_handler(args):
 
         def do_GET(self):
             log(args, {"path": self.path, "pid": os.getpid()})
-            if self.path in ("/health", "/health_generate", "/flush_cache"):
-                self.reply({})
+            if self.path == "/health":
+                # Generation on /health is on by default in 0.5.23; the stand-in cannot run
+                # one, so it insists the engine turned it off as SGLangEngine must.
+                if os.environ.get("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "true").lower() not in (
+                        "false", "0", "no", "n"):
+                    self.reply({"error": "/health would generate: start with "
+                                         "SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=false"}, 500)
+                    return
+                self.reply(None)
+            elif self.path == "/health_generate":
+                if weights.manager.offload_tags:
+                    self.reply({"error": "generation with released memory"}, 500)
+                    return
+                self.reply(None)
+            elif self.path == "/flush_cache":
+                self.reply(None)
             elif self.path == "/get_weight_version":
                 self.reply({"weight_version": str(STATE["version"])})
             else:
@@ -88,36 +241,43 @@ def make_handler(args):
                 if args.die_marker and os.path.exists(args.die_marker):
                     os.remove(args.die_marker)
                     os._exit(3)
-                self.reply(generate(args, body))
-            elif self.path == "/update_weights_from_tensor":
-                # The tests' serializer: base64(JSON [[name, values], ...]) (SGLang's is a
-                # ForkingPickler of CUDA IPC handles, which needs a GPU).
-                named = json.loads(base64.b64decode(body["serialized_named_tensors"][0]))
-                event.update(names=[n for n, _ in named], flush_cache=body["flush_cache"],
-                             weight_version=body["weight_version"],
-                             ranks=len(body["serialized_named_tensors"]))
-                log(args, event)
-                if "reject" in event["names"]:  # what SGLang answers for a name it lacks
-                    self.reply({"success": False, "message": "Unknown weight name: reject"}, 400)
+                error = check_generate(body)
+                if error is not None:
+                    self.reply({"error": error}, 400)
                     return
-                STATE["version"] = int(body["weight_version"])
-                self.reply({"success": True, "message": "Succeeded to update parameter online."})
+                if weights.manager.offload_tags or weights.manager._session is not None:
+                    self.reply({"error": "generation while memory is released or weights update"}, 500)
+                    return
+                with LOCK:
+                    STATE["running"] += 1
+                try:
+                    self.reply(generate(args, body))
+                finally:
+                    with LOCK:
+                        STATE["running"] -= 1
             elif self.path == "/abort_request":
-                event["rid"] = body["rid"]
+                event["rid"] = body.get("rid")
                 log(args, event)
                 with LOCK:
-                    STATE["aborted"].add(body["rid"])
-                self.reply({})
-            elif self.path in ("/init_weights_update_group", "/update_weights_from_distributed"):
-                event["body"] = body
+                    STATE["aborted"].add(body.get("rid"))
+                self.reply(None)
+            elif self.path in ("/begin_weight_update", "/end_weight_update",
+                               "/update_weights_from_tensor", "/update_weights_from_distributed",
+                               "/init_weights_update_group", "/release_memory_occupation",
+                               "/resume_memory_occupation"):
+                before = len(weights.loaded)
+                with LOCK:
+                    code, answer = weights.handle(self.path, body)
+                if self.path == "/update_weights_from_tensor":
+                    event.update(names=[n for b in weights.loaded[before:] for n in b],
+                                 flush_cache=body.get("flush_cache"), load_format=body.get("load_format"),
+                                 weight_version=body.get("weight_version"),
+                                 ranks=len(body.get("serialized_named_tensors", [])))
+                else:
+                    event["body"] = body
+                event["status"] = code
                 log(args, event)
-                if "weight_version" in body:
-                    STATE["version"] = int(body["weight_version"])
-                self.reply({"success": True, "message": ""})
-            elif self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
-                event["body"] = body
-                log(args, event)
-                self.reply({})
+                self.reply(answer, code)
             else:
                 self.reply({"error": "not found"}, 404)
 
@@ -128,10 +288,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--log", required=True)
+    parser.add_argument("--tp-size", type=int, default=1)
     parser.add_argument("--die-marker", default="")
     parser.add_argument("--step-delay", type=float, default=0.0)
     args = parser.parse_args()
-    ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args)).serve_forever()
+    reason = sglang_cpu.load()
+    if reason:
+        sys.exit(f"fake_sglang_server: {reason}")
+    weights = Weights(args.tp_size)
+    ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args, weights)).serve_forever()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dapo_megatron.rollout.sglang_api import SGLangConfig
 from dapo_megatron.rollout.sglang_engine import SGLangEngine
 from tests.rollout.reference import tiny_config
 from tests.rollout.scripted import ScriptedEngine
-from tests.rollout.test_sglang_engine import FAKE, expected_for, json_serializer, read_log
+from tests.rollout.test_sglang_engine import FAKE, expected_for, needs_sglang, read_log
 
 PROMPTS = [[1 + i, 2, 3 + (i % 3)] for i in range(10)]
 
@@ -66,6 +66,7 @@ def test_consumer_can_stop_early_while_others_generate():
     assert len(taken) == 3 and all(len(g.samples) == 2 for g in taken)
 
 
+@needs_sglang
 def test_dead_sglang_server_is_replaced_and_chunk_retried(tmp_path):
     log = tmp_path / "events.jsonl"
 
@@ -73,7 +74,7 @@ def test_dead_sglang_server_is_replaced_and_chunk_retried(tmp_path):
         cfg = SGLangConfig(max_restarts=0, startup_timeout_s=60, request_timeout_s=60,
                            launch_cmd=(sys.executable, FAKE, "--port", "{port}", "--log", str(log),
                                        "--die-marker", str(tmp_path / f"die{index}")))
-        return SGLangEngine(cfg, serializer=json_serializer)
+        return SGLangEngine(cfg)
 
     weights = [[("w", torch.ones(3))]]
     manager = RolloutManager([make(0), make(1)], factory=make, max_restarts=1,

@@ -15,7 +15,7 @@ from dapo_megatron.rollout.protocol import SamplingParams
 from dapo_megatron.rollout.sglang_api import SGLangConfig
 from dapo_megatron.rollout.sglang_engine import create_sglang_actor
 from tests.rollout.reference import tiny_config
-from tests.rollout.test_sglang_engine import FAKE, expected_for, json_serializer
+from tests.rollout.test_sglang_engine import FAKE, needs_sglang, expected_for
 
 ray = pytest.importorskip("ray")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,6 +59,7 @@ def test_embedded_actor_matches_in_process_engine_and_aborts(ray_local):
             ray.kill(a)
 
 
+@needs_sglang
 def test_sglang_actor_exits_on_server_death_and_manager_replaces_it(ray_local, tmp_path):
     log = tmp_path / "events.jsonl"
 
@@ -66,8 +67,7 @@ def test_sglang_actor_exits_on_server_death_and_manager_replaces_it(ray_local, t
         cfg = SGLangConfig(max_restarts=2, startup_timeout_s=60, request_timeout_s=60,
                            launch_cmd=(sys.executable, FAKE, "--port", "{port}", "--log", str(log),
                                        "--die-marker", str(tmp_path / "die")))
-        return create_sglang_actor(cfg, {"tie_word_embeddings": False}, num_cpus=0.25,
-                                   serializer=json_serializer)
+        return create_sglang_actor(cfg, {"tie_word_embeddings": False}, num_cpus=0.25)
 
     manager = RolloutManager([make(0)], factory=make, max_restarts=1,
                              on_replace=lambda e: ray.get(e.update_weights.remote([[("w", torch.ones(2))]], 3)))

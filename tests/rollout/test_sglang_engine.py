@@ -1,7 +1,7 @@
 """SGLang engine without a GPU: launch args, bucketing, names, payloads, parsing, and a
-fake server process (tests/rollout/fake_sglang_server.py) that really dies mid-request."""
+stand-in server process (tests/rollout/fake_sglang_server.py, built on SGLang 0.5.23's own
+request classes and weight-update manager) that really dies mid-request."""
 
-import base64
 import json
 import os
 import sys
@@ -25,13 +25,15 @@ from dapo_megatron.rollout.sglang_api import (
     serialize_bucket,
     to_samples,
 )
+from tests import sglang_cpu
 
 FAKE = str(Path(__file__).with_name("fake_sglang_server.py"))
+needs_sglang = pytest.mark.skipif(bool(sglang_cpu.load()), reason=str(sglang_cpu.load()))
 
 
-def json_serializer(bucket):
-    """What the fake server reads: base64(JSON [[name, values], ...])."""
-    return base64.b64encode(json.dumps([[n, t.tolist()] for n, t in bucket]).encode()).decode()
+def fake_launch_cmd(log, marker="", step_delay=0.0, tp_size=1):
+    return (sys.executable, FAKE, "--port", "{port}", "--log", str(log), "--tp-size", str(tp_size),
+            "--die-marker", str(marker), "--step-delay", str(step_delay))
 
 
 def fake_tokens(prompt, seed, version, max_new, stops=()):
@@ -56,7 +58,11 @@ def test_launch_command_and_per_node_configs():
     assert pairs["--tp-size"] == "2" and pairs["--base-gpu-id"] == "4"
     assert pairs["--mem-fraction-static"] == "0.35"
     assert "--enable-memory-saver" in cmd and cmd[-2:] == ["--attention-backend", "fa3"]
+    assert "--enable-deterministic-inference" in cmd  # else sampling_seed is ignored
+    assert "--enable-deterministic-inference" not in launch_command(
+        SGLangConfig(model_path="m", deterministic_inference=False), 1)
     assert launch_env(cfg)["SGLANG_RETURN_ORIGINAL_LOGPROB"] == "1"
+    assert launch_env(cfg)["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "false"
     assert "SGLANG_RETURN_ORIGINAL_LOGPROB" not in launch_env(SGLangConfig(model_path="x", env={}))
     # Each engine's GPUs come from dapo_megatron.resolve (tests/test_resolve.py).
     from dapo_megatron.config import load_config
@@ -163,6 +169,8 @@ def read_log(path):
 
 @pytest.fixture
 def fake(tmp_path):
+    if sglang_cpu.load():
+        pytest.skip(sglang_cpu.load())
     engines = []
 
     def make(step_delay=0.0, die=False, provider=None, tp_size=1, bucket_bytes=1 << 20):
@@ -170,11 +178,10 @@ def fake(tmp_path):
         if die:
             marker.write_text("x")
         cfg = SGLangConfig(
-            tp_size=tp_size, bucket_bytes=bucket_bytes, startup_timeout_s=60, request_timeout_s=60,
-            launch_cmd=(sys.executable, FAKE, "--port", "{port}", "--log", str(log),
-                        "--die-marker", str(marker), "--step-delay", str(step_delay)),
+            tp_size=tp_size, bucket_bytes=bucket_bytes, startup_timeout_s=120, request_timeout_s=60,
+            launch_cmd=fake_launch_cmd(log, marker, step_delay, tp_size),
         )
-        engine = SGLangEngine(cfg, weights_provider=provider, serializer=json_serializer)
+        engine = SGLangEngine(cfg, weights_provider=provider)
         engines.append(engine)
         return engine, log
 
@@ -209,21 +216,32 @@ def test_fake_server_generate_sync_release_resume(fake):
     assert [e["flush_cache"] for e in syncs] == [False] * (len(syncs) - 1) + [True]
     assert all(e["ranks"] == 2 and e["weight_version"] == "5" for e in syncs)
     assert len(syncs) > 2  # re-bucketed to <= 3000 bytes
+    assert all(e["status"] == 200 and e["load_format"] == "flattened_bucket" for e in syncs)
+    paths = [e["path"] for e in read_log(log) if "weight" in e["path"]]
+    assert paths == ["/begin_weight_update"] + ["/update_weights_from_tensor"] * len(syncs) + [
+        "/end_weight_update"]  # one session around the whole version
     assert engine.weight_version == 5 and engine.last_sync["bytes"] == sum(t.numel() * 4 for _, t in weights)
     out = engine.generate(prompts, params, rids)
     assert [[s.token_ids for s in g] for g in out] == expected_for(prompts, params, rids, 5)
     assert all(s.weight_version == 5 for g in out for s in g)
 
     engine.release_memory()
+    assert engine.released_memory() == ["cuda_graph", "kv_cache", "weights"]
     assert engine.health()
     assert read_log(log)[-1]["path"] == "/health"  # no generation while memory is released
+    with pytest.raises(RuntimeError, match="released"):
+        engine.generate(prompts, params, rids)
     engine.resume_memory(["weights"])
-    paths = [e["path"] for e in read_log(log)]
-    assert paths[-4:] == ["/flush_cache", "/release_memory_occupation", "/health",
-                          "/resume_memory_occupation"]
-    assert read_log(log)[-1]["body"] == {"tags": ["weights"]}
+    events = read_log(log)
+    assert [e["path"] for e in events[-4:]] == ["/flush_cache", "/release_memory_occupation",
+                                                "/health", "/resume_memory_occupation"]
+    assert events[-3]["body"] == {"tags": ["kv_cache", "weights", "cuda_graph"]}
+    assert events[-1]["body"] == {"tags": ["weights"]} and events[-1]["status"] == 200
+    engine.resume_memory(["weights"])  # already resident: SGLang would raise, so not sent
+    assert len(read_log(log)) == len(events)
     assert engine.health() and read_log(log)[-1]["path"] == "/health"  # KV cache still out
-    engine.resume_memory(["kv_cache"])
+    engine.resume_memory()
+    assert read_log(log)[-1]["body"] == {"tags": ["cuda_graph", "kv_cache"]}
     assert engine.health() and read_log(log)[-1]["path"] == "/health_generate"
 
 
@@ -245,18 +263,29 @@ def test_distributed_sync_posts_metadata_while_trainer_broadcasts(fake):
     assert engine.weight_version == 8
 
 
-def test_trainer_serialized_buckets_are_posted_per_rank(fake):
+def test_owner_serialized_buckets_are_posted_per_rank_in_one_session(fake):
     engine, log = fake(tp_size=2)
     buckets = [[("a", torch.ones(3)), ("lm_head.weight", torch.ones(2))], [("b", torch.ones(5))]]
-    made = [serialize_bucket(b, tie_word_embeddings=True, serializer=json_serializer) for b in buckets]
-    assert [n for _, n in made] == [12, 20]  # lm_head.weight dropped: tied embeddings
-    engine.update_weights_serialized([([p, p], n) for p, n in made], version=4)
+    mapped = [map_weight_names(b, tie_word_embeddings=True) for b in buckets]
+    assert [[n for n, _ in b] for b in mapped] == [["a"], ["b"]]  # tied: lm_head dropped
+    with pytest.raises(RuntimeError, match="begin_weight_update"):
+        engine.update_weights_from_serialized(serialize_bucket(mapped[0], 2), 4)
+    engine.begin_weight_update()
+    for bucket, last in zip(mapped, (False, True)):
+        payloads = serialize_bucket(bucket, engine.get_tp_size())
+        assert len(payloads) == 2
+        engine.update_weights_from_serialized(payloads, 4, flush_cache=last, nbytes=bucket_nbytes(bucket))
+    with pytest.raises(RuntimeError, match="part-way"):
+        engine.generate([[1]], SamplingParams(max_new_tokens=2))  # mid-session: mixed weights
+    engine.end_weight_update(4)
     syncs = [e for e in read_log(log) if e["path"] == "/update_weights_from_tensor"]
     assert [e["names"] for e in syncs] == [["a"], ["b"]]
     assert [e["flush_cache"] for e in syncs] == [False, True] and all(e["ranks"] == 2 for e in syncs)
     assert engine.weight_version == 4 and engine.last_sync["bytes"] == 32
+    engine.begin_weight_update()
     with pytest.raises(ValueError, match="tp_size=2"):
-        engine.update_weights_serialized([[made[0][0]]], version=5)
+        engine.update_weights_from_serialized(serialize_bucket(mapped[0], 1), 5)
+    engine.end_weight_update(5)
 
 
 def test_failed_sync_blocks_generation_until_a_full_sync(fake):
@@ -328,3 +357,18 @@ def test_repeated_deaths_give_up_and_health_reports_it(fake, tmp_path):
     engine.shutdown()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_engine_pool_shutdown_ends_the_server_process_group(fake):
+    """The server runs in its own session: killing the actor alone would leave it (and its
+    GPU memory) behind, so EnginePool.shutdown has each engine end its process group."""
+    from dapo_megatron.controller.engines import EnginePool
+    from dapo_megatron.rollout.manager import RolloutManager
+
+    engine, _ = fake()
+    pid = engine.process.pid
+    pool = EnginePool.__new__(EnginePool)  # no config: the pool around an existing engine
+    pool.manager = RolloutManager([engine])
+    pool.shutdown()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
