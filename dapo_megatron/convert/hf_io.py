@@ -11,11 +11,14 @@ announced up front, so no shard is ever assembled in memory.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from typing import Iterable, Iterator
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -246,4 +249,48 @@ class ShardWriter:
                 f.write("\n")
 
 
-__all__ = ["CheckpointError", "DTYPES", "SafetensorsReader", "ShardWriter"]
+# What AutoTokenizer reads; an export with none of them is not a usable HF model
+# (transformers 5 silently builds an empty tokenizer from such a directory).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def config_with_dtype(raw: bytes, dtypes: set) -> bytes:
+    """config.json for weights written in ``dtypes``: the source bytes unchanged, unless
+    they name another dtype (``dtype``, or ``torch_dtype`` before transformers 4.56): then
+    that field is corrected, since from_pretrained's default dtype follows it (a policy
+    trained in fp32 from a bf16 model would otherwise load back rounded to bf16)."""
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _TORCH_DTYPE_NAMES:
+        return raw
+    name = _TORCH_DTYPE_NAMES[next(iter(dtypes))]
+    cfg = json.loads(raw)
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg and cfg[k] != name]
+    if not keys:
+        return raw
+    for k in keys:
+        cfg[k] = name
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def complete_hf_export(out_dir: str) -> None:
+    """Make ``out_dir`` (weights + config.json) a complete HF model directory: a
+    generation_config.json from config.json's special token ids when none was carried
+    (what transformers' GenerationConfig.from_model_config takes), and a warning when no
+    tokenizer files are there."""
+    gen_path = os.path.join(out_dir, "generation_config.json")
+    if not os.path.exists(gen_path):
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if cfg.get(k) is not None}
+        with open(gen_path, "w", encoding="utf-8") as f:
+            json.dump({"_from_model_config": True, **gen}, f, indent=2, sort_keys=True)
+            f.write("\n")
+    if not any(os.path.exists(os.path.join(out_dir, n)) for n in TOKENIZER_FILES):
+        logger.warning("%s: no tokenizer files (the checkpoint carries none, e.g. a run with the "
+                       "embedded character tokenizer); AutoTokenizer cannot load this model. "
+                       "Pass --tokenizer DIR to copy them from the model's HF directory", out_dir)
+
+
+__all__ = ["CheckpointError", "DTYPES", "SafetensorsReader", "ShardWriter", "TOKENIZER_FILES",
+           "complete_hf_export", "config_with_dtype"]
