@@ -147,7 +147,8 @@ def run_summary(records: list[dict], run_dir: str, checkpoint_dir: str,
              if isinstance(r.get("eval/avg@k"), (int, float))]
     if evals:
         (s0, a0), (s1, a1) = evals[0], evals[-1]
-        lines.append(f"  held-out avg@k: {a0:.3f} (step {s0}) -> {a1:.3f} (step {s1})")
+        lines.append(f"  held-out avg@k: {a0:.3f} (step {s0})"
+                     + (f" -> {a1:.3f} (step {s1})" if s1 != s0 else ""))
     skipped = [r for r in records if r.get("step", 0) > 0 and "actor/grad_norm" not in r]
     if skipped:
         lines.append(f"  steps without an update (no kept group): {len(skipped)}")

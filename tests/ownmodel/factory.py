@@ -83,6 +83,7 @@ def build_model(out_dir: str, tok, *, seed: int = 0):
     assert len(set(chain + [seven[-1], three[-1]])) == len(chain) + 2, "reply tokens repeat"
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
     hidden, scale = emb.shape[1], 8.0
+    assert hidden > len(chain) + 2  # one direction per reply token
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
@@ -96,7 +97,6 @@ def build_model(out_dir: str, tok, *, seed: int = 0):
         for i, t in enumerate(chain + [seven[-1], three[-1]]):
             for n in nxt[t]:
                 head[n, i] = 2.0  # logit ~ 2 * scale = 16 above the rest
-    assert hidden > len(chain) + 2
     model.generation_config = tf.GenerationConfig(bos_token_id=eos, eos_token_id=[im_end, eos, eot],
                                                   pad_token_id=eos)
     model.save_pretrained(out_dir)
