@@ -138,7 +138,7 @@ class Trainer:
             self.save()
         plot_metrics(self.metrics.records, os.path.join(cfg.run_dir, "metrics.png"))
         logger.info(run_summary(self.metrics.records, cfg.run_dir, cfg.checkpoint_dir,
-                                ckpt_io.latest(cfg)))
+                                ckpt_io.newest_published(cfg.checkpoint_dir)))
         return self.metrics.records
 
     def _install_signal_handlers(self) -> None:

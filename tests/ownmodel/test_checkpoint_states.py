@@ -90,7 +90,7 @@ def _failed_save_worker(rank, world, root):
     import types
 
     from dapo_megatron.controller import checkpoint as ckpt_io
-    from dapo_megatron.policy.checkpoint import find_latest, save_checkpoint
+    from dapo_megatron.policy.checkpoint import write_checkpoint
     from dapo_megatron.policy.parallel import destroy_parallel
 
     trainer = _trainer("qwen2", "bf16", True, seed=0)
@@ -103,21 +103,19 @@ def _failed_save_worker(rank, world, root):
     try:
         ckpt_io.save(cfg, 2, lambda d: trainer.save(d, unpicklable))
         out["controller_raised"] = False
-    except Exception:  # noqa: BLE001 - whatever pickle raises
+    except Exception:  # noqa: BLE001 - CheckpointSaveError around pickle's error
         out["controller_raised"] = True
     out["controller_dirs"] = sorted(os.listdir(cfg.checkpoint_dir))
-    out["controller_latest"] = os.path.basename(ckpt_io.latest(cfg))
-    # The policy's own atomic writer.
-    root2 = os.path.join(root, "policy")
-    save_checkpoint(root2, 1, trainer.model, trainer.optimizer, trainer.scheduler)
+    out["controller_newest"] = os.path.basename(ckpt_io.newest_published(cfg.checkpoint_dir))
+    # The policy's writer on its own removes the directory it created.
+    target = os.path.join(root, "direct")
     try:
-        save_checkpoint(root2, 2, trainer.model, trainer.optimizer, trainer.scheduler,
-                        extra_state=unpicklable)
+        write_checkpoint(target, 2, trainer.model, trainer.optimizer, trainer.scheduler,
+                         extra_state=unpicklable)
         out["policy_raised"] = False
     except Exception:  # noqa: BLE001
         out["policy_raised"] = True
-    out["policy_dirs"] = sorted(os.listdir(root2))
-    out["policy_latest"] = os.path.basename(find_latest(root2))
+    out["policy_left"] = os.path.exists(target)
     destroy_parallel()
     return out
 
@@ -127,6 +125,5 @@ def test_failed_save_leaves_the_previous_checkpoint_newest_and_no_tmp(tmp_path):
     out = run_distributed(_failed_save_worker, 1, str(tmp_path))[0]
     assert out["controller_raised"] and out["policy_raised"]
     assert out["controller_dirs"] == ["step_000001"], out
-    assert out["controller_latest"] == "step_000001"
-    assert out["policy_dirs"] == ["latest", "step_00000001"], out
-    assert out["policy_latest"] == "step_00000001"
+    assert out["controller_newest"] == "step_000001"
+    assert not out["policy_left"]

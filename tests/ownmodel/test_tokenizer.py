@@ -123,7 +123,7 @@ def test_rollout_and_eval_stop_on_every_stop_id(tok_dir):
     from dapo_megatron.controller.rollout_phase import collect_train_groups
     from dapo_megatron.data.datasets import PromptExample
     from dapo_megatron.data.sampler import PromptSampler
-    from dapo_megatron.eval import evaluate
+    from dapo_megatron.controller.eval_phase import evaluate
     from dapo_megatron.reward import compute_score
 
     class Scorer:
