@@ -33,11 +33,15 @@ import torch
 
 from dapo_megatron.convert.arch import UnsupportedModelError, model_args_from_hf
 from dapo_megatron.convert.hf_io import (
+    CONFIG_NAME,
+    EXTRA_DIR,
+    META_NAME,
     CheckpointError,
     SafetensorsReader,
     ShardWriter,
     complete_hf_export,
     config_with_dtype,
+    copy_extras,
 )
 from dapo_megatron.convert.rules import MissingTensorError, hf_names, hf_shapes
 from dapo_megatron.dtypes import name_of, to_torch
@@ -46,12 +50,8 @@ from dapo_megatron.convert.spec_keys import extra_state_from_model
 
 logger = logging.getLogger(__name__)
 
-META_NAME = "dapo_convert.json"
-CONFIG_NAME = "hf_config.json"
-EXTRA_DIR = "hf_extra"
 # Tensors some HF checkpoints carry that are not weights (recomputed by the model).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-_EXTRA_MAX_BYTES = 64 * 1024**2
 
 
 class ConversionError(ValueError):
@@ -288,43 +288,9 @@ def hf_to_megatron(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, ep: int =
             f.write(raw)
         with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        _copy_extras(hf_dir, os.path.join(tmp, EXTRA_DIR))
+        copy_extras(hf_dir, os.path.join(tmp, EXTRA_DIR))
 
     _atomic_output(out, body)
-
-
-def _copy_extras(src: str, dst: str) -> None:
-    """Small non-weight files (tokenizer, generation config) travel with the weights."""
-    skip = {"config.json", "model.safetensors.index.json", CONFIG_NAME, META_NAME}
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if (name in skip or name.endswith((".safetensors", ".bin", ".pt", ".distcp"))
-                or not os.path.isfile(path) or os.path.getsize(path) > _EXTRA_MAX_BYTES):
-            continue
-        os.makedirs(dst, exist_ok=True)
-        shutil.copy2(path, os.path.join(dst, name))
-
-
-def carry_hf_files(ckpt_dir: str, hf_config: dict, source_dirs) -> None:
-    """Make a trainer checkpoint convertible back to HF on its own: ``hf_config.json`` (the
-    config the run trained: the source config.json byte for byte when it is that one) and
-    ``hf_extra/`` (tokenizer, generation config) from ``source_dirs`` (HF model or
-    tokenizer directories; None entries skipped, later ones win)."""
-    sources = [d for d in dict.fromkeys(source_dirs) if d and os.path.isdir(d)]
-    raw = None
-    for d in sources:
-        path = os.path.join(d, "config.json")
-        if os.path.isfile(path):
-            candidate, cfg = _read_config(path)
-            if cfg == hf_config:
-                raw = candidate
-                break
-    if raw is None:
-        raw = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
-    with open(os.path.join(ckpt_dir, CONFIG_NAME), "wb") as f:
-        f.write(raw)
-    for d in sources:
-        _copy_extras(d, os.path.join(ckpt_dir, EXTRA_DIR))
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -526,7 +492,7 @@ def megatron_to_hf(megatron_dir: str, out: str, *, max_shard_bytes: int = 5 * 10
         if tokenizer:
             if not os.path.isdir(tokenizer):
                 raise ConversionError(f"--tokenizer {tokenizer}: not a directory")
-            _copy_extras(tokenizer, tmp)
+            copy_extras(tokenizer, tmp)
         complete_hf_export(tmp)
 
     _atomic_output(out, body)
@@ -560,7 +526,6 @@ def verify(hf_dir: str, megatron_dir: str, hf_config: str | None = None) -> floa
 
 __all__ = [
     "ConversionError",
-    "carry_hf_files",
     "check_hf_checkpoint",
     "fixed_prompt",
     "hf_to_megatron",

@@ -38,7 +38,7 @@ from dapo_megatron.controller.rollout_phase import collect_train_groups
 from dapo_megatron.controller.run_dir import claim_run_dir
 from dapo_megatron.controller.startup import check_cluster_device, check_local_device, record_model_shape
 from dapo_megatron.controller.task import load_task
-from dapo_megatron.convert_hf import carry_hf_files
+from dapo_megatron.convert.hf_io import carry_hf_files
 from dapo_megatron.data.sampler import PromptSampler
 from dapo_megatron.resolve import Resolved, resolve
 from dapo_megatron.reward import RewardPool

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import struct
 from typing import Iterable, Iterator
 
@@ -249,6 +250,12 @@ class ShardWriter:
                 f.write("\n")
 
 
+# The side files of a Megatron checkpoint that make it convertible back to HF on its own
+# (written by tools/convert_hf.py and by the trainer's checkpoints).
+META_NAME = "dapo_convert.json"  # architecture, dtype, vocab sizes, HF tensor names/dtypes
+CONFIG_NAME = "hf_config.json"  # the HF config.json
+EXTRA_DIR = "hf_extra"  # tokenizer files, generation_config.json, other small files
+_EXTRA_MAX_BYTES = 64 * 1024**2
 # What AutoTokenizer reads; an export with none of them is not a usable HF model
 # (transformers 5 silently builds an empty tokenizer from such a directory).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
@@ -292,5 +299,44 @@ def complete_hf_export(out_dir: str) -> None:
                        "Pass --tokenizer DIR to copy them from the model's HF directory", out_dir)
 
 
-__all__ = ["CheckpointError", "DTYPES", "SafetensorsReader", "ShardWriter", "TOKENIZER_FILES",
-           "complete_hf_export", "config_with_dtype"]
+def copy_extras(src: str, dst: str) -> None:
+    """Small non-weight files (tokenizer, generation config) travel with the weights."""
+    skip = {"config.json", "model.safetensors.index.json", CONFIG_NAME, META_NAME}
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if (name in skip or name.endswith((".safetensors", ".bin", ".pt", ".distcp"))
+                or not os.path.isfile(path) or os.path.getsize(path) > _EXTRA_MAX_BYTES):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        shutil.copy2(path, os.path.join(dst, name))
+
+
+def carry_hf_files(ckpt_dir: str, hf_config: dict, source_dirs) -> None:
+    """Make a trainer checkpoint convertible back to HF on its own: ``hf_config.json`` (the
+    config the run trained: the source config.json byte for byte when it is that one) and
+    ``hf_extra/`` (tokenizer, generation config) from ``source_dirs`` (HF model or
+    tokenizer directories; None entries skipped, later ones win)."""
+    sources = [d for d in dict.fromkeys(source_dirs) if d and os.path.isdir(d)]
+    raw = None
+    for d in sources:
+        path = os.path.join(d, "config.json")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                candidate = f.read()
+            try:
+                same = json.loads(candidate) == hf_config
+            except ValueError:
+                same = False
+            if same:
+                raw = candidate
+                break
+    if raw is None:
+        raw = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
+    with open(os.path.join(ckpt_dir, CONFIG_NAME), "wb") as f:
+        f.write(raw)
+    for d in sources:
+        copy_extras(d, os.path.join(ckpt_dir, EXTRA_DIR))
+
+
+__all__ = ["CONFIG_NAME", "EXTRA_DIR", "META_NAME", "CheckpointError", "DTYPES", "SafetensorsReader", "ShardWriter", "TOKENIZER_FILES",
+           "carry_hf_files", "complete_hf_export", "config_with_dtype", "copy_extras"]

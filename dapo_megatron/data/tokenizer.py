@@ -75,7 +75,7 @@ class HFTokenizer:
     def __init__(self, path: str, model_dir: str | None = None) -> None:
         from transformers import AutoTokenizer
 
-        self.path = path  # a trainer checkpoint carries its files (dapo_megatron/convert_hf.py)
+        self.path = path  # a trainer checkpoint carries its files (convert/hf_io.py)
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
