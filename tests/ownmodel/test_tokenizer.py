@@ -102,16 +102,20 @@ class _RecordingEngines:
     """Engines that answer "Answer: 7<|im_end|>" and record the sampling parameters."""
 
     def __init__(self, tok):
+        from dapo_megatron.rollout.manager import GenerationCount
+
         self.tok, self.params, self.restarts = tok, [], 0
+        self.produced = GenerationCount()
 
     def generate_streaming(self, prompts, params, tag):
         from dapo_megatron.rollout.protocol import Sample
 
         self.params.append(params)
         ids = self.tok.encode("Answer: 7") + [token_id(self.tok.tok, "<|im_end|>")]
-        yield list(range(len(prompts))), [
-            [Sample(ids, [-0.1] * len(ids), "stop", i, f"{tag}-{i}", j) for j in range(params.n)]
-            for i in range(len(prompts))]
+        out = [[Sample(ids, [-0.1] * len(ids), "stop", i, f"{tag}-{i}", j) for j in range(params.n)]
+               for i in range(len(prompts))]
+        self.produced.add_samples(out)
+        yield list(range(len(prompts))), out
 
     def abort_all(self):
         pass
