@@ -17,7 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dapo-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="run DAPO training on a config")
+    train = sub.add_parser("train", help="run DAPO training on a config", epilog=_keys_epilog(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", help="YAML config (e.g. examples/tiny_cpu.yaml)")
     train.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")
 
@@ -36,6 +37,18 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, default=8)
     plan.add_argument("--gpu-mem-gb", type=float, default=80.0)
     return parser
+
+
+def _keys_epilog() -> str:
+    import dataclasses
+
+    from dapo_megatron.config import DapoConfig
+
+    sections = [f.name for f in dataclasses.fields(DapoConfig)]
+    return ("config keys: every key with its type, default and meaning is in docs/CONFIG.md\n"
+            "(generated from dapo_megatron/config.py; `python -m dapo_megatron.config_doc` prints it).\n"
+            f"sections: {', '.join(sections)}. example: dapo-megatron train examples/tiny_cpu.yaml "
+            "trainer.max_steps=20 algo.eps_high=0.28")
 
 
 def main(argv: list[str] | None = None) -> int:

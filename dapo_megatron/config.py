@@ -31,6 +31,7 @@ class ModelConfig:
     # HF checkpoint dir (config.json, tokenizer). Weights are read from `load` (a Megatron
     # checkpoint written by tools/convert_hf.py); without it, from the HF safetensors.
     hf_dir: Optional[str] = None
+    # Megatron checkpoint (tools/convert_hf.py output) with the initial weights
     load: Optional[str] = None
     # A copy of the model's config.json, read when hf_dir has none yet (to plan before the
     # download); once both exist their shapes must agree. Examples ship theirs.
@@ -39,25 +40,28 @@ class ModelConfig:
     # Field names are the HF config's, so the same builder reads both.
     architecture: Literal["llama", "qwen2", "qwen3", "qwen3_moe", "mixtral"] = "llama"
     vocab_size: int = 0  # 0: the tokenizer's size
-    hidden_size: int = 128
-    num_layers: int = 3
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
+    hidden_size: int = 128  # from-scratch shape (HF names); ignored with hf_dir
+    num_layers: int = 3  # decoder layers (HF num_hidden_layers)
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 4  # KV heads (GQA when < num_attention_heads)
     head_dim: int = 0  # 0: hidden_size // num_attention_heads
-    intermediate_size: int = 512
-    max_position_embeddings: int = 32768
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
+    intermediate_size: int = 512  # MLP width (SwiGLU)
+    max_position_embeddings: int = 32768  # longest prompt + response the model takes
+    rope_theta: float = 10000.0  # RoPE base
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_word_embeddings: bool = True  # output layer shares the input embedding
     num_experts: int = 0  # > 0 makes a MoE (qwen3_moe / mixtral)
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = True
-    init_std: float = 0.02
+    num_experts_per_tok: int = 2  # MoE top-k
+    moe_intermediate_size: int = 0  # expert MLP width (0: intermediate_size)
+    norm_topk_prob: bool = True  # MoE: renormalise the top-k router weights
+    init_std: float = 0.02  # std of the random initialisation (from scratch)
     # Numerics: "auto" is bf16 on GPU and fp32 on CPU. FP8 goes through Transformer Engine.
     params_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # FP8 training through Transformer Engine (GPU); null: off
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    # Transformer Engine FP8 scaling recipe
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    # recompute activations in backward (less memory, more compute)
     recompute_activations: bool = False
 
     def hf_config_dict(self, vocab_size: int | None = None) -> dict[str, Any]:
@@ -104,14 +108,15 @@ _HF_ARCHITECTURES = {
 class ParallelConfig:
     """Process layout. World size = nodes * gpus_per_node (CPU: processes per node)."""
 
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    cp: int = 1
+    tp: int = 1  # tensor parallel size
+    pp: int = 1  # pipeline parallel size
+    ep: int = 1  # expert parallel size (MoE)
+    cp: int = 1  # context parallel size (1 only: not supported yet)
     dp: Optional[int] = None  # derived from the world size; if set, must agree
-    nodes: int = 1
-    gpus_per_node: int = 1
+    nodes: int = 1  # nodes in the job (set by the Slurm scripts)
+    gpus_per_node: int = 1  # ranks per node (GPUs; CPU: processes)
     sequence_parallel: bool = False  # GPU only: the torch norm refuses it at TP > 1 on CPU
+    # shard optimizer state over data-parallel ranks (ZeRO-1)
     use_distributed_optimizer: bool = True
 
     @property
@@ -146,15 +151,15 @@ class AlgoConfig:
     surplus: Literal["drop", "carry"] = "drop"  # kept groups beyond train_batch_size
     max_response_length: int = 20480  # L_max (sec. 4.1)
     overlong_buffer: int = 4096  # L_cache (sec. 3.4)
-    overlong_penalty_factor: float = 1.0
+    overlong_penalty_factor: float = 1.0  # scale of the soft overlong penalty R_len
     soft_overlong: bool = True  # soft overlong punishment R_len
     overlong_filter: bool = False  # mask truncated samples out of the loss
-    adv_eps: float = 1e-6
+    adv_eps: float = 1e-6  # eps in A = (R - mean) / (std + eps)
     adv_std_unbiased: bool = True  # std over the G rewards divides by G-1 (torch.std, verl)
     kl_coef: float = 0.0  # DAPO drops the KL term (sec. 2.3); > 0 gives GRPO's KL loss
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # against the frozen initial weights
     reference_offload: bool = False  # GPU: the KL reference's weights in host memory between steps
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # entropy bonus in the loss (0: none, as the paper)
     # Train/inference mismatch correction (algo/correction.py): weight each token's policy-
     # gradient term by rho = pi_old / pi_engine truncated at correction_high (token-tis,
     # seq-tis: TIS, Yao et al. 2025), or drop tokens / sequences whose rho lies outside
@@ -167,16 +172,17 @@ class AlgoConfig:
 
 @dataclass
 class RolloutConfig:
+    # embedded (torch, CPU/GPU) or SGLang (GPU, the [gpu] extra)
     engine: Literal["embedded", "sglang"] = "embedded"
     # Prompts per generation round. The paper's recipe oversamples 3x the train batch.
     gen_batch_size: int = 1536
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_prompt_length: int = 2048
+    temperature: float = 1.0  # sampling temperature of training rollouts
+    top_p: float = 1.0  # nucleus sampling of training rollouts (1: off)
+    top_k: int = -1  # top-k sampling of training rollouts (-1: off)
+    max_prompt_length: int = 2048  # tokens; longer prompts are dropped when the data loads
     old_logprobs: Literal["policy", "engine"] = "policy"  # who supplies pi_old
     num_engines: int = 0  # 0: one per node (or per engine_tp GPUs)
-    engine_tp: int = 1
+    engine_tp: int = 1  # tensor parallel size of each SGLang engine
     engine_num_cpus: int = 1  # CPU cores per embedded engine actor
     sglang_mem_fraction: float = 0.5  # of GPU memory, colocated with training
     # SGLang honours per-sample seeds only with --enable-deterministic-inference (0.5.23,
@@ -190,26 +196,28 @@ class RolloutConfig:
     # Seconds an engine may take over one weight-sync call (a bucket, opening or closing the
     # session) before it counts as hung: it is killed, replaced and the sync runs again.
     hang_timeout_s: float = 600.0
-    max_engine_restarts: int = 3
+    max_engine_restarts: int = 3  # dead engines replaced per run before giving up
 
 
 @dataclass
 class DataConfig:
     # Training prompts: jsonl or parquet (DAPO-Math-17K format). Empty: the embedded task.
     train_path: str = ""
-    eval_path: str = ""
-    prompt_key: str = "prompt"
-    question_key: str = "question"
+    eval_path: str = ""  # held-out prompts for avg@k (empty: the embedded task's held-out split)
+    prompt_key: str = "prompt"  # column of the chat prompt ([{role, content}])
+    question_key: str = "question"  # column of the bare question (for data.template=dapo)
+    # column of the reference answer (dotted: nested field)
     answer_key: str = "reward_model.ground_truth"
-    data_source_key: str = "data_source"
+    data_source_key: str = "data_source"  # column naming the source (reported per source)
+    # dapo: rebuild the prompt with the DAPO instruction; as-is: use the prompt column
     template: Literal["dapo", "as-is"] = "dapo"
     tokenizer: str = ""  # HF tokenizer dir; empty: model.hf_dir, or the embedded tokenizer
-    shuffle: bool = True
+    shuffle: bool = True  # seeded shuffle of the prompt order every epoch
     # The embedded task (used when train_path is empty), data/synthetic.py: "arithmetic"
     # (a+b*c) or "chains" (n additions/subtractions, one line per step: lengths vary with n).
     synthetic_task: Literal["arithmetic", "chains"] = "arithmetic"
     synthetic_train_size: int = 20000
-    synthetic_eval_size: int = 300
+    synthetic_eval_size: int = 300  # held-out problems of the embedded task
     synthetic_max_addend: int = 20  # arithmetic: a in a+b*c
     synthetic_max_factor: int = 9  # arithmetic: b and c
     synthetic_min_steps: int = 1  # chains: n drawn uniformly from min..max
@@ -218,39 +226,40 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    timeout_s: float = 5.0
-    num_workers: int = 1
-    correct_score: float = 1.0
-    incorrect_score: float = -1.0
+    timeout_s: float = 5.0  # per-answer scoring time limit; a timeout scores incorrect_score
+    num_workers: int = 1  # reward worker processes
+    correct_score: float = 1.0  # reward of a correct final answer
+    incorrect_score: float = -1.0  # reward of a wrong or missing answer
 
 
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-6  # paper sec. 4.1
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # floor of the cosine/linear decay
     warmup_steps: int = 20  # linear warmup, paper sec. 4.1
-    lr_decay: Literal["constant", "cosine", "linear"] = "constant"
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
+    lr_decay: Literal["constant", "cosine", "linear"] = "constant"  # schedule after warmup
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    clip_grad: float = 1.0  # global gradient-norm clip (0: off)
 
 
 @dataclass
 class TrainerConfig:
     train_batch_size: int = 512  # prompts (groups) per step, paper sec. 4.1
     mini_batch_size: int = 32  # prompts per optimizer step: 512/32 = 16 updates per step
-    max_tokens_per_microbatch: int = 32768
-    max_steps: int = 100
+    max_tokens_per_microbatch: int = 32768  # token budget of one packed micro-batch
+    max_steps: int = 100  # rollout steps (each: generate, filter, mini-batch updates)
     # Stop at the first step boundary once the engines generated this many responses for
     # training: every response with a token, kept, dropped, aborted or left unscored (0: none).
     sample_budget: int = 0
     # Niceness of Ray's worker processes (policy ranks, engines, reward) above the driver's,
     # when the trainer starts Ray itself. 0: the driver's priority (Ray's own default is 15).
     worker_niceness: int = 0
-    seed: int = 42
+    seed: int = 42  # seeds data order, sampling and initialisation
     run_dir: str = ""  # empty: runs/<config file name>
+    # auto: GPU when the Ray cluster has one; cuda fails at start-up without one
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Colocated GPU runs: move params, grads and optimizer state to host memory after each
     # update, so the engines' KV cache gets the memory back (a no-op on CPU).
@@ -265,16 +274,16 @@ class TrainerConfig:
 class EvalConfig:
     every: int = 5  # steps; 0: never
     k: int = 32  # samples per prompt: avg@k (paper: avg@32)
-    temperature: float = 1.0
-    top_p: float = 0.7
+    temperature: float = 1.0  # paper: 1.0
+    top_p: float = 0.7  # paper: 0.7
     max_prompts: int = 0  # 0: the whole eval set
 
 
 @dataclass
 class CheckpointConfig:
     dir: str = ""  # empty: <run dir>/checkpoints
-    save_every: int = 10
-    keep_last: int = 2
+    save_every: int = 10  # steps; also at the end of the run (0: only on SIGTERM/SIGUSR1)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted)
     resume: bool = True  # continue from the newest checkpoint in dir
     # With resume false on a directory that holds a run: move that run aside and start over
     # (false: refuse, so an old run is never overwritten or mixed with a new one).
@@ -283,10 +292,10 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "dapo-megatron"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # console log level
+    tensorboard: bool = False  # also write TensorBoard events to <run dir>/tensorboard
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "dapo-megatron"  # wandb project name
     # Decoded responses logged per data source every step, with reward and length (verl's
     # num_examine); evaluation logs one per data source. 0: none.
     num_examine: int = 1

@@ -9,6 +9,11 @@ default) saved with ``megatron.core.dist_checkpointing`` (loadable under any TP/
 - ``hf_extra/``: the other small files of the HF directory (tokenizer, generation config);
 - ``dapo_convert.json``: architecture, dtype, vocab sizes, the HF tensor names and dtypes.
 
+The trainer's checkpoints carry ``hf_config.json`` and ``hf_extra/`` too (``carry_hf_files``),
+so ``megatron_to_hf`` turns any of them into a complete HF model (config.json,
+generation_config.json, weights, tokenizer files) with no other input; without
+``dapo_convert.json`` the weights are written in the dtype they were trained in.
+
 Both directions stream: HF -> Megatron reads one tensor at a time into the (only) model
 copy; Megatron -> HF exports one bucket at a time and writes it straight into the shards.
 Output appears atomically (written to a temp dir beside it, renamed at the end; removed on
@@ -20,13 +25,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 
 import torch
 
 from dapo_megatron.convert.arch import UnsupportedModelError, model_args_from_hf
-from dapo_megatron.convert.hf_io import CheckpointError, SafetensorsReader, ShardWriter
+from dapo_megatron.convert.hf_io import (
+    CONFIG_NAME,
+    EXTRA_DIR,
+    META_NAME,
+    CheckpointError,
+    SafetensorsReader,
+    ShardWriter,
+    complete_hf_export,
+    config_with_dtype,
+    copy_extras,
+)
 from dapo_megatron.convert.rules import MissingTensorError, hf_names, hf_shapes
 from dapo_megatron.dtypes import name_of, to_torch
 from dapo_megatron.ports import free_port
@@ -34,12 +50,8 @@ from dapo_megatron.convert.spec_keys import extra_state_from_model
 
 logger = logging.getLogger(__name__)
 
-META_NAME = "dapo_convert.json"
-CONFIG_NAME = "hf_config.json"
-EXTRA_DIR = "hf_extra"
 # Tensors some HF checkpoints carry that are not weights (recomputed by the model).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-_EXTRA_MAX_BYTES = 64 * 1024**2
 
 
 class ConversionError(ValueError):
@@ -276,21 +288,26 @@ def hf_to_megatron(hf_dir: str, out: str, *, tp: int = 1, pp: int = 1, ep: int =
             f.write(raw)
         with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        _copy_extras(hf_dir, os.path.join(tmp, EXTRA_DIR))
+        copy_extras(hf_dir, os.path.join(tmp, EXTRA_DIR))
 
     _atomic_output(out, body)
 
 
-def _copy_extras(src: str, dst: str) -> None:
-    """Small non-weight files (tokenizer, generation config) travel with the weights."""
-    skip = {"config.json", "model.safetensors.index.json", CONFIG_NAME, META_NAME}
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if (name in skip or name.endswith((".safetensors", ".bin", ".pt", ".distcp"))
-                or not os.path.isfile(path) or os.path.getsize(path) > _EXTRA_MAX_BYTES):
-            continue
-        os.makedirs(dst, exist_ok=True)
-        shutil.copy2(path, os.path.join(dst, name))
+def resolve_checkpoint_dir(path: str) -> str:
+    """A dist checkpoint directory, or a directory of the trainer's ``step_<N>``
+    checkpoints (a run's checkpoint dir): then the newest complete one."""
+    if os.path.isfile(os.path.join(path, "metadata.json")) or not os.path.isdir(path):
+        return path
+    steps = []
+    for name in os.listdir(path):
+        m = re.match(r"^step_(\d+)$", name)
+        if m and os.path.isfile(os.path.join(path, name, "metadata.json")):
+            steps.append((int(m.group(1)), os.path.join(path, name)))
+    if not steps:
+        return path
+    newest = max(steps)[1]
+    logger.info("%s: using its newest checkpoint %s", path, os.path.basename(newest))
+    return newest
 
 
 def _atomic_output(out: str, body) -> None:
@@ -312,6 +329,10 @@ def _checkpoint_info(megatron_dir: str, hf_config: str | None, prefix: str | Non
     cfg_path = hf_config or os.path.join(megatron_dir, CONFIG_NAME)
     if not os.path.exists(os.path.join(megatron_dir, "metadata.json")):
         raise ConversionError(f"{megatron_dir}: not a megatron dist checkpoint (no metadata.json)")
+    if not os.path.exists(cfg_path):
+        raise ConversionError(
+            f"{megatron_dir}: no {CONFIG_NAME} (checkpoints of tools/convert_hf.py and of the "
+            "trainer carry one); give the model's HF config with --hf-config DIR/config.json")
     raw, cfg = _read_config(cfg_path)
     meta_path = os.path.join(megatron_dir, META_NAME)
     meta = {}
@@ -410,7 +431,8 @@ def _to_hf_rank(rank, world, port, megatron_dir, tmp, max_shard_bytes, hf_config
 
     _init(rank, world, port, 1, 1, 1)
     raw, cfg, meta, prefix = _checkpoint_info(megatron_dir, hf_config, prefix)
-    chunks = _build(cfg, to_torch(meta.get("dtype", "float32")))
+    dtype = to_torch(meta["dtype"]) if "dtype" in meta else _stored_dtype(megatron_dir)
+    chunks = _build(cfg, dtype)
     model = chunks[0]
     args = model.model_args
     sharded = model.sharded_state_dict(prefix=prefix)
@@ -437,12 +459,29 @@ def _to_hf_rank(rank, world, port, megatron_dir, tmp, max_shard_bytes, hf_config
             progress.update(tensor.numel() * tensor.element_size())
     writer.close()
     with open(os.path.join(tmp, "config.json"), "wb") as f:
-        f.write(raw)
+        f.write(config_with_dtype(raw, {d for _, d, _ in entries}))
+
+
+def _stored_dtype(megatron_dir: str) -> torch.dtype:
+    """The dtype the model tensors were saved in (a trainer checkpoint has no
+    dapo_convert.json): exporting in it keeps the trained weights exactly."""
+    from megatron.core import dist_checkpointing
+
+    for key, tensor in dist_checkpointing.load_tensors_metadata(megatron_dir).items():
+        if key.startswith(("embedding.", "decoder.", "output_layer.")):
+            return tensor.dtype
+    return torch.float32
 
 
 def megatron_to_hf(megatron_dir: str, out: str, *, max_shard_bytes: int = 5 * 1024**3,
-                   hf_config: str | None = None, prefix: str | None = None) -> None:
-    """Write HF safetensors shards + config.json from a converted/trained dist checkpoint."""
+                   hf_config: str | None = None, prefix: str | None = None,
+                   tokenizer: str | None = None) -> None:
+    """Write a complete HF model directory from a converted or trained dist checkpoint (or
+    a run's checkpoint dir: its newest): safetensors shards, config.json,
+    generation_config.json and the tokenizer files the checkpoint carries (``tokenizer``:
+    a directory to take them from instead)."""
+    megatron_dir = resolve_checkpoint_dir(megatron_dir)
+
     def body(tmp):
         os.makedirs(tmp)
         _spawn(_to_hf_rank, 1, megatron_dir, tmp, max_shard_bytes, hf_config, prefix)
@@ -450,6 +489,11 @@ def megatron_to_hf(megatron_dir: str, out: str, *, max_shard_bytes: int = 5 * 10
         if os.path.isdir(extra):
             for name in sorted(os.listdir(extra)):
                 shutil.copy2(os.path.join(extra, name), os.path.join(tmp, name))
+        if tokenizer:
+            if not os.path.isdir(tokenizer):
+                raise ConversionError(f"--tokenizer {tokenizer}: not a directory")
+            copy_extras(tokenizer, tmp)
+        complete_hf_export(tmp)
 
     _atomic_output(out, body)
 
@@ -459,14 +503,16 @@ def fixed_prompt(vocab_size: int, length: int = 16) -> torch.Tensor:
     return torch.randint(0, vocab_size, (1, length), generator=g)
 
 
-def verify(hf_dir: str, megatron_dir: str) -> float:
-    """Max abs difference of fp32 logits on a fixed prompt: HF (transformers) vs Megatron."""
+def verify(hf_dir: str, megatron_dir: str, hf_config: str | None = None) -> float:
+    """Max abs difference of fp32 logits on a fixed prompt: HF (transformers) vs Megatron
+    (``hf_config``: as for ``megatron_to_hf``)."""
     from transformers import AutoModelForCausalLM
 
     from dapo_megatron.policy.model import causal_attention_mask, unwrap
 
+    megatron_dir = resolve_checkpoint_dir(megatron_dir)
     _init(0, 1, free_port(), 1, 1, 1)
-    chunks, _, _ = load_megatron_checkpoint(megatron_dir, dtype=torch.float32)
+    chunks, _, _ = load_megatron_checkpoint(megatron_dir, dtype=torch.float32, hf_config=hf_config)
     model = unwrap(chunks[0]).eval()
     ids = fixed_prompt(model.model_args.vocab_size)
     s = ids.shape[1]
@@ -486,5 +532,6 @@ __all__ = [
     "limit_malloc_retention",
     "load_megatron_checkpoint",
     "megatron_to_hf",
+    "resolve_checkpoint_dir",
     "verify",
 ]

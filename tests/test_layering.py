@@ -31,6 +31,7 @@ ALLOWED = {
     "policy": {"algo", "convert", "dtypes", "ports", "resolve", "rollout"},
     "plan": {"config", "convert", "errors", "resolve"},
     "launch": {"config"},
+    "config_doc": {"config"},
     "convert_hf": {"convert", "dtypes", "policy", "ports"},
     "controller": {"algo", "config", "convert", "data", "policy", "ports", "resolve", "reward", "rollout"},
     "eval": {"controller"},

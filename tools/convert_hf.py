@@ -9,6 +9,12 @@ The Megatron checkpoint loads under any TP/PP/EP; --tp/--pp/--ep only choose how
 CPU processes write it (each reads and holds only its shard). --verify reports the max abs
 difference of fp32 logits on a fixed prompt between the HF model (transformers) and the
 Megatron model. Errors are one line naming the file and tensor; nothing half-written remains.
+
+--to-hf takes a checkpoint of this tool or of the trainer (runs/NAME/checkpoints/step_N,
+or runs/NAME/checkpoints for the newest): both carry the HF config and the tokenizer, and
+DIR becomes a complete HF model (config.json, generation_config.json, safetensors,
+tokenizer files) for AutoModelForCausalLM / AutoTokenizer. A trained checkpoint is written
+in the dtype it was trained in.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--max-shard-size", type=float, default=5.0, help="HF shard size in GB")
-    p.add_argument("--hf-config", help="config.json to use with --to-hf when the Megatron "
-                   "checkpoint has no hf_config.json (e.g. a training checkpoint)")
+    p.add_argument("--hf-config", help="config.json to use with --to-hf / --verify instead of "
+                   "the checkpoint's hf_config.json (needed only for checkpoints without one)")
+    p.add_argument("--tokenizer", help="with --to-hf: copy the tokenizer files from this "
+                   "directory (default: those the checkpoint carries)")
     p.add_argument("--prefix", default=None,
                    help="key prefix of the model in the dist checkpoint (default '')")
     p.add_argument("--verify", action="store_true", help="report max abs logit difference")
@@ -74,7 +82,7 @@ def main(argv=None) -> int:
     try:
         if a.to_hf:
             megatron_to_hf(a.megatron_dir, a.out, max_shard_bytes=int(a.max_shard_size * 1024**3),
-                           hf_config=a.hf_config, prefix=a.prefix)
+                           hf_config=a.hf_config, prefix=a.prefix, tokenizer=a.tokenizer)
             hf_dir, meg_dir = a.out, a.megatron_dir
         elif a.out:
             hf_to_megatron(a.hf_dir, a.out, tp=a.tp, pp=a.pp, ep=a.ep)
@@ -84,7 +92,7 @@ def main(argv=None) -> int:
         if a.out:
             logging.info("wrote %s in %.1fs", a.out, time.monotonic() - start)
         if a.verify:
-            diff = verify(hf_dir, meg_dir)
+            diff = verify(hf_dir, meg_dir, hf_config=a.hf_config)
             print(f"verify: max abs logit difference {diff:.3e} (fp32, fixed prompt)")
             if a.verify_tol is not None and diff > a.verify_tol:
                 print(f"convert_hf: error: difference {diff:.3e} > --verify-tol {a.verify_tol}",

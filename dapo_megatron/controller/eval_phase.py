@@ -29,11 +29,12 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
         return {}
     t0 = time.perf_counter()
     prompt_ids = [tokenizer.encode_prompt(ex.messages) for ex in examples]
-    params = sampling_params(cfg, n=k, seed=seed, stop_ids=(tokenizer.eos_id,), eval_mode=True)
+    params = sampling_params(cfg, n=k, seed=seed, stop_ids=tokenizer.stop_ids, eval_mode=True)
     correct = [None] * len(examples)
     lengths, truncated = [], 0
     rows = []
     shown = {}  # data source -> its first prompt's group (chunks arrive in any order)
+    progress = _Progress(len(examples), k)
     for chunk, samples in engines.generate_streaming(prompt_ids, params, tag=f"eval{seed}"):
         groups, _, _ = score_groups([examples[i] for i in chunk], [prompt_ids[i] for i in chunk],
                                     samples, tokenizer, scorer)
@@ -47,6 +48,7 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
             if out_path:
                 rows.append({"index": g.example.index, "ground_truth": g.example.ground_truth,
                              "correct": g.correct, "responses": g.texts})
+        progress.update([correct[i] for i in chunk])
     if any(c is None for c in correct):
         raise RuntimeError("evaluation lost prompts: an engine returned fewer groups than asked")
     if cfg.logging.num_examine:
@@ -67,3 +69,26 @@ def evaluate(cfg, examples, tokenizer, engines, scorer, *, k: int | None = None,
         "eval/truncated_frac": truncated / max(1, len(lengths)),
         "time/eval": time.perf_counter() - t0,
     }
+
+
+class _Progress:
+    """One log line at most every `every_s` seconds, and one at the end: prompts done,
+    avg@k so far, elapsed time and an estimate of the time left."""
+
+    def __init__(self, total: int, k: int, every_s: float = 10.0) -> None:
+        self.total, self.k, self.every_s = total, k, every_s
+        self.done, self.correct = 0, 0
+        self.t0 = self.last = time.perf_counter()
+        logger.info("eval: %d prompts x %d samples", total, k)
+
+    def update(self, chunk_correct: list[list[bool]]) -> None:
+        self.done += len(chunk_correct)
+        self.correct += sum(sum(c) for c in chunk_correct)
+        now = time.perf_counter()
+        if now - self.last < self.every_s and self.done < self.total:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        left = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        logger.info("eval: %d/%d prompts | avg@%d so far %.3f | %.0f s, ~%.0f s left", self.done,
+                    self.total, self.k, self.correct / max(1, self.done * self.k), elapsed, left)

@@ -32,11 +32,13 @@ from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
 from dapo_megatron.controller.eval_phase import evaluate
 from dapo_megatron.controller.examine import log_examples
-from dapo_megatron.controller.metrics import MetricsLogger, plot_metrics
+from dapo_megatron.controller.metrics import MetricsLogger, plot_metrics, run_summary, warn_if_no_learning_signal
 from dapo_megatron.controller.policy_group import PolicyGroup
 from dapo_megatron.controller.rollout_phase import collect_train_groups
 from dapo_megatron.controller.run_dir import claim_run_dir
+from dapo_megatron.controller.startup import check_cluster_device, check_local_device, record_model_shape
 from dapo_megatron.controller.task import load_task
+from dapo_megatron.convert.hf_io import carry_hf_files
 from dapo_megatron.data.sampler import PromptSampler
 from dapo_megatron.resolve import Resolved, resolve
 from dapo_megatron.reward import RewardPool
@@ -76,7 +78,11 @@ class Trainer:
         # The shape (and prompt + response against its positions) is checked by resolve().
         self.resolved = resolve(cfg, vocab_size=self.task.tokenizer.vocab_size)
         self.hf_config = self.resolved.hf_config
+        if not for_eval:
+            record_model_shape(cfg, self.resolved)  # config.yaml says what runs
+        check_local_device(cfg)
         _init_ray(cfg, self.resolved)
+        check_cluster_device(cfg)
         self.policy = PolicyGroup(cfg, self.hf_config)
         if cfg.trainer.offload:
             # Before the engines start: SGLang sizes its memory from what is free then.
@@ -105,7 +111,8 @@ class Trainer:
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))  # the launch is accepted
         self.metrics = MetricsLogger(
             cfg.run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-            wandb_project=cfg.logging.wandb_project, config=cfg.to_dict(), resume_step=self.step,
+            wandb_project=cfg.logging.wandb_project, config=cfg.to_dict(),
+            resume_step=self.step if resumed else None,
             max_steps=cfg.trainer.max_steps,
         )
         if not resumed:
@@ -130,6 +137,8 @@ class Trainer:
         if (every or self._stop_signal is not None) and self._saved_step != self.step:
             self.save()
         plot_metrics(self.metrics.records, os.path.join(cfg.run_dir, "metrics.png"))
+        logger.info(run_summary(self.metrics.records, cfg.run_dir, cfg.checkpoint_dir,
+                                ckpt_io.newest_published(cfg.checkpoint_dir)))
         return self.metrics.records
 
     def _install_signal_handlers(self) -> None:
@@ -203,6 +212,7 @@ class Trainer:
         colocated memory phases."""
         cfg = self.cfg
         batch = build_rollout_batch(groups, cfg.algo)
+        warn_if_no_learning_signal(self.step, batch)
         t1 = time.perf_counter()
         self.engines.release_memory()
         self.policy.onload()
@@ -243,9 +253,17 @@ class Trainer:
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
-        path = ckpt_io.save(self.cfg, self.step, lambda d: self.policy.save(d, state))
+        path = ckpt_io.save(self.cfg, self.step, lambda d: self._write_checkpoint(d, state))
         self._saved_step = self.step
         logger.info("step %d: checkpoint written to %s", self.step, path)
+
+    def _write_checkpoint(self, path: str, state: dict) -> None:
+        """The policy's checkpoint plus what turns it back into a complete HF model with
+        tools/convert_hf.py --to-hf: the HF config that ran, the tokenizer, the generation
+        config."""
+        self.policy.save(path, state)
+        carry_hf_files(path, self.hf_config,
+                       [self.cfg.model.hf_dir, getattr(self.task.tokenizer, "path", None)])
 
     def restore(self, path: str | None) -> bool:
         """Load `path` (a checkpoint, or a directory of them: its newest that verifies; None:

@@ -31,15 +31,22 @@ _CONSOLE = (
 
 
 class MetricsLogger:
-    """Appends one JSON record per step; resumes by truncating records past the resume step."""
+    """Appends one JSON record per step.
+
+    ``resume_step``: the step of the checkpoint the run resumed from, or None for a run
+    that starts from scratch. metrics.jsonl is rewritten from that point: records of
+    steps up to ``resume_step`` are kept (one per step, the newest), later ones and, for a
+    fresh start, all of them are dropped, because the run is about to log those steps
+    again (e.g. after a failed start, which logged step 0 and wrote no checkpoint).
+    """
 
     def __init__(self, run_dir: str, *, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "dapo-megatron", config: dict | None = None,
-                 resume_step: int = 0, max_steps: int | None = None) -> None:
+                 resume_step: int | None = None, max_steps: int | None = None) -> None:
         self.max_steps = max_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         os.makedirs(run_dir, exist_ok=True)
-        self.records = _read_records(self.path, upto_step=resume_step)
+        self.records = [] if resume_step is None else _read_records(self.path, upto_step=resume_step)
         # Rewrite so a crash after the last checkpoint leaves no steps that will be redone.
         with open(self.path, "w", encoding="utf-8") as f:
             for rec in self.records:
@@ -102,7 +109,7 @@ def _plain(value: Any) -> Any:
 def _read_records(path: str, upto_step: int) -> list[dict]:
     if not os.path.exists(path):
         return []
-    records = []
+    by_step: dict[int, dict] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
@@ -112,9 +119,44 @@ def _read_records(path: str, upto_step: int) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash mid-write
-            if rec.get("step", 0) <= upto_step:
-                records.append(rec)
-    return records
+            step = rec.get("step", 0)
+            if isinstance(step, int) and step <= upto_step:
+                by_step[step] = rec  # a step logged twice (an older version's restart): the newest
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def warn_if_no_learning_signal(step: int, batch) -> None:
+    """Warn when every advantage of the batch is zero (all rewards equal within every
+    group, e.g. with algo.dynamic_sampling=false): such an update moves nothing but weight
+    decay, and the console shows only ``gnorm 0.000``. ``batch``: a RolloutBatch."""
+    kept = batch.advantages[batch.loss_weights > 0]
+    if kept.numel() == 0 or float(kept.abs().max()) < 1e-6:
+        logger.warning("step %d: no learning signal: every response's advantage is zero (equal "
+                       "rewards within each group), so this update changes nothing; the data is "
+                       "too hard or too easy for the model (algo.dynamic_sampling=true drops such "
+                       "groups and samples more)", step)
+
+
+def run_summary(records: list[dict], run_dir: str, checkpoint_dir: str,
+                newest_checkpoint: str | None) -> str:
+    """The end-of-run summary: steps, held-out accuracy first -> last, where things are."""
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    lines = [f"run finished: {max(steps) if steps else 0} steps"
+             + (f" logged ({len(steps)} records)" if steps else "")]
+    evals = [(r["step"], r["eval/avg@k"]) for r in records
+             if isinstance(r.get("eval/avg@k"), (int, float))]
+    if evals:
+        (s0, a0), (s1, a1) = evals[0], evals[-1]
+        lines.append(f"  held-out avg@k: {a0:.3f} (step {s0})"
+                     + (f" -> {a1:.3f} (step {s1})" if s1 != s0 else ""))
+    skipped = [r for r in records if r.get("step", 0) > 0 and "actor/grad_norm" not in r]
+    if skipped:
+        lines.append(f"  steps without an update (no kept group): {len(skipped)}")
+    lines.append(f"  metrics: {os.path.join(run_dir, 'metrics.jsonl')}")
+    lines.append(f"  plot:    {os.path.join(run_dir, 'metrics.png')}")
+    lines.append(f"  checkpoints: {checkpoint_dir}"
+                 + (f" (newest: {os.path.basename(newest_checkpoint)})" if newest_checkpoint else " (none)"))
+    return "\n".join(lines)
 
 
 def plot_metrics(records: list[dict], path: str) -> None:

@@ -124,7 +124,7 @@ def collect_train_groups(*, cfg, step: int, sampler, tokenizer, engines, scorer,
         examples: list[PromptExample] = sampler.next_batch(cfg.rollout.gen_batch_size)
         prompt_ids = [tokenizer.encode_prompt(ex.messages) for ex in examples]
         params = sampling_params(cfg, n=a.group_size, seed=_round_seed(cfg.trainer.seed, step, round_idx),
-                                 stop_ids=(tokenizer.eos_id,))
+                                 stop_ids=tokenizer.stop_ids)
         needed = assembler.groups_needed
         kept_this_round = 0
         round_groups: list[Group] = []

@@ -54,7 +54,7 @@ def load_task(cfg: DapoConfig) -> Task:
     if not tok_path:
         raise ValueError("data.tokenizer: a dataset from data.train_path needs an HF tokenizer "
                          "(set data.tokenizer or model.hf_dir)")
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path, cfg.model.hf_dir)
     train = _load_file(cfg, "data.train_path", tokenizer)
     _check_size(cfg, "data.train_path", train)
     eval_ex = _load_file(cfg, "data.eval_path", tokenizer) if d.eval_path else []

@@ -11,11 +11,15 @@ announced up front, so no shard is ever assembled in memory.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import struct
 from typing import Iterable, Iterator
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -246,4 +250,93 @@ class ShardWriter:
                 f.write("\n")
 
 
-__all__ = ["CheckpointError", "DTYPES", "SafetensorsReader", "ShardWriter"]
+# The side files of a Megatron checkpoint that make it convertible back to HF on its own
+# (written by tools/convert_hf.py and by the trainer's checkpoints).
+META_NAME = "dapo_convert.json"  # architecture, dtype, vocab sizes, HF tensor names/dtypes
+CONFIG_NAME = "hf_config.json"  # the HF config.json
+EXTRA_DIR = "hf_extra"  # tokenizer files, generation_config.json, other small files
+_EXTRA_MAX_BYTES = 64 * 1024**2
+# What AutoTokenizer reads; an export with none of them is not a usable HF model
+# (transformers 5 silently builds an empty tokenizer from such a directory).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def config_with_dtype(raw: bytes, dtypes: set) -> bytes:
+    """config.json for weights written in ``dtypes``: the source bytes unchanged, unless
+    they name another dtype (``dtype``, or ``torch_dtype`` before transformers 4.56): then
+    that field is corrected, since from_pretrained's default dtype follows it (a policy
+    trained in fp32 from a bf16 model would otherwise load back rounded to bf16)."""
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _TORCH_DTYPE_NAMES:
+        return raw
+    name = _TORCH_DTYPE_NAMES[next(iter(dtypes))]
+    cfg = json.loads(raw)
+    keys = [k for k in ("dtype", "torch_dtype") if k in cfg and cfg[k] != name]
+    if not keys:
+        return raw
+    for k in keys:
+        cfg[k] = name
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def complete_hf_export(out_dir: str) -> None:
+    """Make ``out_dir`` (weights + config.json) a complete HF model directory: a
+    generation_config.json from config.json's special token ids when none was carried
+    (what transformers' GenerationConfig.from_model_config takes), and a warning when no
+    tokenizer files are there."""
+    gen_path = os.path.join(out_dir, "generation_config.json")
+    if not os.path.exists(gen_path):
+        with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if cfg.get(k) is not None}
+        with open(gen_path, "w", encoding="utf-8") as f:
+            json.dump({"_from_model_config": True, **gen}, f, indent=2, sort_keys=True)
+            f.write("\n")
+    if not any(os.path.exists(os.path.join(out_dir, n)) for n in TOKENIZER_FILES):
+        logger.warning("%s: no tokenizer files (the checkpoint carries none, e.g. a run with the "
+                       "embedded character tokenizer); AutoTokenizer cannot load this model. "
+                       "Pass --tokenizer DIR to copy them from the model's HF directory", out_dir)
+
+
+def copy_extras(src: str, dst: str) -> None:
+    """Small non-weight files (tokenizer, generation config) travel with the weights."""
+    skip = {"config.json", "model.safetensors.index.json", CONFIG_NAME, META_NAME}
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if (name in skip or name.endswith((".safetensors", ".bin", ".pt", ".distcp"))
+                or not os.path.isfile(path) or os.path.getsize(path) > _EXTRA_MAX_BYTES):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        shutil.copy2(path, os.path.join(dst, name))
+
+
+def carry_hf_files(ckpt_dir: str, hf_config: dict, source_dirs) -> None:
+    """Make a trainer checkpoint convertible back to HF on its own: ``hf_config.json`` (the
+    config the run trained: the source config.json byte for byte when it is that one) and
+    ``hf_extra/`` (tokenizer, generation config) from ``source_dirs`` (HF model or
+    tokenizer directories; None entries skipped, later ones win)."""
+    sources = [d for d in dict.fromkeys(source_dirs) if d and os.path.isdir(d)]
+    raw = None
+    for d in sources:
+        path = os.path.join(d, "config.json")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                candidate = f.read()
+            try:
+                same = json.loads(candidate) == hf_config
+            except ValueError:
+                same = False
+            if same:
+                raw = candidate
+                break
+    if raw is None:
+        raw = (json.dumps(hf_config, indent=2, sort_keys=True) + "\n").encode()
+    with open(os.path.join(ckpt_dir, CONFIG_NAME), "wb") as f:
+        f.write(raw)
+    for d in sources:
+        copy_extras(d, os.path.join(ckpt_dir, EXTRA_DIR))
+
+
+__all__ = ["CONFIG_NAME", "EXTRA_DIR", "META_NAME", "CheckpointError", "DTYPES", "SafetensorsReader", "ShardWriter", "TOKENIZER_FILES",
+           "carry_hf_files", "complete_hf_export", "config_with_dtype", "copy_extras"]

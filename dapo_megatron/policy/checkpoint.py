@@ -17,6 +17,12 @@ A checkpoint holds, under these top-level keys of the sharded state dict:
 
 Model and optimizer tensors reload under any TP/PP/DP layout (megatron reshards them);
 RNG states are per rank and restored only when the layout is unchanged.
+
+A checkpoint can be written in every state a run can be in: before the first optimizer
+step (DAPO drops every group when the data is too hard at first), in fp32 or bf16, with or
+without the distributed optimizer (``_fresh_optimizer_state`` works around megatron-core
+0.16.1 needing optimizer state that torch creates only at the first step). A write that raises
+removes the directory it created.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
@@ -118,24 +125,33 @@ def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *
     ``extra_state`` must be equal on every rank."""
     from megatron.core import dist_checkpointing
 
+    created = False
     if _rank() == 0:
+        created = not os.path.exists(path)
         os.makedirs(path, exist_ok=True)
         if os.listdir(path):
             raise FileExistsError(f"checkpoint directory {path!r} is not empty; pass a new one")
     _barrier()
-    check_finite(model_chunks, optimizer, when=f"saving step {step}")  # issue 23
-    model_state = _model_state(model_chunks)
-    state = {
-        "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False,
-                                                  metadata=_OPTIM_METADATA),
-        "scheduler": scheduler.state_dict(),
-        "step": int(step),
-        "extra_state": extra_state or {},
-        "layout": _layout(),
-        "rng": _rng_object(_rng_state()),
-    }
-    dist_checkpointing.save(state, path, content_metadata=dict(_OPTIM_METADATA))
+    try:
+        check_finite(model_chunks, optimizer, when=f"saving step {step}")  # issue 23
+        model_state = _model_state(model_chunks)
+        with _fresh_optimizer_state(optimizer):
+            state = {
+                "model": model_state,
+                "optimizer": optimizer.sharded_state_dict(model_state, is_loading=False,
+                                                          metadata=_OPTIM_METADATA),
+                "scheduler": scheduler.state_dict(),
+                "step": int(step),
+                "extra_state": extra_state or {},
+                "layout": _layout(),
+                "rng": _rng_object(_rng_state()),
+            }
+            dist_checkpointing.save(state, path, content_metadata=dict(_OPTIM_METADATA))
+    except BaseException:
+        # Leave nothing half-written behind (the caller's previous checkpoint stays newest).
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     _barrier()
     return path
 
@@ -183,26 +199,57 @@ def load_checkpoint(path: str, model_chunks, optimizer=None, scheduler=None) -> 
             "layout": common.get("layout")}
 
 
-def _ensure_torch_adam_state(optimizer) -> None:
-    """Give a never-stepped torch Adam(W) the state tensors it would have after a step.
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _fill_empty_state(sub) -> list:
+    """Give every parameter of ``sub``'s inner optimizer that has no state yet the state
+    a first update would start from; returns those parameters.
 
     Without Apex/TE (the CPU path) megatron's DistributedOptimizer.state_dict() reads a
     per-parameter "step" (optimizer/distrib_optimizer.py, state_dict: ``assert
-    len(steps) == 1``), which torch creates only at the first step, so a fresh optimizer
-    cannot describe what it wants to load. Zeros are what torch would start from; the
-    checkpoint overwrites them.
+    len(steps) == 1``) and get_parameter_state_dp_zero copies "exp_avg"/"exp_avg_sq";
+    torch creates all three only at the first step. Zeros (step 0) are what torch starts
+    from (torch/optim/adam.py, _init_group). Other inner optimizers (TE/Apex FusedAdam) get
+    megatron's own ``init_state_fn`` (optimizer/__init__.py, _get_megatron_optimizer_based_on_param_groups).
     """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                if len(inner.state[param]) == 0:
-                    inner.state[param].update(
-                        step=torch.zeros((), dtype=torch.float32),
-                        exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
-                        exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
+    inner = getattr(sub, "optimizer", None)
+    if inner is None:
+        return []
+    empty = [p for g in inner.param_groups for p in g["params"] if len(inner.state.get(p, ())) == 0]
+    if not empty:
+        return []
+    if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        for param in empty:
+            inner.state[param].update(
+                step=torch.zeros((), dtype=torch.float32),
+                exp_avg=torch.zeros_like(param, memory_format=torch.preserve_format),
+                exp_avg_sq=torch.zeros_like(param, memory_format=torch.preserve_format))
+    elif getattr(sub, "init_state_fn", None) is not None:
+        sub.init_state_fn(inner, getattr(sub, "config", None))
+    return empty
+
+
+def _ensure_torch_adam_state(optimizer) -> None:
+    """Before a load: a never-stepped optimizer must describe the state it wants to load
+    (see ``_fill_empty_state``); the checkpoint then overwrites the zeros."""
+    for sub in _sub_optimizers(optimizer):
+        _fill_empty_state(sub)
+
+
+@contextlib.contextmanager
+def _fresh_optimizer_state(optimizer):
+    """Save before the first optimizer step: state exists only while the checkpoint is
+    written, so the next update still starts exactly as a fresh optimizer's would."""
+    added = [(getattr(sub, "optimizer", None), _fill_empty_state(sub))
+             for sub in _sub_optimizers(optimizer)]
+    try:
+        yield
+    finally:
+        for inner, params in added:
+            for param in params:
+                inner.state.pop(param, None)
 
 
 @contextlib.contextmanager
@@ -240,6 +287,7 @@ def _load_optimizer_state(optimizer, state) -> None:
     for sub, sub_state in zip(subs, states):
         param_state = sub_state.pop("param_state", None)
         kind = sub_state.pop("param_state_sharding_type", None)
+        _restore_zero_step(sub, sub_state)
         sub.load_state_dict(sub_state)
         if param_state is None:
             continue
@@ -248,6 +296,19 @@ def _load_optimizer_state(optimizer, state) -> None:
                              "reads 'fully_reshardable'")
         with _per_param_step_hidden(sub.optimizer):
             sub.load_parameter_state_from_fully_reshardable(param_state)
+
+
+def _restore_zero_step(sub, sub_state: dict) -> None:
+    """Put back the step of a never-stepped optimizer that the non-distributed optimizers
+    drop at save (optimizer/optimizer.py, sharded_state_dict: ``if step:`` skips a step
+    of 0), without which torch's Adam refuses the state (``KeyError: 'step'``)."""
+    if not isinstance(getattr(sub, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW)):
+        return
+    inner_state = (sub_state.get("optimizer") or sub_state).get("state")
+    if not isinstance(inner_state, dict) or "common_step" in inner_state:
+        return
+    if any(isinstance(v, dict) and "step" not in v for v in inner_state.values()):
+        inner_state["common_step"] = torch.zeros((), dtype=torch.float32)
 
 
 def _has_optimizer(resolved: str) -> bool:

@@ -231,6 +231,17 @@ def build_model(
         parallel_output=True,
     )
     _install_hf_rope(model, args, hf_config)
+    # The local spec's torch norms (transformer/torch_norm.py, WrappedTorchNorm) are created
+    # in fp32 whatever params_dtype says, while TE's norms and megatron-LM's Float16Module
+    # (transformer/module.py) keep every parameter in params_dtype. Megatron's optimizers
+    # assume one dtype per param group when they checkpoint (optimizer.py,
+    # Float16OptimizerWithFloat16Params.sharded_state_dict; distrib_optimizer.py,
+    # _build_optimizer_group_ranges): a bf16 Qwen2's fp32 norms beside its bf16 qkv biases
+    # failed at save. Cast them as Float16Module would.
+    if params_dtype != torch.float32:
+        for param in model.parameters():
+            if param.dtype == torch.float32:
+                param.data = param.data.to(params_dtype)
     if on_gpu:
         model.cuda(torch.cuda.current_device())
     model.model_args = args
