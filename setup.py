@@ -31,10 +31,11 @@ setup(
         # the PyPI package named `apex` is an unrelated project.
         # sglang pinned: its weight-update API moved within 0.5.x (sessions, per-rank
         # payloads); tests/contract/ check our requests against exactly this version.
-        # TE pin left to the Megatron/TE owner of issue 14: transformer-engine[pytorch] is
-        # an sdist that must build against the installed torch (pip install
-        # --no-build-isolation), and megatron-core 0.16.1 was released against TE < 2.12.
-        "gpu": ["sglang==0.5.23", "transformer-engine[pytorch]>=2.0,<2.12"],
+        # TE: the range megatron-core 0.16.1's own dev extra declares (>=2.9, <2.12);
+        # transformer-engine[pytorch] is an sdist that must build against the installed
+        # torch (pip install --no-build-isolation), with the core_cu12/core_cu13 extra
+        # matching torch.version.cuda.
+        "gpu": ["sglang==0.5.23", "transformer-engine[pytorch]>=2.9,<2.12"],
         "dev": ["pytest>=8", "hypothesis>=6", "math-verify>=0.7", "pandas>=2"],
         # tests/contract/ also need sglang 0.5.23 without its GPU dependencies; pip cannot
         # express --no-deps in an extra, so the README's test command installs it (with the
