@@ -201,7 +201,7 @@ def export_owned_buckets(
         if dtype is not None:
             full = full.to(dtype)
         for name, tensor in megatron_to_hf(args, canon, full):
-            bucket.append((name, tensor))
+            bucket.append((name, _compact(tensor)))
             size += tensor.numel() * tensor.element_size()
         del full
         if size >= bucket_bytes:
@@ -209,6 +209,15 @@ def export_owned_buckets(
             bucket, size = [], 0
     if bucket:
         yield bucket
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor with a storage of its own size. Q/K/V and gate/up splits are views of the
+    fused weight, and a parameter under DDP is a view of the whole contiguous param buffer:
+    sent as they are, each would carry (pickle, or pin through an IPC handle) that storage."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
 
 
 def sources_anything(model_chunks) -> bool:

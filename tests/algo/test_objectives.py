@@ -10,6 +10,8 @@ import math
 import pytest
 import torch
 
+from tests.algo.test_loss import to_lists as lists
+
 from dapo_megatron.algo import (
     LOSS_AGG,
     LOSS_TYPES,
@@ -40,11 +42,6 @@ def make_batch(seed, batch=12, seq=12, spread=1.6, per_token_adv=False):
         adv = torch.randn(batch, generator=g, dtype=torch.float64)
         adv[1] = 0.0
     return lp, old, adv, mask
-
-
-def lists(lp, old, adv, mask):
-    adv_tok = adv[:, None].expand_as(lp) if adv.dim() == 1 else adv
-    return lp.tolist(), old.tolist(), adv_tok.tolist(), mask.tolist()
 
 
 def run(loss_type, lp, old, adv, mask, agg, **kwargs):
