@@ -10,8 +10,6 @@ import math
 import pytest
 import torch
 
-from tests.algo.test_loss import to_lists as lists
-
 from dapo_megatron.algo import (
     LOSS_AGG,
     LOSS_TYPES,
@@ -20,6 +18,7 @@ from dapo_megatron.algo import (
     policy_loss,
     reduce_policy_metrics,
 )
+from tests.algo.test_loss import to_lists as lists
 
 from . import reference
 from .reference import agg_extra
