@@ -54,6 +54,8 @@ class RecordingPolicy:
 
 class _Batch:
     num_response_tokens = 1
+    advantages = torch.ones(2)  # a learning signal (no warning)
+    loss_weights = torch.ones(2)
 
 
 @pytest.mark.parametrize("offload", [True, False])
