@@ -45,6 +45,7 @@ from dapo_megatron.convert.hf_io import (
 )
 from dapo_megatron.convert.rules import MissingTensorError, hf_names, hf_shapes
 from dapo_megatron.dtypes import name_of, to_torch
+from dapo_megatron.malloc import limit_malloc_retention
 from dapo_megatron.ports import free_port
 from dapo_megatron.convert.spec_keys import extra_state_from_model
 
@@ -144,22 +145,6 @@ def check_hf_checkpoint(hf_dir: str):
             f"{reader.file_of(name)}: tensor {name} is not part of a {args.architecture} with "
             f"this {cfg_path} (num_hidden_layers={args.num_layers}); config/weights mismatch")
     return raw, cfg, args, reader
-
-
-def limit_malloc_retention(threshold: int = 1 << 20) -> None:
-    """Serve allocations above ``threshold`` with mmap so freed tensors go back to the OS.
-
-    glibc raises its mmap threshold dynamically (up to 32 MB) after large frees, after which
-    freed per-tensor temporaries stay in the heap and inflate peak RSS. Best effort: a no-op
-    where mallopt is unavailable.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it disables the dynamic rule
-    except (OSError, AttributeError):
-        pass
 
 
 def _own_storages(sharded: dict, model) -> None:

@@ -35,6 +35,9 @@ class PolicyWorker:
 
     def __init__(self, cfg, hf_config: dict, rank: int, world_size: int, master_addr: str, master_port: int):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        from dapo_megatron.malloc import limit_malloc_retention
+
+        limit_malloc_retention()  # weight-sync buckets are built and freed every step
         from dapo_megatron.policy.train import PolicyTrainer
 
         self.cfg = cfg

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from dapo_megatron.malloc import limit_malloc_retention
 from dapo_megatron.rollout.buckets import StrictLoader
 from dapo_megatron.rollout.protocol import (
     Sample,
@@ -95,6 +96,7 @@ class EmbeddedEngine:
     ):
         if num_threads is not None:
             torch.set_num_threads(num_threads)
+        limit_malloc_retention()  # weight-sync buckets arrive and are freed every step
         if model is None:
             if hf_config is None:
                 raise ValueError("EmbeddedEngine needs hf_config or model")
