@@ -46,16 +46,17 @@ def test_worker_crashes_are_in_the_step_metrics(tmp_path, monkeypatch):
     from dapo_megatron.config import load_config
     from dapo_megatron.controller import loop
     from dapo_megatron.controller.rollout_phase import RolloutResult
+    from dapo_megatron.rollout.manager import GenerationCount
 
     def rollout(*, scorer, **_):
         scorer.score([f"{CRASH_ONCE}{tmp_path / 'm'}|Answer: 1", "Answer: 2"], ["1", "2"])
         return RolloutResult(groups=[], stats=SamplingStats(rounds=1), seconds_generate=0.0,
-                             seconds_reward=0.0, generated_tokens=0, reward_timeouts=0)
+                             seconds_reward=0.0, generated=GenerationCount(), reward_timeouts=0)
 
     monkeypatch.setattr(loop, "collect_train_groups", rollout)
     trainer = object.__new__(loop.Trainer)
     trainer.cfg = load_config("examples/tiny_cpu.yaml", ["eval.every=0"])
-    trainer.step, trainer.generated_samples = 1, 0
+    trainer.step, trainer.generated_samples, trainer.generated_tokens = 1, 0, 0
     trainer.engines = types.SimpleNamespace(restarts=0)
     trainer.sampler = trainer.assembler = trainer.task = types.SimpleNamespace(tokenizer=None)
     with RewardPool(num_workers=1, timeout_s=5.0, score_fn=crash_once) as trainer.scorer:
