@@ -138,7 +138,8 @@ def test_rejects_tp_that_does_not_divide_heads():
 
 
 def test_rejects_pp_that_does_not_divide_layers():
-    report = plan(_cfg(QWEN7B, "parallel.tp=1", "parallel.pp=8", nodes=1), nodes=1, gpus_per_node=8)
+    report = plan(_cfg(QWEN7B, "parallel.tp=1", "parallel.sequence_parallel=false", "parallel.pp=8", nodes=1),
+                  nodes=1, gpus_per_node=8)
     assert not report.fits
     assert any("parallel.pp=8" in e and "num_hidden_layers=28" in e for e in report.errors)
     sg = report.suggestion
