@@ -157,14 +157,14 @@ class EnginePool:
 
 
 def _on_all(engines: list, method: str, *args, timeout: float | None = None) -> None:
-    """engine.method(*args) on every engine, at once for Ray handles; waits for all."""
-    remote = [e for e in engines if hasattr(getattr(e, method), "remote")]
-    for e in engines:
-        if e not in remote:
-            getattr(e, method)(*args)
-    if remote:
-        import ray
+    """engine.method(*args) on every engine, at once for Ray actors; waits for all."""
+    import ray
 
+    remote = [e for e in engines if isinstance(e, ray.actor.ActorHandle)]
+    for e in engines:
+        if not isinstance(e, ray.actor.ActorHandle):
+            getattr(e, method)(*args)
+    if remote:  # ray.get would start a Ray instance even for an empty list
         ray.get([getattr(e, method).remote(*args) for e in remote], timeout=timeout)
 
 
