@@ -193,8 +193,11 @@ class RolloutConfig:
     # weights as CUDA IPC handles); disaggregated: engines on GPUs of their own, weights
     # broadcast over a weight-update group (NCCL; gloo on CPU).
     placement: Literal["colocated", "disaggregated"] = "colocated"
-    # Seconds an engine may take over one weight-sync call (a bucket, opening or closing the
-    # session) before it counts as hung: it is killed, replaced and the sync runs again.
+    # Hang detection for the engines. A weight-sync call (a bucket, opening or closing the
+    # session) taking longer than this counts as hung: the engine is killed, replaced and the
+    # sync runs again. A generate call may take as long as it needs, but every this many
+    # seconds the engine must answer a ping; one that does not is frozen and replaced, its
+    # chunk keeping its place in the round.
     hang_timeout_s: float = 600.0
     max_engine_restarts: int = 3  # dead engines replaced per run before giving up
 
@@ -264,6 +267,10 @@ class TrainerConfig:
     # Colocated GPU runs: move params, grads and optimizer state to host memory after each
     # update, so the engines' KV cache gets the memory back (a no-op on CPU).
     offload: bool = False
+    # A policy rank busy in a call (train, weight push, save) is pinged this often; one that
+    # does not answer is frozen: the run stops with an error naming it (the newest checkpoint
+    # is kept; rerun to resume). A long step is not a hang: a busy rank still answers.
+    hang_timeout_s: float = 600.0
 
     @property
     def num_mini_batches(self) -> int:
@@ -638,6 +645,7 @@ NUMERIC_RANGES: dict[str, tuple] = {
     "trainer.train_batch_size": _GE1, "trainer.mini_batch_size": _GE1,
     "trainer.max_tokens_per_microbatch": _GE1, "trainer.max_steps": _GE0,
     "trainer.sample_budget": (lambda v: v >= 0, "must be >= 0 (0: no budget)"), "trainer.seed": _GE0,
+    "trainer.hang_timeout_s": _GT0,
     "eval.every": (lambda v: v >= 0, "must be >= 0 (0: never)"), "eval.k": _GE1, "eval.temperature": _GT0,
     "eval.top_p": _PROB, "eval.max_prompts": _GE0,
     "checkpoint.save_every": (lambda v: v >= 0, "must be >= 0 (0: none, except on a stop signal)"),

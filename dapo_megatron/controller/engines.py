@@ -16,6 +16,7 @@ from typing import Protocol
 from dapo_megatron.resolve import EngineSlot, engine_layout
 from dapo_megatron.rollout.manager import RolloutManager, call_engine
 from dapo_megatron.rollout.protocol import SamplingParams
+from dapo_megatron.watchdog import ping_patience
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class EnginePool:
         _wait_started(engines)
         self.manager = RolloutManager(engines, factory=self._replacement,
                                       max_restarts=cfg.rollout.max_engine_restarts,
-                                      on_replace=self._resync)
+                                      on_replace=self._resync, hang_timeout_s=cfg.rollout.hang_timeout_s)
         self._round = None
 
     @property
@@ -56,6 +57,7 @@ class EnginePool:
         return self.manager.restarts
 
     def _replacement(self, index: int):
+        _kill(self.engines[index])  # a frozen engine must not keep its CPUs / GPU memory
         engine = self._start_engine(index)
         _wait_started([engine])
         return engine
@@ -102,14 +104,13 @@ class EnginePool:
                 self.weight_version = version
                 return stats
             except Exception as err:  # noqa: BLE001 - sorted into engine death vs a real error
-                patience = min(60.0, self.cfg.rollout.hang_timeout_s)
+                patience = ping_patience(self.cfg.rollout.hang_timeout_s)
                 dead = [i for i, e in enumerate(self.engines) if not _alive(e, patience)]
                 if not dead:
                     raise
                 self.weight_version = None  # replacements get their weights from the retry
                 for i in dead:
-                    _kill(self.engines[i])  # a hung (not dead) engine must not linger
-                    self.manager.replace(i, err)
+                    self.manager.replace(i, err)  # _replacement kills a hung (not dead) engine
 
     def _push(self, version: int, engines: list) -> dict[str, float]:
         timeout = self.cfg.rollout.hang_timeout_s

@@ -14,8 +14,13 @@ import ray
 
 from dapo_megatron.controller.batch import RolloutBatch
 from dapo_megatron.ports import free_port
+from dapo_megatron.watchdog import ActorHung, get_watching
 
 logger = logging.getLogger(__name__)
+
+
+class PolicyHung(RuntimeError):
+    """A policy rank stopped answering during a call (frozen, not busy)."""
 
 
 class PolicyGroup:
@@ -38,7 +43,9 @@ class PolicyGroup:
                 num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
             ).remote()
         )
-        actor_cls = ray.remote(PolicyWorker)
+        # Every call runs in the default group, one at a time on one thread, as Megatron
+        # needs; the watchdog's ping gets a thread of its own ("watch").
+        actor_cls = ray.remote(concurrency_groups={"watch": 1})(PolicyWorker)
         self.workers = [
             actor_cls.options(
                 num_cpus=1, num_gpus=1 if use_gpu else 0,
@@ -51,7 +58,17 @@ class PolicyGroup:
                     cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.data_parallel_size)
 
     def _all(self, method: str, *args):
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        """method(*args) on every rank; a rank frozen in it (see trainer.hang_timeout_s)
+        ends the run with PolicyHung instead of waiting forever."""
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        try:
+            return get_watching(refs, self.workers, ping="alive", hang_timeout_s=self.cfg.trainer.hang_timeout_s,
+                                what=f"policy {method}()", names=[f"policy rank {r}" for r in range(len(refs))])
+        except ActorHung as hung:
+            raise PolicyHung(
+                f"{hung}. The run stops here: a frozen rank cannot take part in a checkpoint, "
+                "so the newest checkpoint on disk is the one to resume from; rerun the same command "
+                "to resume") from None
 
     def train(self, batch: RolloutBatch) -> dict[str, float]:
         """One policy update. The ranks compute pi_old, the train/inference mismatch, the

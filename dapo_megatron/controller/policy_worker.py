@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import ray
 import torch
 
 from dapo_megatron.controller.batch import RolloutBatch
@@ -48,6 +49,12 @@ class PolicyWorker:
         )
 
     def ready(self) -> bool:
+        return True
+
+    @ray.method(concurrency_group="watch")
+    def alive(self) -> bool:
+        """The watchdog's ping. PolicyGroup runs it in a concurrency group of its own, so a
+        rank busy in a long call still answers it (dapo_megatron.watchdog)."""
         return True
 
     def train_step(self, batch: RolloutBatch) -> dict[str, float]:

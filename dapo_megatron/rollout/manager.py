@@ -29,6 +29,7 @@ import threading
 from typing import Any, Callable, Iterator
 
 from dapo_megatron.rollout.protocol import Sample, SamplingParams
+from dapo_megatron.watchdog import ActorHung, get_watching
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,20 @@ EngineFactory = Callable[[int], Any]  # engine index -> a fresh engine (or actor
 EngineHook = Callable[[Any], None]  # called with a fresh engine before it serves
 
 
-def call_engine(engine: Any, method: str, *args: Any, timeout: float | None = None) -> Any:
-    """engine.method(*args), through .remote + ray.get for Ray actor handles."""
+def call_engine(engine: Any, method: str, *args: Any, timeout: float | None = None,
+                hang_timeout_s: float | None = None) -> Any:
+    """engine.method(*args), through .remote + ray.get for Ray actor handles.
+
+    timeout bounds the whole call; hang_timeout_s instead lets a busy engine take as long as
+    it needs and raises `ActorHung` only if the engine stops answering pings
+    (dapo_megatron.watchdog)."""
     fn = getattr(engine, method)
     if hasattr(fn, "remote"):
         import ray
 
+        if hang_timeout_s is not None:
+            return get_watching([fn.remote(*args)], [engine], ping="get_weight_version",
+                                hang_timeout_s=hang_timeout_s, what=f"{method}()", names=["the rollout engine"])[0]
         return ray.get(fn.remote(*args), timeout=timeout)
     return fn(*args)
 
@@ -100,10 +109,13 @@ class RolloutManager:
     factory: builds engine i anew; without it a dead engine's error propagates.
     on_replace: gives a fresh engine the current weights (e.g. a push from the policy).
     max_restarts: total engine replacements allowed over the manager's life.
+    hang_timeout_s: a generate call on an engine that stops answering pings for this long
+        is given up and the engine replaced like a dead one (None: no hang detection).
     """
 
     def __init__(self, engines: list[Any], factory: EngineFactory | None = None,
-                 max_restarts: int = 3, on_replace: EngineHook | None = None):
+                 max_restarts: int = 3, on_replace: EngineHook | None = None,
+                 hang_timeout_s: float | None = None):
         if not engines:
             raise ValueError("RolloutManager needs at least one engine")
         self.engines = list(engines)
@@ -111,6 +123,7 @@ class RolloutManager:
         self.max_restarts = max_restarts
         self.restarts = 0
         self.on_replace = on_replace
+        self.hang_timeout_s = hang_timeout_s
         self._lock = threading.Lock()
         self._produced = GenerationCount()  # over the manager's life, every round
 
@@ -147,11 +160,12 @@ class RolloutManager:
             self.restarts += 1
             logger.warning("rollout engine %d died (%s: %s); replacing it (restart %d)",
                            index, type(error).__name__, error, self.restarts)
-            try:
-                call_engine(self.engines[index], "shutdown", timeout=30)
-            except Exception:  # noqa: BLE001 - it is dead already
-                pass
-            engine = self.factory(index)
+            if not isinstance(error, ActorHung):  # a frozen engine cannot shut itself down
+                try:
+                    call_engine(self.engines[index], "shutdown", timeout=30)
+                except Exception:  # noqa: BLE001 - it is dead already
+                    pass
+            engine = self.factory(index)  # the factory ends a frozen engine's actor
             if self.on_replace is not None:
                 self.on_replace(engine)
             self.engines[index] = engine
@@ -202,7 +216,8 @@ class RolloutRound:
             try:
                 samples = call_engine(self.manager.engines[index], "generate",
                                       [self._prompts[i] for i in chunk], self.params,
-                                      [self.request_ids[i] for i in chunk])
+                                      [self.request_ids[i] for i in chunk],
+                                      hang_timeout_s=self.manager.hang_timeout_s)
             except Exception as err:  # noqa: BLE001 - sorted into death vs real error below
                 with self._lock:
                     self._inflight.pop(index, None)
@@ -210,7 +225,7 @@ class RolloutRound:
                 if aborted:
                     self._results.put(("done", number, None))
                     return
-                if engine_is_healthy(self.manager.engines[index]):
+                if not isinstance(err, ActorHung) and engine_is_healthy(self.manager.engines[index]):
                     self._results.put(("error", number, err))
                     return
                 try:

@@ -53,6 +53,7 @@ from dapo_megatron.dtypes import name_of
 from dapo_megatron.ports import free_port
 from dapo_megatron.rollout.buckets import bucket_nbytes, rebucket
 from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, default_request_ids
+from dapo_megatron.rollout.reaper import spawn_reaper
 from dapo_megatron.rollout.sglang_api import (
     SGLangConfig,
     build_generate_payload,
@@ -120,6 +121,7 @@ class SGLangEngine:
         self.exit_on_death = exit_on_death
         self.weight_version = cfg.initial_weight_version
         self.process: subprocess.Popen | None = None
+        self._reaper: subprocess.Popen | None = None
         self.port = 0
         self.restarts = 0
         self.last_sync: dict[str, float] = {}
@@ -148,6 +150,8 @@ class SGLangEngine:
         logger.info("starting SGLang server: %s", " ".join(cmd))
         # Own session: shutdown() can signal the server and its scheduler children at once.
         self.process = subprocess.Popen(cmd, env=launch_env(self.cfg), start_new_session=True)
+        # Ends that session if this process dies without shutdown() (ray.kill, OOM killer).
+        self._reaper = spawn_reaper(self.process.pid)
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while True:
             if not self.alive():
@@ -217,6 +221,13 @@ class SGLangEngine:
             pass
         self.process.wait(timeout=30)
         self.process = None
+        if self._reaper is not None:  # it exits by itself once the group is gone
+            try:
+                self._reaper.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait()
+            self._reaper = None
 
     # ------------------------------------------------------------------ http
     def _request(self, method: str, path: str, payload: Any, timeout: float) -> Any:

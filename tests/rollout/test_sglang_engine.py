@@ -372,3 +372,40 @@ def test_engine_pool_shutdown_ends_the_server_process_group(fake):
     pool.shutdown()
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
+
+
+def test_server_dies_with_an_engine_killed_without_shutdown(tmp_path):
+    """ray.kill (or the OOM killer) SIGKILLs the engine's process: no shutdown() runs, and
+    the server, in a session of its own, would keep its GPU memory. The engine's reaper
+    (rollout/reaper.py) ends the server's process group once its parent is gone."""
+    import signal
+    import subprocess
+    import time
+
+    if sglang_cpu.load():
+        pytest.skip(sglang_cpu.load())
+    script = (
+        "import sys, time\n"
+        "from dapo_megatron.rollout.sglang_engine import SGLangConfig, SGLangEngine\n"
+        f"cmd = {fake_launch_cmd(tmp_path / 'events.jsonl', tmp_path / 'die')!r}\n"
+        "engine = SGLangEngine(SGLangConfig(startup_timeout_s=120, launch_cmd=cmd))\n"
+        "print(engine.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(parent.stdout.readline())
+        os.killpg(server, 0)  # the server's group is up
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(server, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(server, 0)
+    finally:
+        parent.kill()
