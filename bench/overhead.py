@@ -46,8 +46,11 @@ def main(overrides: list[str]) -> None:
     cfg = load_config(os.path.join(ROOT, "examples/tiny_cpu.yaml"),
                       ["trainer.max_steps=2", "checkpoint.save_every=1", "eval.every=0",
                        f"trainer.run_dir={run_dir}", *overrides])
+    # PolicyGroup returns before its ranks are ready (they build while the engines start):
+    # its line is placement only; Trainer.__init__ is the start-up's wall time.
     for name in ("load_task", "_init_ray", "PolicyGroup", "EnginePool", "RewardPool"):
         setattr(loop, name, timed(f"start: {name}", getattr(loop, name)))
+    loop.Trainer.__init__ = timed("start: Trainer.__init__ (all of start-up)", loop.Trainer.__init__)
     for name in ("sync_weights", "save", "train_step", "evaluate", "shutdown"):
         setattr(loop.Trainer, name, timed(name, getattr(loop.Trainer, name)))
     loop.plot_metrics = timed("plot_metrics", loop.plot_metrics)

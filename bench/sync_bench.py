@@ -7,7 +7,8 @@ feeds one embedded engine (a third actor). Three flows move the same weights, in
   every bucket is gathered to rank 0 as a host copy, the whole list returns to the driver
   through Ray, the driver keeps it (the manager's restart cache) and sends it to the engine.
 - colocated (new): each source rank pushes its buckets into the engine's weight-update
-  session through Ray's object store, one bucket at a time.
+  session one bucket at a time: through a shared-memory file for an engine on its node,
+  Ray's object store for one elsewhere (here: the same node).
 - disaggregated (new): each source rank broadcasts its buckets over a gloo weight-update
   group that the engine joined.
 

@@ -83,15 +83,18 @@ class Trainer:
         check_local_device(cfg)
         _init_ray(cfg, self.resolved)
         check_cluster_device(cfg)
-        self.policy = PolicyGroup(cfg, self.hf_config)
-        if cfg.trainer.offload:
-            # Before the engines start: SGLang sizes its memory from what is free then.
-            self.policy.offload()
-        self.engines = EnginePool(cfg, self.hf_config, weight_source=self.policy,
-                                  slots=self.resolved.engines, policy_pg=self.policy.pg)
+        # Start-up overlaps: the reward workers, the policy ranks and the engines all start
+        # at once; only offload orders them (SGLang sizes its memory from what is free when
+        # it starts, so the policy must have offloaded by then).
         r = cfg.reward
         self.scorer = RewardPool(num_workers=r.num_workers, timeout_s=r.timeout_s,
                                  correct_score=r.correct_score, incorrect_score=r.incorrect_score)
+        self.policy = PolicyGroup(cfg, self.hf_config, wait=cfg.trainer.offload)
+        if cfg.trainer.offload:
+            self.policy.offload()
+        self.engines = EnginePool(cfg, self.hf_config, weight_source=self.policy,
+                                  slots=self.resolved.engines, policy_pg=self.policy.pg)
+        self.policy.wait_ready()
         self.sampler = PromptSampler(self.task.train, seed=cfg.trainer.seed, shuffle=cfg.data.shuffle)
         a = cfg.algo
         self.assembler = BatchAssembler(

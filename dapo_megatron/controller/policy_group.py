@@ -24,7 +24,9 @@ class PolicyHung(RuntimeError):
 
 
 class PolicyGroup:
-    def __init__(self, cfg, hf_config: dict) -> None:
+    def __init__(self, cfg, hf_config: dict, wait: bool = True) -> None:
+        """wait=False returns once the actors are placed, while they still build the model
+        (the engines start meanwhile); call wait_ready() before any other call."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -53,8 +55,18 @@ class PolicyGroup:
             ).remote(cfg, hf_config, rank, world, master_addr, master_port)
             for rank in range(world)
         ]
-        ray.get([w.ready.remote() for w in self.workers])
-        logger.info("policy: %d Megatron ranks up (tp=%d pp=%d ep=%d dp=%d)", world, cfg.parallel.tp,
+        self._ready = [w.ready.remote() for w in self.workers]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every rank has built its model (start-up is not a hang: no watchdog)."""
+        if self._ready is None:
+            return
+        ray.get(self._ready)
+        self._ready = None
+        cfg = self.cfg
+        logger.info("policy: %d Megatron ranks up (tp=%d pp=%d ep=%d dp=%d)", len(self.workers), cfg.parallel.tp,
                     cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.data_parallel_size)
 
     def _all(self, method: str, *args):

@@ -324,6 +324,12 @@ class EmbeddedEngine:
                                    "begin_weight_update first")
             self._loader.load_bucket([(name, t.to(self.device)) for name, t in bucket])
 
+    def load_weight_bucket_shared(self, path: str, meta) -> None:
+        """load_weight_bucket from a same-node shared-memory file (weight_sync.write_shared_bucket)."""
+        from dapo_megatron.rollout.weight_sync import read_shared_bucket
+
+        self.load_weight_bucket(read_shared_bucket(path, meta))
+
     def end_weight_update(self) -> None:
         """Close the session: every parameter must have arrived; weight_version takes effect."""
         with self._lock:

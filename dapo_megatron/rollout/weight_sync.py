@@ -7,9 +7,12 @@ calls each policy rank that sources tensors pushes its own buckets straight to t
 the driver only opens and closes the session. Two transports:
 
 - colocated (``push_bucket_colocated``): the bucket goes to each engine's
-  ``load_weight_bucket``. Embedded engine: one ``ray.put`` shared by all engines. SGLang
-  on GPU: CUDA IPC handles serialized here, in the process that owns the tensors, one
-  payload per SGLang TP rank (sglang_api.serialize_bucket).
+  ``load_weight_bucket``. Embedded engine on the rank's node: the bytes written once to a
+  shared-memory file (``write_shared_bucket``) that each engine maps and copies from, so
+  neither side keeps a second copy mapped (the object store's arena pages, once touched,
+  stay resident in the writer); engines on other nodes: one ``ray.put`` shared by them.
+  SGLang on GPU: CUDA IPC handles serialized here, in the process that owns the tensors,
+  one payload per SGLang TP rank (sglang_api.serialize_bucket).
 - disaggregated (``WeightUpdateGroup``): a process group between the source rank (group
   rank 0) and the engines (ranks 1..E), NCCL on GPU, gloo on CPU. Per bucket the rank posts
   the metadata to every engine (``receive_weight_bucket``), then broadcasts the tensors in
@@ -22,7 +25,11 @@ time, and waits for the engines to take it before it builds the next.
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
+import math
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,11 +114,84 @@ def push_bucket_colocated(engines: list[Any], bucket: WeightBucket, engine_kind:
         nbytes = sum(t.numel() * t.element_size() for _, t in mapped)
         _ray_get([e.load_weight_bucket_serialized.remote(payloads, nbytes) for e in engines], timeout)
         return
-    ref = ray.put(bucket)
+    here = ray.get_runtime_context().get_node_id()
+    local = [e for e in engines if _node_of(e) == here]
+    remote = [e for e in engines if _node_of(e) != here]
+    calls = []
+    path = _shm_path() if local else None
     try:
-        _ray_get([e.load_weight_bucket.remote(ref) for e in engines], timeout)
+        if local:
+            meta = write_shared_bucket(bucket, path)
+            calls += [e.load_weight_bucket_shared.remote(path, meta) for e in local]
+        if remote:
+            ref = ray.put(bucket)
+            calls += [e.load_weight_bucket.remote(ref) for e in remote]
+            del ref
+        _ray_get(calls, timeout)
     finally:
-        del ref
+        if path is not None and os.path.exists(path):
+            os.unlink(path)
+
+
+# ---------------------------------------------------------------- same-node shared memory
+SHM_DIR = "/dev/shm"
+_ALIGN = 64  # every tensor starts at a multiple of this in the file (any dtype can view it)
+_NODE_OF: dict[str, str] = {}  # engine actor id -> node id (an actor never moves)
+_shm_count = itertools.count()
+
+
+@dataclass(frozen=True)
+class SharedBucketMeta:
+    """A bucket in a shared-memory file: per tensor its name, dtype, shape and byte offset."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    nbytes: int
+
+
+def _node_of(engine) -> str:
+    key = engine._actor_id.hex()
+    if key not in _NODE_OF:
+        import ray
+
+        _NODE_OF[key] = ray.get(engine.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    return _NODE_OF[key]
+
+
+def _shm_path() -> str:
+    folder = SHM_DIR if os.access(SHM_DIR, os.W_OK) else tempfile.gettempdir()
+    return os.path.join(folder, f"dapo-weights-{os.getpid()}-{next(_shm_count)}")
+
+
+def write_shared_bucket(bucket: WeightBucket, path: str) -> SharedBucketMeta:
+    """Write the tensors' bytes to path (write(2) from the tensors themselves: no copy is
+    made in this process) and say where each one is."""
+    offsets, pos = [], 0
+    with open(path, "wb") as f:
+        for _, tensor in bucket:
+            pad = -pos % _ALIGN
+            f.write(b"\0" * pad)
+            pos += pad
+            offsets.append(pos)
+            raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            f.write(memoryview(raw.numpy()))
+            pos += raw.numel()
+    return SharedBucketMeta(tuple(n for n, _ in bucket), tuple(t.dtype for _, t in bucket),
+                            tuple(tuple(t.shape) for _, t in bucket), tuple(offsets), pos)
+
+
+def read_shared_bucket(path: str, meta: SharedBucketMeta) -> WeightBucket:
+    """The bucket as views of path mapped into memory (unmapped once they are freed)."""
+    if meta.nbytes == 0:
+        return [(n, torch.empty(s, dtype=d)) for n, d, s in zip(meta.names, meta.dtypes, meta.shapes)]
+    data = torch.from_file(path, shared=True, size=meta.nbytes, dtype=torch.uint8)
+    bucket = []
+    for name, dtype, shape, offset in zip(meta.names, meta.dtypes, meta.shapes, meta.offsets):
+        count = math.prod(shape) * dtype.itemsize
+        bucket.append((name, data[offset:offset + count].view(dtype).reshape(shape)))
+    return bucket
 
 
 class WeightUpdateGroup:
