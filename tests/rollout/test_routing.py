@@ -66,3 +66,27 @@ def test_compact_expert_ids_picks_the_smallest_dtype():
     assert compact_expert_ids(torch.tensor([0, 256])).dtype == torch.int16
     with pytest.raises(ValueError, match="expert ids"):
         compact_expert_ids(torch.tensor([-1]))
+
+
+def test_moe_engine_takes_hub_named_experts_in_a_sync(tmp_path):
+    """The weight export sends the hub's per-expert names; transformers 5 keeps experts fused."""
+    from tests.convert.tiny import read_hf_dir
+
+    torch.manual_seed(0)
+    target = EmbeddedEngine(tiny_config("qwen3_moe"))
+    torch.manual_seed(1)
+    source = EmbeddedEngine(tiny_config("qwen3_moe"))
+    source.model.save_pretrained(tmp_path)  # transformers writes the hub's names
+    hub = read_hf_dir(str(tmp_path))
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in hub
+    target.update_weights([list(hub.items())], version=1)
+    theirs = source.model.state_dict()
+    assert all(torch.equal(t, theirs[k]) for k, t in target.model.state_dict().items())
+    # Every expert must arrive: a sync without one expert's down_proj is refused.
+    target.begin_weight_update(2)
+    target.load_weight_bucket([(k, t) for k, t in hub.items()
+                               if k != "model.layers.1.mlp.experts.2.down_proj.weight"])
+    with pytest.raises(KeyError, match="experts.2.down_proj"):
+        target.end_weight_update()
+    # The engine's own (fused) buckets still load.
+    target.update_weights(source.state_dict_buckets(), version=3)
