@@ -9,7 +9,8 @@ One ``train_step(batch)``:
      the engine's log-probs (``mismatch/*``), pi_old replaced by the engine's when
      ``rollout.old_logprobs=engine``, the rollout correction's per-token weights folded into
      the advantages (``algo.rollout_correction``), and the frozen reference's log-probs
-     when ``algo.kl_coef > 0`` (reference.py);
+     when ``algo.kl_coef > 0`` (reference.py); for a MoE model the experts the update
+     runs on (``algo.routing_replay``, routing_replay.py);
   2. the batch is cut into ``num_mini_batches`` mini-batches; each is split over DP ranks
      and into token-budget micro-batches (microbatch.py), run through megatron's
      ``get_forward_backward_func`` (1F1B under pipeline parallelism) with the loss of
@@ -474,8 +475,9 @@ class PolicyTrainer:
         the updates); grad_norm (mean of finite norms), grad_norm_max, lr (of the last
         update), skipped_steps (non-finite gradient norm), tokens, padded_tokens,
         padding_waste, microbatches (per DP rank, max), seconds, tokens_per_s; and from
-        ``_prepare`` ``mismatch/*`` and ``correction/*`` (with engine log-probs) and
-        ``time/old_logprobs``, ``time/ref_logprobs``.
+        ``_prepare`` ``mismatch/*`` and ``correction/*`` (with engine log-probs),
+        ``routing/*`` (with the engine's routed experts) and ``time/old_logprobs``,
+        ``time/ref_logprobs``.
         """
         self._enter()
         start = time.perf_counter()
@@ -567,10 +569,11 @@ def _initial_hf_weights(hf_dir, hf_config, seed: int):
         from dapo_megatron.convert.hf_io import SafetensorsReader
 
         return SafetensorsReader(hf_dir)
+    from dapo_megatron.rollout.buckets import hub_state_dict
     from dapo_megatron.rollout.embedded import build_hf_model
 
     torch.manual_seed(seed)
-    return build_hf_model(hf_config).state_dict()
+    return hub_state_dict(build_hf_model(hf_config))
 
 
 def _routing_replay(hf_config, algo, overrides: dict):

@@ -129,3 +129,13 @@ def _per_expert_views(params: dict[str, torch.Tensor], canonical: dict[str, str]
                 pieces.append(piece)
         covers[name] = pieces
     return covers
+
+
+def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` under the hub's names: fused expert tensors split per expert
+    (``_per_expert_views``; views, no copy), what the policy's HF loader reads."""
+    state = dict(model.state_dict())
+    canonical = {name: name for name in state}
+    for fused in _per_expert_views(state, canonical):
+        del state[fused]
+    return state

@@ -214,3 +214,86 @@ def test_r3_trains_on_the_engines_experts(layout, tmp_path):
     assert r0["step"]["routing/mismatch_token_frac"] == m_r3["routing/mismatch_token_frac"]
     print(f"\nrouting replay {layout}: clean r3 gap {r0['clean_gap']}; perturbed engine: "
           f"none {m_none} gap {r0['noisy_none_gap']}; r3 {m_r3} gap {r0['noisy_r3_gap']}")
+
+
+def _r2_worker(rank, world_size, hf_dir):
+    """r2 at EP=2: the recorded routing is what the old pass's routers used, for every real
+    position of every row (gathered over DP), and later passes replay it."""
+    from dapo_megatron.policy.model import unwrap
+    from dapo_megatron.policy.parallel import destroy_parallel
+
+    engine, state = load_moe(hf_dir)
+    batch = engine_batch(engine)
+    trainer = _trainer(moe_config(), state, (1, 1, 2), "r2")
+    used = UsedExperts(trainer)
+    out = {}
+    holder = {}
+    free = dataclasses.replace(batch, routed_experts=None)
+    counts = used.compare(trainer, batch, batch.routed_experts,
+                          lambda: holder.update(prep=trainer._prepare(batch)))
+    prepared, metrics = holder["prep"]
+    routes = prepared.routed_experts
+    real = torch.arange(routes.shape[1])[None, :] < batch.seq_lens[:, None]
+    out["complete"] = bool((routes[real] >= 0).all()) and bool((routes[~real] == -1).all())
+    out["recorded_vs_used"] = used.compare(trainer, free, routes,
+                                           lambda: trainer.compute_logprobs(free))
+    out["engine_vs_free"] = counts
+    out["metrics"] = metrics
+    # The trainer's routers change: free routing moves, the r2 routes are still replayed.
+    for chunk in trainer.model:
+        perturb_routers(unwrap(chunk).named_parameters(), 1.0, seed=5)
+    out["after_free"] = used.compare(trainer, free, routes, lambda: trainer.compute_logprobs(free))
+    out["after_replay"] = used.compare(trainer, prepared, routes,
+                                       lambda: trainer.compute_logprobs(prepared))
+    destroy_parallel()
+    return out
+
+
+@pytest.mark.dist
+def test_r2_replays_the_old_log_prob_pass_routing(tmp_path):
+    save_moe(str(tmp_path))
+    results = run_distributed(_r2_worker, 2, str(tmp_path))
+    total = lambda key: [sum(r[key][i] for r in results) for i in range(4)]  # noqa: E731
+    assert all(r["complete"] for r in results)
+    compared, differ, _, _ = total("recorded_vs_used")
+    assert compared > 100 and differ == 0
+    assert total("after_free")[1] > 0  # the perturbed routers choose otherwise ...
+    assert total("after_replay")[1] == 0  # ... but the replay holds the recorded experts
+    # The metric: the old pass's own routing against the engine's (unperturbed: few differ).
+    _, _, resp, resp_differ = total("engine_vs_free")
+    assert results[0]["metrics"]["routing/mismatch_decision_frac"] == pytest.approx(
+        resp_differ / resp, abs=1e-9)
+
+
+def _recompute_worker(rank, world_size, hf_dir):
+    """r3 at PP=2 (1F1B over several micro-batches): a train step with activation
+    recompute, whose backward re-runs the routers, equals the one without."""
+    from dapo_megatron.policy.parallel import destroy_parallel
+
+    engine, state = load_moe(hf_dir)
+    perturb_routers(engine.model.named_parameters(), 0.5, seed=3)
+    batch = engine_batch(engine, seed=8)
+    out = {}
+    for recompute in (False, True):
+        trainer = _trainer(moe_config(), state, (1, 2, 1), "r3", recompute=recompute)
+        micro, _ = trainer._micro_batches(batch)
+        out["micro"] = len(micro)
+        metrics = trainer.train_step(batch)
+        out[recompute] = {k: v for k, v in metrics.items()
+                          if k.startswith(("actor/pg", "actor/grad_norm", "routing/", "mismatch/"))}
+        out[(recompute, "lp")] = trainer.compute_logprobs(batch)
+        destroy_parallel()
+    return out
+
+
+@pytest.mark.dist
+def test_r3_with_activation_recompute_replays_in_backward(tmp_path):
+    save_moe(str(tmp_path))
+    out = run_distributed(_recompute_worker, 2, str(tmp_path))[0]
+    assert out["micro"] > 2
+    plain, recomputed = out[False], out[True]
+    assert plain.keys() == recomputed.keys() and "actor/grad_norm" in plain
+    for key in plain:
+        assert recomputed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+    # The updated weights agree too (log-probs after the step).
+    torch.testing.assert_close(out[(True, "lp")], out[(False, "lp")], atol=1e-5, rtol=0)

@@ -90,3 +90,16 @@ def test_moe_engine_takes_hub_named_experts_in_a_sync(tmp_path):
         target.end_weight_update()
     # The engine's own (fused) buckets still load.
     target.update_weights(source.state_dict_buckets(), version=3)
+
+
+def test_hub_state_dict_is_what_transformers_saves(tmp_path):
+    """The from-scratch policy initialises from an HF model's weights under the hub's names."""
+    from dapo_megatron.rollout.buckets import hub_state_dict
+    from tests.convert.tiny import read_hf_dir
+
+    torch.manual_seed(0)
+    model = EmbeddedEngine(tiny_config("qwen3_moe")).model
+    model.save_pretrained(tmp_path)
+    saved, ours = read_hf_dir(str(tmp_path)), hub_state_dict(model)
+    assert sorted(ours) == sorted(saved)
+    assert all(torch.equal(ours[k], saved[k]) for k in saved)
