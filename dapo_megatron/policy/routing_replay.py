@@ -175,9 +175,10 @@ class RoutingReplay:
             replay.set_target_indices(local.transpose(0, 1).reshape(-1, self.top_k))
             replay.set_router_replay_action(action.REPLAY_FORWARD)
 
-    def after_forward(self, chunk, rows: list[int], width: int) -> None:
-        """Keep what the routers chose for ``rows`` (inside ``recording``); queue the replayed
-        experts for a recompute in backward."""
+    def after_forward(self, chunk, rows: list[int], seq_lens: torch.Tensor, width: int) -> None:
+        """Keep what the routers chose at the real positions of ``rows`` (``seq_lens``
+        tokens each; inside ``recording``); queue the replayed experts for a recompute in
+        backward."""
         _, _, action = _replay_class()
         for layer, replay in self.routers(chunk):
             if self._recording is not None and rows:
@@ -189,8 +190,11 @@ class RoutingReplay:
                 stop = min(cols.stop, seq)
                 if stop > cols.start:
                     index = torch.as_tensor(rows, dtype=torch.long)
+                    real = (torch.arange(cols.start, stop)[None, :]
+                            < seq_lens[:len(rows), None].cpu())
+                    own = own[:, :stop - cols.start].to(torch.int32).cpu()
                     self._recording.routes[index, cols.start:stop, layer] = \
-                        own[:, :stop - cols.start].to(torch.int32).cpu()
+                        torch.where(real[..., None], own, -1)
             if replay.router_replay_action == action.REPLAY_FORWARD:
                 replay.set_router_replay_action(action.REPLAY_BACKWARD)
 

@@ -287,7 +287,7 @@ class PolicyTrainer:
                 self.routing.before_forward(model, mb.routed_experts)
             output = model(ids, positions, attention_mask_for(model, real))
             if self.routing is not None:
-                self.routing.after_forward(model, mb.rows, width)
+                self.routing.after_forward(model, mb.rows, mb.seq_lens, width)
             return output, partial(loss_func, mb)
 
         max_rows = max(mb.input_ids.shape[0] for mb in micro)

@@ -281,7 +281,7 @@ def _recompute_worker(rank, world_size, hf_dir):
         metrics = trainer.train_step(batch)
         out[recompute] = {k: v for k, v in metrics.items()
                           if k.startswith(("actor/pg", "actor/grad_norm", "routing/", "mismatch/"))}
-        out[(recompute, "lp")] = trainer.compute_logprobs(batch)
+        out[(recompute, "lp")] = trainer.compute_logprobs(batch).tolist()
         destroy_parallel()
     return out
 
@@ -296,4 +296,44 @@ def test_r3_with_activation_recompute_replays_in_backward(tmp_path):
     for key in plain:
         assert recomputed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
     # The updated weights agree too (log-probs after the step).
-    torch.testing.assert_close(out[(True, "lp")], out[(False, "lp")], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(out[(True, "lp")]), torch.tensor(out[(False, "lp")]),
+                               atol=1e-5, rtol=0)
+
+
+def test_routing_mismatch_counts_expert_sets_on_a_hand_worked_example():
+    from dapo_megatron.policy.routing_replay import routing_mismatch, routes_tensor
+
+    # One sequence of 3 positions, 2 layers, top-2; position 0 is the prompt (unmasked).
+    engine = routes_tensor([torch.tensor([[[0, 1], [2, 3]],
+                                          [[0, 1], [2, 3]],
+                                          [[0, 1], [3, 1]]], dtype=torch.uint8)[:3]], 4)
+    engine[0, 2, 0] = -1  # the engine did not report layer 0 at position 2
+    trainer = engine.clone().to(torch.int32)
+    trainer[0, 0, 0] = torch.tensor([2, 3])  # masked position: not counted
+    trainer[0, 1, 0] = torch.tensor([1, 2])  # differs
+    trainer[0, 2, 1] = torch.tensor([1, 3])  # same set, other order: agrees
+    trainer[0, 2, 0] = torch.tensor([2, 3])  # engine unknown: not counted
+    mask = torch.tensor([[False, True, True, False]])
+    got = routing_mismatch(engine, trainer, mask)
+    # Decisions: (1, l0) differs, (1, l1) and (2, l1) agree -> 1/3; tokens 1 and 2 -> 1/2.
+    assert got == {"routing/mismatch_token_frac": 0.5, "routing/mismatch_decision_frac": 1 / 3}
+    assert engine.dtype == torch.int16 and bool((engine[0, 3] == -1).all())  # padding
+
+
+def test_routing_replay_is_refused_on_a_dense_model():
+    from dapo_megatron.config import AlgoConfig, ConfigError, load_config
+    from dapo_megatron.policy.train import _routing_replay
+
+    base = ["model.hf_dir=null", "model.vocab_size=64", "model.max_position_embeddings=4096",
+            "rollout.max_prompt_length=64", "algo.max_response_length=256",
+            "algo.overlong_buffer=16", "trainer.max_tokens_per_microbatch=4096"]
+    with pytest.raises(ConfigError, match="algo.routing_replay: r3 .* dense model"):
+        load_config(None, base + ["algo.routing_replay=r3"])
+    moe = base + ["model.architecture=qwen3_moe", "model.num_experts=4", "algo.routing_replay=r2"]
+    assert load_config(None, moe).algo.routing_replay == "r2"
+    # The trainer refuses it too (a PolicyTrainer built without the config validation).
+    dense = dict(moe_config(), model_type="llama", architectures=["LlamaForCausalLM"])
+    dense.pop("num_experts")
+    with pytest.raises(ValueError, match="algo.routing_replay=r3 .* dense"):
+        _routing_replay(dense, AlgoConfig(routing_replay="r3"), {})
+    assert _routing_replay(dense, AlgoConfig(), {}) is None
