@@ -35,6 +35,7 @@ token ids. Sending each stage only its layers is left to do.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -60,7 +61,9 @@ def routes_tensor(per_sequence: list[torch.Tensor | None], seq: int) -> torch.Te
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _replay_class():
+    """(_Replay, upstream RouterReplay, RouterReplayAction); megatron is imported lazily."""
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
     class _Replay(RouterReplay):

@@ -31,14 +31,14 @@ def moe_config() -> dict:
                        init_std=0.1).hf_config_dict()
 
 
-def engine_batch(engine, seed: int = 7):
+def engine_batch(engine, seed: int = 7, prompts=PROMPTS):
     """Samples of the engine (routes included) as the PolicyBatch the trainer receives."""
     from dapo_megatron.policy.microbatch import PolicyBatch
     from dapo_megatron.rollout.protocol import SamplingParams
 
     params = SamplingParams(n=2, max_new_tokens=10, seed=seed, return_routed_experts=True)
     seqs, masks, engine_lp, routes = [], [], [], []
-    for prompt, group in zip(PROMPTS, engine.generate(PROMPTS, params)):
+    for prompt, group in zip(prompts, engine.generate(prompts, params)):
         for s in group:
             seqs.append(prompt + s.token_ids)
             masks.append([0] * len(prompt) + [1] * len(s.token_ids))
