@@ -7,7 +7,11 @@ pi_old on the same sequences with ``algo.routing_replay`` none and then r3 and r
 mode, the routing metrics (the trainer's own routing against the engine's) and the
 log-prob gap to the engine (mismatch/*).
 
-    python bench/routing_replay_bench.py --layout 1,1,2 --engine-dtype bf16
+    python bench/routing_replay_bench.py --layout 1,1,2 --engine-dtype bf16 --prompts 64
+
+Measured (2026-12-01, CPU, 1280 response tokens): without replay 0.87% of tokens (0.43% of
+decisions) route differently; the log-prob gap to the engine, max / mean, is 0.347 / 0.0057
+without replay and 0.026 / 0.0039 with r3 (the rest is bf16 rounding of the same experts).
 """
 
 from __future__ import annotations
