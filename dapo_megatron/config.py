@@ -168,6 +168,10 @@ class AlgoConfig:
     rollout_correction: Literal["none", "token-tis", "token-mask", "seq-tis", "seq-mask"] = "none"
     correction_high: float = 2.0  # C; the TIS blog's value (the mismatch metrics count outside too)
     correction_low: Optional[float] = None  # None: 1 / correction_high
+    # MoE routing replay (policy/routing_replay.py): r2, the training passes use the experts
+    # this step's old-log-prob pass chose; r3 (rollout routing replay), the old-log-prob and
+    # training passes use the experts the rollout engine chose for each token. MoE only.
+    routing_replay: Literal["none", "r2", "r3"] = "none"
 
 
 @dataclass

@@ -223,4 +223,7 @@ def resolve(cfg: "DapoConfig", vocab_size: int | None = None) -> Resolved:
         raise ConfigError(f"algo.max_response_length: rollout.max_prompt_length + algo.max_response_length = "
                           f"{reach} exceeds the model's max_position_embeddings={args.max_position_embeddings} "
                           f"({source})")
+    if cfg.algo.routing_replay != "none" and not args.is_moe:
+        raise ConfigError(f"algo.routing_replay: {cfg.algo.routing_replay} replays MoE routing, but "
+                          f"{source} describes a dense model (no experts); set algo.routing_replay=none")
     return Resolved(hf, source, args if hf.get("vocab_size") else None, engine_layout(cfg))

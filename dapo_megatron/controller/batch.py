@@ -25,6 +25,8 @@ class RolloutBatch:
     loss_weights:     [num_seqs] 1.0, or 0.0 for samples masked out by overlong filtering
     engine_logprobs:  per sequence, the engine's log-probs of the response tokens
     rewards:          [num_seqs] shaped rewards; correct: [num_seqs] bool
+    routed_experts:   per sequence, the engine's experts [prompt + response - 1, layers,
+                      top_k] (MoE with algo.routing_replay), else None
     """
 
     input_ids: list[list[int]]
@@ -35,6 +37,7 @@ class RolloutBatch:
     rewards: torch.Tensor
     correct: torch.Tensor
     truncated: torch.Tensor
+    routed_experts: list[torch.Tensor | None] | None = None
 
     @property
     def response_lengths(self) -> list[int]:
@@ -61,17 +64,19 @@ def build_rollout_batch(groups: list[ScoredGroup], algo) -> RolloutBatch:
     weights = torch.ones_like(rewards)
     if algo.overlong_filter:
         weights = overlong_filter_mask(truncated.flatten()).view_as(weights).to(weights.dtype)
-    input_ids, prompt_lengths, engine_lp = [], [], []
+    input_ids, prompt_lengths, engine_lp, routes = [], [], [], []
     for g in groups:
         for s in g.samples:
             input_ids.append(list(g.prompt_ids) + list(s.token_ids))
             prompt_lengths.append(len(g.prompt_ids))
             engine_lp.append(list(s.logprobs))
+            routes.append(s.routed_experts)
     return RolloutBatch(
         input_ids=input_ids, prompt_lengths=prompt_lengths,
         advantages=advantages.flatten().float(), loss_weights=weights.flatten().float(),
         engine_logprobs=engine_lp, rewards=rewards.flatten().float(),
         correct=torch.tensor([c for g in groups for c in g.correct]), truncated=truncated.flatten(),
+        routed_experts=routes if any(r is not None for r in routes) else None,
     )
 
 

@@ -28,6 +28,7 @@ def to_policy_batch(batch: RolloutBatch, *, with_engine_logprobs: bool = True, p
     return PolicyBatch.from_sequences(
         batch.input_ids, masks, batch.advantages.tolist(),
         engine_logprobs=engines if with_engine_logprobs else None, pad_id=pad_id,
+        routed_experts=batch.routed_experts,
     )
 
 

@@ -84,6 +84,8 @@ def sampling_params(cfg, *, n: int, seed: int, stop_ids: tuple[int, ...], eval_m
         seed=seed,
         # Evaluation needs no log-probs, and SGLang cannot return them under top_p < 1.
         return_logprobs=not eval_mode,
+        # r3 replays them; r2 only measures against them (routing/* metrics).
+        return_routed_experts=not eval_mode and cfg.algo.routing_replay != "none",
     )
 
 

@@ -47,6 +47,8 @@ class PolicyBatch:
         engine_logprobs: ``[batch, seq]`` float or None, the rollout engine's log-probs of the
             same tokens; when given, their gap to the policy's is reported.
         ref_logprobs: ``[batch, seq]`` float or None, a reference policy's log-probs (KL term).
+        routed_experts: ``[batch, seq, layers, top_k]`` integer or None, the experts each
+            position is routed to (MoE routing replay, routing_replay.py); -1: route freely.
     """
 
     input_ids: torch.Tensor
@@ -56,6 +58,7 @@ class PolicyBatch:
     old_logprobs: torch.Tensor | None = None
     engine_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:
@@ -70,6 +73,10 @@ class PolicyBatch:
             if value is not None and tuple(value.shape) != (batch, seq):
                 raise ValueError(f"PolicyBatch.{name} must be [batch, seq] = [{batch}, {seq}] "
                                  f"like input_ids, got {tuple(value.shape)}")
+        routes = self.routed_experts
+        if routes is not None and (routes.dim() != 4 or tuple(routes.shape[:2]) != (batch, seq)):
+            raise ValueError(f"PolicyBatch.routed_experts must be [batch, seq, layers, top_k] with "
+                             f"batch, seq = {batch}, {seq}, got {tuple(routes.shape)}")
         if tuple(self.advantages.shape) not in ((batch,), (batch, seq)):
             raise ValueError(f"PolicyBatch.advantages must be [batch] or [batch, seq], got "
                              f"{tuple(self.advantages.shape)}")
@@ -89,10 +96,12 @@ class PolicyBatch:
     @classmethod
     def from_sequences(cls, sequences: Sequence[Sequence[int]], response_masks, advantages,
                        old_logprobs=None, engine_logprobs=None, ref_logprobs=None,
-                       pad_id: int = 0) -> PolicyBatch:
+                       pad_id: int = 0, routed_experts=None) -> PolicyBatch:
         """Build from per-sequence lists: ``sequences[i]`` are token ids (prompt + response),
         ``response_masks[i]`` / ``*_logprobs[i]`` have the same length; ``advantages`` is
-        ``[batch]`` or per-sequence lists."""
+        ``[batch]`` or per-sequence lists; ``routed_experts[i]``: ``[positions, layers,
+        top_k]`` of the first positions of sequence i (an engine's, rollout/protocol.py), or
+        None."""
         lens = [len(s) for s in sequences]
         seq = max(lens) if lens else 1
 
@@ -113,10 +122,15 @@ class PolicyBatch:
                     for name, rows in (("old_logprobs", old_logprobs),
                                        ("engine_logprobs", engine_logprobs),
                                        ("ref_logprobs", ref_logprobs))}
+        routes = None
+        if routed_experts is not None and any(r is not None for r in routed_experts):
+            from dapo_megatron.policy.routing_replay import routes_tensor
+
+            routes = routes_tensor(list(routed_experts), seq)
         return cls(input_ids=pad(sequences, torch.long, pad_id),
                    seq_lens=torch.tensor(lens, dtype=torch.long),
                    response_mask=pad(response_masks, torch.bool, False),
-                   advantages=adv, **optional)
+                   advantages=adv, routed_experts=routes, **optional)
 
     def select(self, rows: Sequence[int] | slice) -> PolicyBatch:
         """The sub-batch of the given rows (same padding)."""
@@ -134,7 +148,8 @@ class MicroBatch:
 
     ``input_ids`` ``[n, L]``; ``seq_lens`` ``[n]``; ``response_mask`` ``[n, L]`` bool;
     ``advantages`` ``[n]`` or ``[n, L]``; ``old_logprobs`` / ``ref_logprobs`` ``[n, L]`` or
-    None; ``rows``: the indices into the batch it came from (empty for a filler).
+    None; ``rows``: the indices into the batch it came from (empty for a filler);
+    ``routed_experts`` ``[n, L, layers, top_k]`` or None (-1 in padding and filler rows).
     """
 
     input_ids: torch.Tensor
@@ -146,6 +161,7 @@ class MicroBatch:
     rows: list[int]
     real_tokens: int
     padded_tokens: int
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -275,10 +291,11 @@ def collate(batch: PolicyBatch, rows: Sequence[int], pad_to_multiple: int = 1, *
         if t is None:
             return None
         t = t.index_select(0, index)
-        if t.dim() == 2:
+        if t.dim() >= 2:
             t = t[:, :width]
             if t.shape[1] < width:  # rounding up may exceed the batch's own padding
-                t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)
+                extra = t.new_full((t.shape[0], width - t.shape[1]) + tuple(t.shape[2:]), fill)
+                t = torch.cat([t, extra], dim=1)
         if t.shape[0] < n:  # filler rows
             t = torch.cat([t, t.new_full((n - t.shape[0],) + tuple(t.shape[1:]), fill)])
         return t.contiguous()
@@ -288,7 +305,8 @@ def collate(batch: PolicyBatch, rows: Sequence[int], pad_to_multiple: int = 1, *
                       response_mask=take(batch.response_mask).bool(),
                       advantages=take(batch.advantages), old_logprobs=take(batch.old_logprobs),
                       ref_logprobs=take(batch.ref_logprobs), rows=rows,
-                      real_tokens=int(lens.sum()), padded_tokens=len(rows) * longest)
+                      real_tokens=int(lens.sum()), padded_tokens=len(rows) * longest,
+                      routed_experts=take(batch.routed_experts, fill=-1))
 
 
 def split_mini_batches(batch_size: int, num_mini_batches: int) -> list[slice]:

@@ -9,7 +9,8 @@ One ``train_step(batch)``:
      the engine's log-probs (``mismatch/*``), pi_old replaced by the engine's when
      ``rollout.old_logprobs=engine``, the rollout correction's per-token weights folded into
      the advantages (``algo.rollout_correction``), and the frozen reference's log-probs
-     when ``algo.kl_coef > 0`` (reference.py);
+     when ``algo.kl_coef > 0`` (reference.py); for a MoE model the experts the update
+     runs on (``algo.routing_replay``, routing_replay.py);
   2. the batch is cut into ``num_mini_batches`` mini-batches; each is split over DP ranks
      and into token-budget micro-batches (microbatch.py), run through megatron's
      ``get_forward_backward_func`` (1F1B under pipeline parallelism) with the loss of
@@ -27,6 +28,7 @@ the gradient of the global token-mean loss, however the batch is split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -151,6 +153,7 @@ class PolicyTrainer:
         # so factory calls with device=cuda inside backward (the MoE allgather dispatcher's
         # tensor_parallel/mappings.py, _gather_along_first_dim) would escape the redirect.
         overrides.setdefault("deallocate_pipeline_outputs", True)
+        self.routing = _routing_replay(hf_config, algo, overrides)
         self.model = build_model(hf_config, params_dtype=self.params_dtype, wrap_ddp=ddp_config,
                                  pipeline_dtype=self.params_dtype, **overrides)
         if hf_state_dict is not None:
@@ -280,22 +283,31 @@ class PolicyTrainer:
             ids = mb.input_ids.to(device)
             positions = torch.arange(width, device=device).expand(n, width)
             real = (positions < mb.seq_lens.to(device)[:, None])
+            if self.routing is not None:
+                self.routing.before_forward(model, mb.routed_experts)
             output = model(ids, positions, attention_mask_for(model, real))
+            if self.routing is not None:
+                self.routing.after_forward(model, mb.rows, mb.seq_lens, width)
             return output, partial(loss_func, mb)
 
         max_rows = max(mb.input_ids.shape[0] for mb in micro)
         max_len = max(mb.input_ids.shape[1] for mb in micro)
-        return get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro), model=model or self.model,
-            num_microbatches=len(micro), seq_length=max_len, micro_batch_size=max_rows,
-            forward_only=forward_only)
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter(micro),
+                model=model or self.model, num_microbatches=len(micro), seq_length=max_len,
+                micro_batch_size=max_rows, forward_only=forward_only)
+        finally:
+            if self.routing is not None:
+                self.routing.end_pass(model or self.model)
 
     # ----- log-probs ---------------------------------------------------------------------
 
     @torch.no_grad()
     def compute_logprobs(self, batch: PolicyBatch, *, with_entropy: bool = False, model=None):
         """Log-probs (and entropy) of every token of ``batch`` under the current weights
-        (or under ``model``, chunks of the same layout, e.g. the frozen reference).
+        (or under ``model``, chunks of the same layout, e.g. the frozen reference). A MoE
+        model routes ``batch.routed_experts`` where given (routing_replay.py).
 
         Returns:
             ``logprobs``, or ``(logprobs, entropy)`` with ``with_entropy``: fp32 CPU
@@ -393,7 +405,16 @@ class PolicyTrainer:
         """
         algo, metrics = self.algo, {}
         old, engine, mask = batch.old_logprobs, batch.engine_logprobs, batch.response_mask
-        if old is None:
+        routes = None  # the experts the training passes replay (routing_replay.py)
+        if self.routing is not None and (algo.routing_replay != "none"
+                                         or batch.routed_experts is not None):
+            t0 = time.perf_counter()
+            computed, routes, routing_metrics = self._old_logprob_pass(batch)
+            metrics.update(routing_metrics)
+            if old is None:
+                old = computed
+                metrics["time/old_logprobs"] = time.perf_counter() - t0
+        elif old is None:
             t0 = time.perf_counter()
             old = self.compute_logprobs(batch)
             metrics["time/old_logprobs"] = time.perf_counter() - t0
@@ -411,15 +432,37 @@ class PolicyTrainer:
                 advantages = per_token * weights
                 metrics["correction/weight_mean"] = float(masked_mean(weights, mask))
                 metrics["correction/masked_frac"] = float(masked_mean((weights == 0).float(), mask))
-        ref = batch.ref_logprobs
-        if ref is None and self.reference is not None:
-            t0 = time.perf_counter()
-            with self.reference.onloaded() as model:
-                ref = self.compute_logprobs(batch, model=model)
-            metrics["time/ref_logprobs"] = time.perf_counter() - t0
         prepared = PolicyBatch(batch.input_ids, batch.seq_lens, mask, advantages,
-                               old_logprobs=old, engine_logprobs=engine, ref_logprobs=ref)
+                               old_logprobs=old, engine_logprobs=engine,
+                               ref_logprobs=batch.ref_logprobs, routed_experts=routes)
+        if prepared.ref_logprobs is None and self.reference is not None:
+            t0 = time.perf_counter()
+            with self.reference.onloaded() as model:  # on the experts the update uses
+                prepared.ref_logprobs = self.compute_logprobs(prepared, model=model)
+            metrics["time/ref_logprobs"] = time.perf_counter() - t0
         return prepared, metrics
+
+    def _old_logprob_pass(self, batch: PolicyBatch):
+        """The old-log-prob pass of a MoE model under ``algo.routing_replay``: r3 replays the
+        engine's routing, none and r2 route freely; the routers' own choices are recorded
+        and held against the engine's (``routing/*``). Returns (log-probs, the routes the
+        training passes replay or None, metrics)."""
+        from dapo_megatron.policy.routing_replay import ROUTE_DTYPE, routing_mismatch
+
+        mode, engine_routes = self.algo.routing_replay, batch.routed_experts
+        if mode == "r3" and engine_routes is None:
+            raise ValueError("algo.routing_replay=r3 needs the engine's routed experts in the batch "
+                             "(PolicyBatch.routed_experts; SamplingParams.return_routed_experts)")
+        pass_batch = batch if mode == "r3" else dataclasses.replace(batch, routed_experts=None)
+        with self.routing.recording(*batch.input_ids.shape) as recording:
+            old = self.compute_logprobs(pass_batch)
+        chosen = recording.gather(self.model_config.sequence_parallel)
+        metrics = {}
+        if engine_routes is not None:
+            metrics = routing_mismatch(engine_routes, chosen, batch.response_mask,
+                                       group=_ps().get_pipeline_model_parallel_group())
+        routes = {"r3": engine_routes, "r2": chosen.to(ROUTE_DTYPE)}.get(mode)
+        return old, routes, metrics
 
     def train_step(self, batch: PolicyBatch, single_update: bool = False) -> dict[str, float]:
         """One rollout step: ``_prepare`` (pi_old, mismatch, correction, reference), then
@@ -432,8 +475,9 @@ class PolicyTrainer:
         the updates); grad_norm (mean of finite norms), grad_norm_max, lr (of the last
         update), skipped_steps (non-finite gradient norm), tokens, padded_tokens,
         padding_waste, microbatches (per DP rank, max), seconds, tokens_per_s; and from
-        ``_prepare`` ``mismatch/*`` and ``correction/*`` (with engine log-probs) and
-        ``time/old_logprobs``, ``time/ref_logprobs``.
+        ``_prepare`` ``mismatch/*`` and ``correction/*`` (with engine log-probs),
+        ``routing/*`` (with the engine's routed experts) and ``time/old_logprobs``,
+        ``time/ref_logprobs``.
         """
         self._enter()
         start = time.perf_counter()
@@ -525,10 +569,28 @@ def _initial_hf_weights(hf_dir, hf_config, seed: int):
         from dapo_megatron.convert.hf_io import SafetensorsReader
 
         return SafetensorsReader(hf_dir)
+    from dapo_megatron.rollout.buckets import hub_state_dict
     from dapo_megatron.rollout.embedded import build_hf_model
 
     torch.manual_seed(seed)
-    return build_hf_model(hf_config).state_dict()
+    return hub_state_dict(build_hf_model(hf_config))
+
+
+def _routing_replay(hf_config, algo, overrides: dict):
+    """The routers' replay of a MoE model (policy/routing_replay.py; megatron-core's
+    moe_enable_routing_replay on every router), None for a dense one, where
+    ``algo.routing_replay`` other than none is refused."""
+    args = _model_args(hf_config)
+    mode = getattr(algo, "routing_replay", "none")
+    if not args.is_moe:
+        if mode != "none":
+            raise ValueError(f"algo.routing_replay={mode} replays MoE routing, but the model is "
+                             "dense (no experts); set algo.routing_replay=none")
+        return None
+    from dapo_megatron.policy.routing_replay import RoutingReplay
+
+    overrides.setdefault("moe_enable_routing_replay", True)
+    return RoutingReplay(args.num_layers, args.moe_top_k)
 
 
 def _model_args(hf_config):

@@ -65,7 +65,8 @@ class StrictLoader:
             if name.rsplit(".", 1)[-1] not in leaf_owner._non_persistent_buffers_set:
                 self._params[name] = buf
                 self._canonical[name] = name
-        self._missing = set(self._canonical.values())
+        self._covers = _per_expert_views(self._params, self._canonical)
+        self._missing = set(self._canonical.values()) - set(self._covers)
         self.bytes_loaded = 0
 
     def load_bucket(self, bucket: WeightBucket) -> None:
@@ -87,6 +88,7 @@ class StrictLoader:
             for name, tensor in bucket:
                 self._params[name].copy_(tensor)
                 self._missing.discard(self._canonical[name])
+                self._missing.difference_update(self._covers.get(name, ()))
                 self.bytes_loaded += tensor_nbytes(tensor)
 
     def finish(self) -> None:
@@ -97,3 +99,43 @@ class StrictLoader:
                 f"update_weights: {len(missing)} tensor(s) missing from the sync, e.g. "
                 f"{missing[:8]}: every parameter must be sent on each sync"
             )
+
+
+def _per_expert_views(params: dict[str, torch.Tensor], canonical: dict[str, str]) -> dict[str, list[str]]:
+    """Make the hub's per-expert names loadable into fused expert tensors.
+
+    transformers 5 keeps a MoE layer's experts fused, ``experts.gate_up_proj`` [experts,
+    2 * inter, hidden] (gate rows first) and ``experts.down_proj`` [experts, hidden, inter],
+    and converts from and to the hub's ``experts.{e}.gate_proj / up_proj / down_proj.weight``
+    when it loads and saves (transformers/conversion_mapping.py, qwen2_moe's
+    MergeModulelist + Concatenate, which qwen3_moe shares); the weight export sends hub names.
+    Each per-expert name is added as a view of its slice; returns fused name -> its pieces
+    (a sync may send either form).
+    """
+    covers: dict[str, list[str]] = {}
+    for name in [n for n in params if n.endswith((".experts.gate_up_proj", ".experts.down_proj"))]:
+        fused = params[name]
+        if fused.dim() != 3:
+            continue
+        prefix, kind = name.rsplit(".", 1)
+        half = fused.shape[1] // 2
+        pieces = []
+        for e in range(fused.shape[0]):
+            views = ({f"{prefix}.{e}.gate_proj.weight": fused[e, :half],
+                      f"{prefix}.{e}.up_proj.weight": fused[e, half:]} if kind == "gate_up_proj"
+                     else {f"{prefix}.{e}.down_proj.weight": fused[e]})
+            for piece, view in views.items():
+                params[piece], canonical[piece] = view, piece
+                pieces.append(piece)
+        covers[name] = pieces
+    return covers
+
+
+def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` under the hub's names: fused expert tensors split per expert
+    (``_per_expert_views``; views, no copy), what the policy's HF loader reads."""
+    state = dict(model.state_dict())
+    canonical = {name: name for name in state}
+    for fused in _per_expert_views(state, canonical):
+        del state[fused]
+    return state

@@ -28,8 +28,10 @@ from dapo_megatron.rollout.protocol import (
     Sample,
     SamplingParams,
     WeightBucket,
+    compact_expert_ids,
     default_request_ids,
 )
+from dapo_megatron.rollout.routing import RouterTap
 from dapo_megatron.rollout.sampling import row_seed, sample_next_tokens
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ def build_hf_model(hf_config: Any, dtype: torch.dtype = torch.float32) -> torch.
 class _Row:
     """Bookkeeping of one sequence being generated."""
 
-    __slots__ = ("prompt_index", "sample_index", "request_id", "gen", "tokens", "logprobs", "raw")
+    __slots__ = ("prompt_index", "sample_index", "request_id", "gen", "tokens", "logprobs", "raw",
+                 "routes")
 
     def __init__(self, prompt_index: int, sample_index: int, request_id: str, seed: int):
         self.prompt_index = prompt_index
@@ -71,6 +74,7 @@ class _Row:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.raw: list[float] = []
+        self.routes: list[torch.Tensor] = []  # [positions, layers, top_k] per forward
 
 
 class EmbeddedEngine:
@@ -124,6 +128,8 @@ class EmbeddedEngine:
         self.last_sync: dict[str, float] = {}
         self._loader: StrictLoader | None = None  # the open weight-update session
         self._groups: dict[str, Any] = {}  # weight-update process groups by name
+        # Routed experts of MoE models, recorded when a request asks (rollout/routing.py).
+        self._router_tap = RouterTap(self.model)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -171,6 +177,8 @@ class EmbeddedEngine:
                         sample_index=row.sample_index,
                         weight_version=self.weight_version,
                         raw_logprobs=row.raw if params.return_raw_logprobs else None,
+                        routed_experts=(compact_expert_ids(torch.cat(row.routes))
+                                        if row.routes else None),
                     )
                 )
             with self._abort_lock:
@@ -197,6 +205,15 @@ class EmbeddedEngine:
                 finish[k] = "abort"
         if not live:
             return
+        tap = self._router_tap
+        tap.enable(params.return_routed_experts and tap.is_moe)
+        try:
+            self._decode_chunk(prompts, rows, live, params, finish)
+        finally:
+            tap.enable(False)
+
+    def _decode_chunk(self, prompts: list[list[int]], rows: list[_Row], live: list[int],
+                      params: SamplingParams, finish: dict[int, str]) -> None:
         # Prefill each distinct prompt once, then copy its cache to its samples.
         unique: list[int] = []
         for k in live:
@@ -223,6 +240,12 @@ class EmbeddedEngine:
             use_cache=True,
             logits_to_keep=1,
         )
+        tap = self._router_tap
+        if tap.recording:  # prompt positions: the real (right-aligned) columns of each slot
+            routes = tap.take(len(unique), max_len)
+            for k in live:
+                p = rows[k].prompt_index
+                rows[k].routes.append(routes[slot_of[p], max_len - len(prompts[p]):])
         expand = torch.tensor([slot_of[rows[k].prompt_index] for k in live], device=self.device)
         if len(unique) != len(live) or not torch.equal(expand, torch.arange(len(live), device=self.device)):
             cache.batch_select_indices(expand)
@@ -275,6 +298,10 @@ class EmbeddedEngine:
             )
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
+            if tap.recording:  # the tokens just run: the one sampled at this step, per live row
+                routes = tap.take(len(live), 1)
+                for r, k in enumerate(live):
+                    rows[k].routes.append(routes[r])
 
     def _hit_stop_string(self, row: _Row, params: SamplingParams) -> bool:
         if not params.stop_strings:

@@ -16,6 +16,15 @@ A sample's ``token_ids`` hold every generated token, including the EOS / stop to
 ended it (the trainer learns to stop), and ``len(logprobs) == len(token_ids)``.
 Samples carry the ``weight_version`` they were generated under; engines apply weight
 updates only between generate calls, so one call never mixes versions.
+
+Routed experts (MoE models, only when ``SamplingParams.return_routed_experts``):
+``Sample.routed_experts[p, l, :]`` are the top-k expert ids layer ``l``'s router chose when
+the engine ran position ``p`` of prompt + response, for p in [0, prompt_len + T - 1): the
+last generated token is never run through the model, so it has no routing. This is SGLang
+0.5.23's layout (srt/managers/io_struct.py, ``routed_experts_start_len`` = 0: rows cover
+``[0, seqlen - 1)``; layers are all ``num_hidden_layers``, rows of dense layers are
+meaningless). Ids are stored in the smallest integer dtype that holds them
+(``compact_expert_ids``).
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ class SamplingParams:
     return_raw_logprobs: also return temperature-1, untruncated log-probs (raw_logprobs).
     return_logprobs: False lets an engine skip log-probs (Sample.logprobs may then be []):
         evaluation at top_p < 1 on SGLang, whose log-probs ignore truncation, needs it.
+    return_routed_experts: also return each position's routed experts (MoE routing replay,
+        ``algo.routing_replay``; module doc).
     """
 
     n: int = 1
@@ -59,6 +70,7 @@ class SamplingParams:
     seed: int = 0
     return_raw_logprobs: bool = False
     return_logprobs: bool = True
+    return_routed_experts: bool = False
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen to tuples (hashable, picklable).
@@ -99,6 +111,8 @@ class Sample:
     sample_index: j in 0..n-1 within the prompt's group.
     weight_version: the engine's weight_version when the sample was generated.
     raw_logprobs: [T] temperature-1 untruncated log-probs, or None if not requested.
+    routed_experts: [prompt_len + T - 1, layers, top_k] integer tensor of expert ids (module
+        doc), or None if not requested or the model has no experts.
     """
 
     token_ids: list[int]
@@ -109,6 +123,7 @@ class Sample:
     sample_index: int = 0
     weight_version: int = 0
     raw_logprobs: list[float] | None = None
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:
@@ -120,6 +135,16 @@ class Sample:
                 f"Sample {self.request_id}/{self.sample_index}: {len(self.token_ids)} tokens but "
                 f"{len(self.logprobs)} logprobs"
             )
+
+
+def compact_expert_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Expert ids in the smallest dtype that holds them: uint8 below 256 experts (every
+    shipped MoE: Qwen3-235B-A22B has 128), else int16. They cross Ray with every sample."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > 32767):
+        raise ValueError(f"expert ids must lie in [0, 32767], got [{int(ids.min())}, "
+                         f"{int(ids.max())}]")
+    small = ids.numel() == 0 or int(ids.max()) < 256
+    return ids.to(torch.uint8 if small else torch.int16)
 
 
 def default_request_ids(num_prompts: int, prefix: str = "req") -> list[str]:

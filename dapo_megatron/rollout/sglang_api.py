@@ -15,12 +15,15 @@ give exactly, and ``to_samples`` maps the rest onto ``logprobs`` / ``raw_logprob
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import sys
 from typing import Any
 
-from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket
+import torch
+
+from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, compact_expert_ids
 from dapo_megatron.rollout.sampling import row_seed
 
 
@@ -43,6 +46,10 @@ class SGLangConfig:
     bucket_bytes: upper bound of one update_weights_from_tensor request's tensors.
     launch_cmd: replaces `python -m sglang.launch_server ...` entirely (custom launchers,
         tests); "{port}" in it is replaced by the chosen port.
+    routed_experts_layout: (num_hidden_layers, num_experts_per_tok) of a MoE model whose
+        requests ask for routed experts (``algo.routing_replay``): the server starts with
+        --enable-return-routed-experts (0.5.23, srt/arg_groups/fields/exec_.py) and the
+        answers are read in this shape; None: off.
     """
 
     model_path: str = ""
@@ -64,6 +71,7 @@ class SGLangConfig:
     extra_args: tuple[str, ...] = ()
     launch_cmd: tuple[str, ...] | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
+    routed_experts_layout: tuple[int, int] | None = None
 
 
 def launch_command(cfg: SGLangConfig, port: int) -> list[str]:
@@ -90,6 +98,8 @@ def launch_command(cfg: SGLangConfig, port: int) -> list[str]:
         cmd.append("--enable-memory-saver")
     if cfg.deterministic_inference:
         cmd.append("--enable-deterministic-inference")
+    if cfg.routed_experts_layout is not None:
+        cmd.append("--enable-return-routed-experts")
     return cmd + list(cfg.extra_args)
 
 
@@ -170,7 +180,7 @@ def build_generate_payload(
             input_ids.append(list(prompt))
             sampling.append(sp)
             rids.append(sample_rid(rid, j))
-    return {
+    body = {
         "input_ids": input_ids,
         "sampling_params": sampling,
         "rid": rids,
@@ -178,6 +188,33 @@ def build_generate_payload(
         "logprob_start_len": -1,  # output tokens only
         "stream": False,
     }
+    if params.return_routed_experts:
+        # GenerateReqInput.return_routed_experts (srt/managers/io_struct.py); the default
+        # routed_experts_start_len 0 returns prompt and response positions [0, seqlen - 1).
+        body["return_routed_experts"] = True
+    return body
+
+
+def parse_routed_experts(meta: dict[str, Any], rid: str, positions: int,
+                         layout: tuple[int, int]) -> torch.Tensor:
+    """``meta_info["routed_experts"]`` -> ``[positions, layers, top_k]`` compact expert ids.
+
+    SGLang 0.5.23 sends the int32 array ``[seqlen - 1, num_hidden_layers, top_k]`` as
+    base64 of its raw bytes (srt/managers/detokenizer_manager.py, _b64_encode_per_request;
+    decoded as in srt/state_capturer/routed_experts.py, extract_routed_experts_from_meta_info).
+    """
+    import numpy as np
+
+    encoded = meta.get("routed_experts")
+    if encoded is None:
+        raise ValueError(f"SGLang response for {rid} has no routed_experts: start the server "
+                         "with --enable-return-routed-experts (SGLangConfig.routed_experts_layout)")
+    flat = np.frombuffer(base64.b64decode(encoded), dtype=np.int32)
+    layers, top_k = layout
+    if flat.size != positions * layers * top_k:
+        raise ValueError(f"SGLang response for {rid}: routed_experts hold {flat.size} ids, expected "
+                         f"{positions} positions x {layers} layers x {top_k} experts")
+    return compact_expert_ids(torch.from_numpy(flat.copy()).view(positions, layers, top_k))
 
 
 def _finish_type(meta: dict[str, Any], rid: str) -> str:
@@ -195,8 +232,14 @@ def to_samples(
     request_ids: list[str],
     weight_version: int,
     original_logprob: bool,
+    routed_experts_layout: tuple[int, int] | None = None,
 ) -> list[list[Sample]]:
-    """Parse /generate's answer (one entry per sample, request order) into Samples."""
+    """Parse /generate's answer (one entry per sample, request order) into Samples.
+    ``routed_experts_layout``: (layers, top_k), needed when the request asked for routed
+    experts."""
+    if params.return_routed_experts and routed_experts_layout is None:
+        raise ValueError("SamplingParams.return_routed_experts needs the model's routed_experts_layout "
+                         "(SGLangConfig.routed_experts_layout: (num_hidden_layers, num_experts_per_tok))")
     expected = len(prompts) * params.n
     if not isinstance(response, list) or len(response) != expected:
         got = len(response) if isinstance(response, list) else type(response).__name__
@@ -232,6 +275,10 @@ def to_samples(
             # check_logprob_support guarantees lps is the sampling log-prob; it is also the
             # raw one when the server reports temperature-1 values or T == 1.
             raw = lps if params.return_raw_logprobs else None
+            routes = None
+            if params.return_routed_experts and tokens:
+                routes = parse_routed_experts(meta, srid, len(prompts[i]) + len(tokens) - 1,
+                                              routed_experts_layout)
             group.append(
                 Sample(
                     token_ids=tokens,
@@ -242,6 +289,7 @@ def to_samples(
                     sample_index=j,
                     weight_version=weight_version,
                     raw_logprobs=raw,
+                    routed_experts=routes,
                 )
             )
         results.append(group)

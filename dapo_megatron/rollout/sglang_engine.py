@@ -315,7 +315,7 @@ class SGLangEngine:
                 for rid in request_ids:
                     self._inflight.pop(rid, None)
         return to_samples(answer, prompts, params, request_ids, version,
-                          self.cfg.return_original_logprob)
+                          self.cfg.return_original_logprob, self.cfg.routed_experts_layout)
 
     def _unrecoverable(self, err: Exception) -> None:
         """Give up: raise err, or end the Ray actor so its owner replaces it (exit_on_death)."""
@@ -624,7 +624,18 @@ def sglang_config_from(cfg: Any, engine_index: int = 0, slot: Any = None) -> SGL
         bucket_bytes=r.weight_bucket_mb * 2**20,
         # A Ray actor without GPUs may see no devices; base_gpu_id indexes the node's GPUs.
         env={"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(par.gpus_per_node))},
+        routed_experts_layout=_routed_experts_layout(cfg),
     )
+
+
+def _routed_experts_layout(cfg: Any) -> tuple[int, int] | None:
+    """(num_hidden_layers, num_experts_per_tok) when the trainer replays routing, else None."""
+    if cfg.algo.routing_replay == "none":
+        return None
+    from dapo_megatron.resolve import read_hf_config
+
+    hf, _ = read_hf_config(cfg)
+    return int(hf["num_hidden_layers"]), int(hf["num_experts_per_tok"])
 
 
 def create_sglang_actor(
