@@ -200,8 +200,8 @@ class RolloutConfig:
     # Hang detection for the engines. A weight-sync call (a bucket, opening or closing the
     # session) taking longer than this counts as hung: the engine is killed, replaced and the
     # sync runs again. A generate call may take as long as it needs, but every this many
-    # seconds the engine must answer a ping; one that does not is frozen and replaced, its
-    # chunk keeping its place in the round.
+    # seconds the engine is pinged; one that does not answer within max(30 s, this) is
+    # frozen and replaced, its chunk keeping its place in the round.
     hang_timeout_s: float = 600.0
     max_engine_restarts: int = 3  # dead engines replaced per run before giving up
 
@@ -272,8 +272,8 @@ class TrainerConfig:
     # update, so the engines' KV cache gets the memory back (a no-op on CPU).
     offload: bool = False
     # A policy rank busy in a call (train, weight push, save) is pinged this often; one that
-    # does not answer is frozen: the run stops with an error naming it (the newest checkpoint
-    # is kept; rerun to resume). A long step is not a hang: a busy rank still answers.
+    # does not answer within max(30 s, this) is frozen: the run stops with an error naming it
+    # (the newest checkpoint is kept; rerun to resume). A long step is not a hang.
     hang_timeout_s: float = 600.0
 
     @property
