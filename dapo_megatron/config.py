@@ -111,7 +111,8 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel size
     pp: int = 1  # pipeline parallel size
     ep: int = 1  # expert parallel size (MoE)
-    cp: int = 1  # context parallel size (1 only: not supported yet)
+    # context parallel size: packed sequences split over cp GPUs (TE's CP attention; GPU only)
+    cp: int = 1
     dp: Optional[int] = None  # derived from the world size; if set, must agree
     nodes: int = 1  # nodes in the job (set by the Slurm scripts)
     gpus_per_node: int = 1  # ranks per node (GPUs; CPU: processes)
@@ -264,6 +265,9 @@ class TrainerConfig:
     # Colocated GPU runs: move params, grads and optimizer state to host memory after each
     # update, so the engines' KV cache gets the memory back (a no-op on CPU).
     offload: bool = False
+    # Micro-batches as packed rows (sequences end to end, no padding; THD on GPU) in the
+    # old-log-prob, reference and training passes; false: right-padded rows.
+    sequence_packing: bool = True
 
     @property
     def num_mini_batches(self) -> int:
@@ -492,8 +496,16 @@ def _validate(cfg: DapoConfig) -> None:
             "parallel.dp",
             f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} must equal the world size {p.world_size}",
         )
-    _check(p.cp == 1, "parallel.cp", "context parallelism is not wired into the packed-sequence data path "
-           "yet; use parallel.cp=1 (split long sequences over TP with sequence_parallel instead)")
+    if p.cp > 1:
+        _check(cfg.trainer.sequence_packing, "parallel.cp",
+               "context parallelism splits packed rows; set trainer.sequence_packing=true")
+        # The split runs through TE's CP attention (extensions/transformer_engine.py,
+        # TEDotProductAttention with cp_comm_type); megatron's local attention (CPU) cannot
+        # attend across a sequence split over ranks.
+        _check(cfg.trainer.device != "cpu" and visible_compute_capability() is not None,
+               "parallel.cp", "context parallelism needs Transformer Engine's attention on a "
+               "GPU; megatron's local (CPU) attention cannot attend across ranks. Use "
+               "parallel.cp=1 on CPU")
     _check(m.params_dtype != "fp16", "model.params_dtype",
            "fp16 needs dynamic loss scaling, which this trainer does not run; use bf16 (GPU) or fp32")
     if m.hf_dir is None and m.hf_config is None and m.architecture in ("qwen3_moe", "mixtral"):

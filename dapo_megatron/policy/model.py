@@ -231,6 +231,9 @@ def build_model(
         parallel_output=True,
     )
     _install_hf_rope(model, args, hf_config)
+    from dapo_megatron.policy.packing import use_position_ids_for_rope
+
+    use_position_ids_for_rope(model)  # packed rows on the local spec (packing.py)
     # The local spec's torch norms (transformer/torch_norm.py, WrappedTorchNorm) are created
     # in fp32 whatever params_dtype says, while TE's norms and megatron-LM's Float16Module
     # (transformer/module.py) keep every parameter in params_dtype. Megatron's optimizers
