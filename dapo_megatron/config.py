@@ -268,6 +268,9 @@ class TrainerConfig:
     # Micro-batches as packed rows (sequences end to end, no padding; THD on GPU) in the
     # old-log-prob, reference and training passes; false: right-padded rows.
     sequence_packing: bool = True
+    # MiB of one micro-batch's vocab-parallel logits on a rank above which log-probs and
+    # entropy run in sequence chunks with the output layer recomputed (0: never chunk).
+    logits_chunk_mb: int = 256
 
     @property
     def num_mini_batches(self) -> int:
@@ -334,6 +337,7 @@ class DapoConfig:
     def validate(self, check_layout: bool = True) -> "DapoConfig":
         _validate(self)
         if check_layout:
+            _validate_cp_device(self)
             # The model's shape against the layout, lengths and engines: one place.
             from dapo_megatron.resolve import resolve
 
@@ -499,13 +503,6 @@ def _validate(cfg: DapoConfig) -> None:
     if p.cp > 1:
         _check(cfg.trainer.sequence_packing, "parallel.cp",
                "context parallelism splits packed rows; set trainer.sequence_packing=true")
-        # The split runs through TE's CP attention (extensions/transformer_engine.py,
-        # TEDotProductAttention with cp_comm_type); megatron's local attention (CPU) cannot
-        # attend across a sequence split over ranks.
-        _check(cfg.trainer.device != "cpu" and visible_compute_capability() is not None,
-               "parallel.cp", "context parallelism needs Transformer Engine's attention on a "
-               "GPU; megatron's local (CPU) attention cannot attend across ranks. Use "
-               "parallel.cp=1 on CPU")
     _check(m.params_dtype != "fp16", "model.params_dtype",
            "fp16 needs dynamic loss scaling, which this trainer does not run; use bf16 (GPU) or fp32")
     if m.hf_dir is None and m.hf_config is None and m.architecture in ("qwen3_moe", "mixtral"):
@@ -574,6 +571,19 @@ def visible_compute_capability() -> tuple[int, int] | None:
         return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - a broken driver means "cannot know"
         return None
+
+
+def _validate_cp_device(cfg: DapoConfig) -> None:
+    """A run's start only (the planner may run on a login node without GPUs)."""
+    p = cfg.parallel
+    if p.cp > 1:
+        # The split runs through TE's CP attention (extensions/transformer_engine.py,
+        # TEDotProductAttention with cp_group); megatron's local attention cannot attend
+        # across ranks.
+        _check(cfg.trainer.device != "cpu" and visible_compute_capability() is not None,
+               "parallel.cp", f"parallel.cp={p.cp} needs Transformer Engine's context-parallel "
+               "attention on GPUs; megatron's local (CPU) attention cannot attend across "
+               "ranks. Use parallel.cp=1 on CPU")
 
 
 def _validate_gpu_features(cfg: DapoConfig) -> None:
@@ -648,7 +658,7 @@ NUMERIC_RANGES: dict[str, tuple] = {
     "optimizer.weight_decay": _GE0, "optimizer.adam_beta1": _UNIT, "optimizer.adam_beta2": _UNIT,
     "optimizer.adam_eps": _GT0, "optimizer.clip_grad": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
     "trainer.train_batch_size": _GE1, "trainer.mini_batch_size": _GE1,
-    "trainer.max_tokens_per_microbatch": _GE1, "trainer.max_steps": _GE0,
+    "trainer.max_tokens_per_microbatch": _GE1, "trainer.logits_chunk_mb": _GE0, "trainer.max_steps": _GE0,
     "trainer.sample_budget": (lambda v: v >= 0, "must be >= 0 (0: no budget)"), "trainer.seed": _GE0,
     "eval.every": (lambda v: v >= 0, "must be >= 0 (0: never)"), "eval.k": _GE1, "eval.temperature": _GT0,
     "eval.top_p": _PROB, "eval.max_prompts": _GE0,

@@ -217,6 +217,10 @@ def build_model(
     block_spec = spec_with_te_keys(get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm"
     ))
+    if not use_te:  # packed (THD) rows on the local spec: packed_attention.py
+        from dapo_megatron.policy.packed_attention import spec_with_packed_local_attention
+
+        block_spec = spec_with_packed_local_attention(block_spec)
     padded = args.padded_vocab_size(ps.get_tensor_model_parallel_world_size())
     model = GPTModel(
         config=config,
@@ -231,9 +235,6 @@ def build_model(
         parallel_output=True,
     )
     _install_hf_rope(model, args, hf_config)
-    from dapo_megatron.policy.packing import use_position_ids_for_rope
-
-    use_position_ids_for_rope(model)  # packed rows on the local spec (packing.py)
     # The local spec's torch norms (transformer/torch_norm.py, WrappedTorchNorm) are created
     # in fp32 whatever params_dtype says, while TE's norms and megatron-LM's Float16Module
     # (transformer/module.py) keep every parameter in params_dtype. Megatron's optimizers

@@ -13,13 +13,11 @@ sequences as separate:
   cu_seqlens=cu_seqlens_q)``) and TE's attention runs ``padding_causal`` over the
   sequences (extensions/transformer_engine.py, TEDotProductAttention.forward: thd turns
   ``causal`` into ``padding_causal``).
-- CPU (megatron's local attention, which refuses ``packed_seq_params``:
-  transformer/dot_product_attention.py, DotProductAttention.forward asserts it is None):
-  a block-diagonal causal mask (``causal_attention_mask`` with segment ids) and positions
-  that restart at 0 for every sequence. GPTModel's RoPE ignores ``position_ids``
-  (models/gpt/gpt_model.py, GPTModel._preprocess: ``self.rotary_pos_emb(rotary_seq_len)``
-  gives positions 0..S-1 of the row); ``use_position_ids_for_rope`` works around that, so
-  a packed token gets the very angle it gets in its own row.
+- CPU: the same ``PackedSeqParams``. Megatron's RoPE path is plain torch
+  (models/common/embeddings/rope_utils.py, _apply_rotary_pos_emb_thd); its local
+  attention refuses packed rows, so the local spec's core attention is replaced by
+  ``packed_attention.PackedDotProductAttention``, which attends within each sequence.
+  (A block-diagonal mask over the whole row would be exact too, but costs width**2.)
 
 Log-probs and entropy are computed on the packed row and scattered back to the padded
 ``[n, L]`` layout of the micro-batch (``micro_logprobs``), so the loss, its masks and its
@@ -36,7 +34,7 @@ import torch
 
 __all__ = [
     "PackedLayout", "micro_logprobs", "model_inputs", "pack", "packed_seq_params",
-    "packed_width", "unpack", "use_position_ids_for_rope",
+    "packed_width", "unpack",
 ]
 
 
@@ -85,20 +83,6 @@ class PackedLayout:
         for a, b in zip(self.starts, self.ends):
             pos[a:b] = torch.arange(b - a)
         return pos[None]
-
-    def segment_ids(self) -> torch.Tensor:
-        """``[1, width]``: the sequence index of each column (padding: its sequence's)."""
-        seg = torch.empty(self.width, dtype=torch.long)
-        for k, (a, b) in enumerate(zip(self.starts, self.ends)):
-            seg[a:b] = k
-        return seg[None]
-
-    def real_mask(self) -> torch.Tensor:
-        """``[1, width]`` bool: True on real tokens."""
-        real = torch.zeros(self.width, dtype=torch.bool)
-        for a, n in zip(self.starts, self.seq_lens):
-            real[a:a + n] = True
-        return real[None]
 
     def scatter_index(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(packed columns, flat ``row * width + column`` of the padded layout) of every
@@ -150,7 +134,8 @@ def packed_seq_params(layout: PackedLayout, device=None, cp_group=None):
 def model_inputs(mb, chunk, device):
     """``(input_ids, position_ids, attention_mask, packed_seq_params)`` of micro-batch ``mb``
     for ``chunk``'s forward: a packed row (``mb.packed`` set) or right-padded rows."""
-    from dapo_megatron.policy.model import attention_mask_for, causal_attention_mask
+    from dapo_megatron.policy.context_parallel import cp_group_and_rank, split_for_rank
+    from dapo_megatron.policy.model import attention_mask_for
 
     if mb.packed is None:
         n, width = mb.input_ids.shape
@@ -159,81 +144,51 @@ def model_inputs(mb, chunk, device):
         return mb.input_ids.to(device), positions, attention_mask_for(chunk, real), None
     layout = mb.packed
     ids, positions = mb.packed_ids.to(device), layout.position_ids().to(device)
-    real = layout.real_mask().to(device)
-    if attention_mask_for(chunk, real) is None:  # TE's attention: THD, no dense mask
-        from dapo_megatron.policy.context_parallel import cp_group_and_rank, split_for_rank
-
-        group, cp, rank = cp_group_and_rank()
-        psp = packed_seq_params(layout, device, cp_group=group if cp > 1 else None)
-        if cp > 1:  # this rank's 2 chunks of every sequence (utils.py,
-            ids = split_for_rank(ids, layout, cp, rank)  # get_thd_batch_on_this_cp_rank)
-            positions = split_for_rank(positions, layout, cp, rank)
-        return ids, positions, None, psp
-    mask = causal_attention_mask(real, layout.width, segment_ids=layout.segment_ids().to(device))
-    return ids, positions, mask, None
+    group, cp, rank = cp_group_and_rank()
+    params = packed_seq_params(layout, device, cp_group=group)
+    if cp > 1:  # this rank's 2 chunks of every sequence (utils.py,
+        ids = split_for_rank(ids, layout, cp, rank)  # get_thd_batch_on_this_cp_rank)
+        positions = split_for_rank(positions, layout, cp, rank)
+    return ids, positions, None, params
 
 
 def micro_logprobs(mb, logits: torch.Tensor, *, vocab_size: int, temperature: float = 1.0,
                    with_entropy: bool = True):
     """Log-probs and entropy ``[n, L]`` of micro-batch ``mb`` (the layout of
-    ``mb.input_ids``) from the logits of its forward, packed or padded."""
-    from dapo_megatron.policy.logprobs import next_token_logprobs_and_entropy, \
-        token_logprobs_and_entropy
-
-    kw = dict(vocab_size=vocab_size, temperature=temperature, with_entropy=with_entropy)
-    if mb.packed is None:
-        return token_logprobs_and_entropy(logits, mb.input_ids.to(logits.device), **kw)
-    layout, ids = mb.packed, mb.packed_ids.to(logits.device)
-    targets = torch.roll(ids, shifts=-1, dims=1)  # row t predicts token t + 1
+    ``mb.input_ids``; column t scores token t from the logits at t - 1, column 0 is 0) from
+    the output of its forward: logits, packed or padded, or the final hidden states when
+    the output layer was deferred (chunked_logits.py)."""
+    from dapo_megatron.policy.chunked_logits import chunked_logprobs, take_deferred
     from dapo_megatron.policy.context_parallel import cp_group_and_rank, gather_from_ranks, \
         split_for_rank
+    from dapo_megatron.policy.logprobs import next_token_logprobs_and_entropy
 
+    kw = dict(vocab_size=vocab_size, temperature=temperature, with_entropy=with_entropy)
+    deferred = take_deferred()
+
+    def per_position(output, targets):  # row t scores targets[:, t]; no shift
+        if deferred is None:
+            return next_token_logprobs_and_entropy(output, targets, **kw)
+        project, chunk = deferred
+        return chunked_logprobs(output, project, chunk, targets, **kw)
+
+    def shift(v):  # [rows, seq] scores of the next token -> aligned with the tokens
+        return None if v is None else torch.cat([v.new_zeros(v.shape[0], 1), v[:, :-1]], dim=1)
+
+    if mb.packed is None:
+        ids = mb.input_ids.to(logits.device)
+        lp, ent = per_position(logits, torch.roll(ids, shifts=-1, dims=1))
+        return shift(lp), shift(ent)
+    layout, ids = mb.packed, mb.packed_ids.to(logits.device)
+    targets = torch.roll(ids, shifts=-1, dims=1)  # before any CP split: t predicts t + 1
     group, cp, rank = cp_group_and_rank()
-    if cp > 1:  # logits hold this rank's chunks only; gather the per-token results
+    if cp > 1:  # the output holds this rank's chunks only; gather the per-token results
         targets = split_for_rank(targets, layout, cp, rank)
-    lp, ent = next_token_logprobs_and_entropy(logits, targets, **kw)
+    lp, ent = per_position(logits, targets)
     if cp > 1:
         lp = gather_from_ranks(lp[0], layout, cp, group)[None]
         ent = None if ent is None else gather_from_ranks(ent[0], layout, cp, group)[None]
     rows, width = mb.input_ids.shape
-    # Column t of the padded layout scores token t from the logits at t - 1.
-    shift = lambda v: torch.cat([v.new_zeros(1), v[0, :-1]])  # noqa: E731
-    out_lp = unpack(shift(lp), layout, rows, width)
-    out_ent = None if ent is None else unpack(shift(ent), layout, rows, width)
-    return out_lp, out_ent
-
-
-# ----- RoPE at position_ids on the local (CPU) spec ----------------------------------------
-
-def _stash_position_ids(model, args, kwargs):
-    position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
-    model.rotary_pos_emb.dapo_position_ids = position_ids
-
-
-def _rope_at_position_ids(rope, args, kwargs, output):
-    positions = getattr(rope, "dapo_position_ids", None)
-    if positions is None or kwargs.get("packed_seq") or not torch.is_tensor(output):
-        return output
-    if positions.shape[0] > 1 and not bool((positions == positions[:1]).all()):
-        raise ValueError("RoPE at position_ids: rows with different positions need one "
-                         "packed row per micro-batch (batch 1)")
-    if int(positions.max()) >= output.shape[0]:
-        return output  # under sequence parallelism the row is split: positions are global
-    return output.index_select(0, positions[0].to(output.device))
-
-
-def use_position_ids_for_rope(model) -> None:
-    """Make ``model``'s RoPE take the angles of ``position_ids`` (rows of one micro-batch
-    share them) instead of 0..S-1 of the row. Workaround for megatron-core 0.16.1,
-    models/gpt/gpt_model.py, GPTModel._preprocess, which calls
-    ``self.rotary_pos_emb(rotary_seq_len, packed_seq=...)`` without the position ids; the
-    [S, 1, 1, dim] frequencies are then gathered at the positions (RotaryEmbedding.forward,
-    models/common/embeddings/rotary_pos_embedding.py, returns one row per position). With
-    positions 0..S-1 the gather is the identity; with THD packed_seq_params (TE) megatron
-    restarts positions itself and the hook stands aside."""
-    rope = getattr(model, "rotary_pos_emb", None)
-    if rope is None or getattr(rope, "dapo_uses_position_ids", False):
-        return
-    model.register_forward_pre_hook(_stash_position_ids, with_kwargs=True)
-    rope.register_forward_hook(_rope_at_position_ids, with_kwargs=True)
-    rope.dapo_uses_position_ids = True
+    lp, ent = shift(lp), shift(ent)
+    return (unpack(lp[0], layout, rows, width),
+            None if ent is None else unpack(ent[0], layout, rows, width))

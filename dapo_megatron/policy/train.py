@@ -169,6 +169,9 @@ class PolicyTrainer:
                             pipeline_dtype=self.params_dtype, **overrides),
                 offload=algo.reference_offload)
             self.reference.copy_from(self.model)
+        self._defer_output_layers(self.model)
+        if self.reference is not None:
+            self._defer_output_layers(self.reference.model)
         self.vocab_size = self.model[0].model_args.vocab_size
         self.model_config = get_model_config(self.model[0])
         num_mini = max(1, trainer.num_mini_batches)
@@ -191,6 +194,15 @@ class PolicyTrainer:
         self.row_align = self.pad_multiple * parallel.cp
         self.step = 0  # completed train_step calls (rollout steps)
         self._lr_override: float | None = None
+
+    def _defer_output_layers(self, chunks) -> None:
+        """Log-probs in sequence chunks above trainer.logits_chunk_mb (chunked_logits.py)."""
+        from dapo_megatron.policy.chunked_logits import defer_output_layer
+        from dapo_megatron.policy.model import unwrap
+
+        bound = int(getattr(self.trainer_cfg, "logits_chunk_mb", 0)) * 2**20
+        for chunk in chunks:
+            defer_output_layer(unwrap(chunk), bound)
 
     @classmethod
     def from_config(cls, cfg, hf_config, *, rank=None, world_size=None, master_addr=None,

@@ -22,8 +22,6 @@ def test_pack_layout_positions_segments_and_unpack_by_hand():
     assert packed.tolist() == [[5, 6, 7, 0, 8, 9, 1, 2, 3, 4, 0, 0]]
     assert layout.starts == (0, 4, 6) and layout.ends == (4, 6, 12)
     assert layout.position_ids().tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 4, 5]]
-    assert layout.segment_ids().tolist() == [[0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2]]
-    assert layout.real_mask().long().tolist() == [[1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 0, 0]]
     assert layout.cu_seqlens().tolist() == [0, 3, 5, 9]
     assert layout.cu_seqlens(padded=True).tolist() == [0, 4, 6, 12]
     values = torch.arange(12.0, requires_grad=True)
@@ -84,7 +82,10 @@ def _trainer(hf, *, tp=1, pp=1, ep=1, budget=48, packing=True):
 
 
 def _packed_vs_padded_worker(rank, world_size):
-    """Per layout: log-probs, entropy and one train step, packed and padded."""
+    """Per layout: log-probs, entropy and one train step, padded, packed, and packed with
+    log-probs in sequence chunks."""
+    from dapo_megatron.policy.chunked_logits import defer_output_layer
+    from dapo_megatron.policy.model import unwrap
     from dapo_megatron.policy.parallel import destroy_parallel
     from tests.policy.test_train import full_weights, tiny_batch, tiny_hf_model, with_old_logprobs
 
@@ -93,8 +94,12 @@ def _packed_vs_padded_worker(rank, world_size):
                           ("qwen3_moe", [(1, 1, 2)])):
         hf, batch = tiny_hf_model(arch), None
         for layout in layouts:
-            for packing in (False, True):
-                trainer = _trainer(hf, tp=layout[0], pp=layout[1], ep=layout[2], packing=packing)
+            for packing in (False, True, "chunked"):
+                trainer = _trainer(hf, tp=layout[0], pp=layout[1], ep=layout[2],
+                                   packing=bool(packing))
+                if packing == "chunked":  # 1 KiB of logits: chunks of 2-4 positions
+                    for chunk in trainer.model:
+                        defer_output_layer(unwrap(chunk), 1024)
                 batch = batch or with_old_logprobs(trainer, tiny_batch(7))
                 lp, ent = trainer.compute_logprobs(batch, with_entropy=True)
                 metrics = trainer.train_step(batch)
@@ -109,13 +114,14 @@ def _packed_vs_padded_worker(rank, world_size):
 
 
 @pytest.mark.dist
-def test_packed_logprobs_entropy_and_train_step_equal_padded_under_tp_pp_ep():
+def test_packed_and_chunked_logprobs_entropy_and_train_step_equal_padded_under_tp_pp_ep():
     out, _ = run_distributed(_packed_vs_padded_worker, 2)
     as_tensors = lambda d: {k: torch.tensor(v) if isinstance(v, list) else  # noqa: E731
                             {n: torch.tensor(w) for n, w in v.items()} if isinstance(v, dict)
                             else v for k, v in d.items()}
-    for key in [k for k in out if not k[2]]:
-        padded, packed = as_tensors(out[key]), as_tensors(out[key[:2] + (True,)])
+    for key, mode in [(k, m) for k in out if not k[2] for m in (True, "chunked")]:
+        padded, packed = as_tensors(out[key]), as_tensors(out[key[:2] + (mode,)])
+        key = key[:2] + (mode,)
         assert padded["padding_waste"] > 0.0 and packed["padding_waste"] == 0.0, key
         assert padded["lp"].abs().sum() > 0 and padded["ent"].min() >= 0
         torch.testing.assert_close(packed["lp"], padded["lp"], atol=1e-5, rtol=0, msg=str(key))
@@ -129,30 +135,17 @@ def test_packed_logprobs_entropy_and_train_step_equal_padded_under_tp_pp_ep():
                                        msg=f"{key} {name}")
 
 
-def test_rope_takes_the_angles_of_position_ids():
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
-    from dapo_megatron.policy.compat import enable_cpu_execution
-    from dapo_megatron.policy.packing import use_position_ids_for_rope
+def test_collate_packed_rows_fillers_and_uniform_width():
+    from dapo_megatron.policy.microbatch import PolicyBatch, collate
 
-    enable_cpu_execution()  # megatron's RotaryEmbedding places inv_freq on "cuda"
-
-    class Stand(torch.nn.Module):  # GPTModel's call pattern (gpt_model.py, _preprocess)
-        def __init__(self):
-            super().__init__()
-            self.rotary_pos_emb = RotaryEmbedding(kv_channels=8, rotary_percent=1.0,
-                                                  use_cpu_initialization=True)
-
-        def forward(self, input_ids, position_ids, attention_mask=None):
-            return self.rotary_pos_emb(input_ids.shape[1], packed_seq=False)
-
-    model = Stand()
-    ids = torch.zeros(1, 7, dtype=torch.long)
-    rows = model(ids, torch.arange(7)[None])  # before: positions 0..6 of the row
-    use_position_ids_for_rope(model)
-    use_position_ids_for_rope(model)  # idempotent
-    assert torch.equal(model(ids, torch.arange(7)[None]), rows)
-    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
-    assert torch.equal(model(ids, packed), rows[[0, 1, 2, 3, 0, 1, 2]])
-    with pytest.raises(ValueError, match="one packed row"):
-        model(torch.zeros(2, 7, dtype=torch.long), torch.stack([packed[0], torch.arange(7)]))
+    batch = PolicyBatch.from_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+                                       [[0, 1, 1], [0, 1], [0, 0, 1, 1]], [1.0, -1.0, 0.5])
+    mb = collate(batch, [2, 0], 4, packed=True, seq_align=2, min_width=16)
+    assert mb.packed_ids.tolist() == [[6, 7, 8, 9, 1, 2, 3] + [0] * 9]
+    assert mb.forward_shape == (1, 16) and mb.packed.starts == (0, 4)
+    assert mb.real_tokens == 7 and mb.padded_tokens == 16
+    assert mb.input_ids.shape == (2, 4)  # the padded layout the loss reads
+    filler = collate(batch, [], 4, packed=True)
+    assert filler.forward_shape == (1, 4) and filler.padded_tokens == 0
+    assert not filler.response_mask.any() and filler.rows == []
