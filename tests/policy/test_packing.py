@@ -149,3 +149,16 @@ def test_collate_packed_rows_fillers_and_uniform_width():
     filler = collate(batch, [], 4, packed=True)
     assert filler.forward_shape == (1, 4) and filler.padded_tokens == 0
     assert not filler.response_mask.any() and filler.rows == []
+
+
+def test_packed_attention_row_indices_by_hand():
+    from dapo_megatron.policy.packed_attention import _row_indices
+
+    to_rows, to_packed = _row_indices(torch.tensor([0, 3, 5, 9]), 9)
+    # Column c of sequence k (starts 0, 3, 5); past a sequence's end its last token.
+    assert to_rows.tolist() == [[0, 3, 5], [1, 4, 6], [2, 4, 7], [2, 4, 8]]
+    assert to_packed.tolist() == [0, 3, 6, 1, 4, 2, 5, 8, 11]
+    # The round trip puts every packed token back where it was.
+    values = torch.arange(9.0)
+    rows = values.index_select(0, to_rows.reshape(-1))
+    assert torch.equal(rows.index_select(0, to_packed), values)
