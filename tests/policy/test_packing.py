@@ -151,14 +151,16 @@ def test_collate_packed_rows_fillers_and_uniform_width():
     assert not filler.response_mask.any() and filler.rows == []
 
 
-def test_packed_attention_row_indices_by_hand():
-    from dapo_megatron.policy.packed_attention import _row_indices
+def test_packed_attention_row_layout_by_hand():
+    from dapo_megatron.policy.packed_attention import _row_layout
 
-    to_rows, to_packed = _row_indices(torch.tensor([0, 3, 5, 9]), 9)
-    # Column c of sequence k (starts 0, 3, 5); past a sequence's end its last token.
-    assert to_rows.tolist() == [[0, 3, 5], [1, 4, 6], [2, 4, 7], [2, 4, 8]]
-    assert to_packed.tolist() == [0, 3, 6, 1, 4, 2, 5, 8, 11]
-    # The round trip puts every packed token back where it was.
-    values = torch.arange(9.0)
-    rows = values.index_select(0, to_rows.reshape(-1))
-    assert torch.equal(rows.index_select(0, to_packed), values)
+    # Lengths 3, 2, 4, 1 at starts 0, 3, 5, 9. Longest first, a group takes lengths over
+    # half its longest: {4, 3}, then {2} (2 * 2 is not > 4), then {1}.
+    groups, to_packed = _row_layout([0, 3, 5, 9, 10])
+    assert [g.tolist() for g in groups] == [[[5, 0], [6, 1], [7, 2], [8, 2]], [[3], [4]], [[9]]]
+    # Sequence 0 is column 1 of group 0 (flat c * 2 + 1), sequence 2 column 0; sequence 1
+    # follows group 0's 4 * 2 entries, sequence 3 group 1's 2.
+    assert to_packed.tolist() == [1, 3, 5, 8, 9, 0, 2, 4, 6, 10]
+    values = torch.arange(10.0)
+    rows = torch.cat([values.index_select(0, g.reshape(-1)) for g in groups])
+    assert torch.equal(rows.index_select(0, to_packed), values)  # the round trip
