@@ -16,8 +16,8 @@ data-parallel (DP) rank processes and how they group into micro-batches:
 
 Packed (the default, ``trainer.sequence_packing``): a micro-batch is one row holding its
 sequences end to end (packing.py), costing the sum of their lengths; bins are filled
-next-fit, longest first, so each micro-batch fills its budget up to less than one sequence,
-holds neighbours in length, and only alignment padding is wasted. Padded (``sequence_packing: false``): sequences are right-padded to the
+first-fit, longest first, so short sequences fill the room long ones leave and only
+alignment padding is wasted. Padded (``sequence_packing: false``): sequences are right-padded to the
 micro-batch's longest, costing ``n * L``.
 """
 
@@ -208,24 +208,26 @@ def _pack_by_budget(rows: list[int], lengths: Sequence[int], max_tokens: int) ->
     return micro
 
 
-def _pack_next_fit(rows: list[int], lengths: Sequence[int], max_tokens: int,
-                   seq_align: int) -> list[list[int]]:
-    """Next-fit over rows sorted longest first: the packed width fits ``max_tokens``. Bins
-    hold neighbours in length, which keeps the CPU attention's per-row padding small
-    (packed_attention.py lays a bin's sequences out as rows of its longest)."""
+def _pack_first_fit(rows: list[int], lengths: Sequence[int], max_tokens: int,
+                    seq_align: int) -> list[list[int]]:
+    """First-fit over rows sorted longest first: the packed width fits ``max_tokens``; short
+    sequences fill the room long ones leave (the CPU attention groups a bin's sequences
+    by length, packed_attention.py, so mixing lengths costs no attention padding)."""
     from dapo_megatron.policy.packing import packed_width
 
     order = sorted(rows, key=lambda i: (-lengths[i], i))
     micro: list[list[int]] = []
-    used = 0
+    used: list[int] = []
     for i in order:
         need = packed_width([lengths[i]], seq_align)
-        if micro and used + need <= max_tokens:
-            micro[-1].append(i)
-            used += need
+        for k in range(len(micro)):
+            if used[k] + need <= max_tokens:
+                micro[k].append(i)
+                used[k] += need
+                break
         else:
             micro.append([i])
-            used = need
+            used.append(need)
     return micro
 
 
@@ -276,7 +278,7 @@ def plan_microbatches(seq_lens: Sequence[int] | torch.Tensor, dp_size: int,
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if max_tokens_per_microbatch is not None:
         shards = _balance_ranks(lengths, dp_size)
-        per_rank = [_pack_next_fit(s, lengths, max_tokens_per_microbatch, seq_align) if packed
+        per_rank = [_pack_first_fit(s, lengths, max_tokens_per_microbatch, seq_align) if packed
                     else _pack_by_budget(s, lengths, max_tokens_per_microbatch) for s in shards]
     else:
         # Naive baseline: contiguous equal shards, fixed-size micro-batches in batch order.
