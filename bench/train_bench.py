@@ -4,10 +4,18 @@
    whose sequence lengths spread 4x (shuffled), with token-budget micro-batching (sorted
    by length, padded within a micro-batch) against naive fixed-size padded micro-batches
    in batch order. Both use the same largest padded micro-batch (rows x longest).
-2. Peak memory allocated by ``token_logprobs_and_entropy`` (forward, and forward plus
+2. Packed rows (the default: sequences end to end, attention within each sequence)
+   against padded token-budget micro-batches, on one trainer, alternating, on a batch
+   whose lengths range 16x (like real DAPO batches: hundreds to 20k tokens), with the
+   examples' budget-to-longest ratio (32768 tokens for 2048 + 20480): tokens/s and padding
+   waste of each.
+3. Peak memory allocated by ``token_logprobs_and_entropy`` (forward, and forward plus
    backward) over what exists before it (the logits), divided by the logits' size; and the
    same for a straightforward full ``log_softmax`` for comparison. Measured with the torch
    profiler's allocation events (CPU allocator), in time order.
+4. Log-probs in sequence chunks (chunked_logits.py: the output layer recomputed per chunk,
+   the micro-batch's logits never whole): peak memory of forward + backward from the
+   final hidden states, whole vs chunked, over the whole logits' size.
 
 Run:  .venv/bin/python bench/train_bench.py [--seqs 32] [--repeats 3] [--json out.json]
 """
@@ -41,12 +49,13 @@ def _hf_model(vocab: int, hidden: int, layers: int, seed: int = 0):
     return cfg, state
 
 
-def _spread_batch(n: int, short: int, vocab: int, seed: int = 0):
-    """``n`` sequences with lengths uniform in [short, 4 * short], in random order."""
+def _spread_batch(n: int, short: int, vocab: int, seed: int = 0, spread: int = 4):
+    """``n`` sequences with lengths uniform in [short, spread * short], in random order."""
     from dapo_megatron.policy.microbatch import PolicyBatch
 
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.linspace(short, 4 * short, n).round().long()[torch.randperm(n, generator=g)]
+    lengths = torch.linspace(short, spread * short, n).round().long()[
+        torch.randperm(n, generator=g)]
     seqs = [torch.randint(0, vocab, (int(L),), generator=g).tolist() for L in lengths]
     masks = [[0] * 8 + [1] * (len(s) - 8) for s in seqs]
     return PolicyBatch.from_sequences(seqs, masks, torch.randn(n, generator=g).tolist())
@@ -60,21 +69,24 @@ def _trainer_worker(rank, world_size, args):
 
     torch.set_num_threads(args["threads"])
     hf = _hf_model(args["vocab"], args["hidden"], args["layers"])
-    longest = 4 * args["short"]
+    spread = args.get("spread", 4)
+    longest = spread * args["short"]
     trainer = PolicyTrainer(
         hf[0], parallel=ParallelConfig(), optim=OptimizerConfig(lr=1e-5, warmup_steps=0),
         algo=AlgoConfig(),
         trainer=TrainerConfig(train_batch_size=1, mini_batch_size=1, max_steps=100,
-                              max_tokens_per_microbatch=args["rows"] * longest),
+                              max_tokens_per_microbatch=args.get("budget")
+                              or args["rows"] * longest),
         hf_state_dict=hf[1])
-    batch = _spread_batch(args["seqs"], args["short"], args["vocab"])
+    batch = _spread_batch(args["seqs"], args["short"], args["vocab"], spread=spread)
     batch.old_logprobs = trainer.compute_logprobs(batch)
-    modes = {"budget": None, "fixed": args["rows"]}
+    # mode -> (fixed rows or None: token budget, packed rows)
+    modes = args.get("modes") or {"budget": (None, False), "fixed": (args["rows"], False)}
     best: dict[str, float] = {}
     metrics: dict[str, dict] = {}
     for repeat in range(args["repeats"] + 1):  # the first round warms up
-        for mode, rows in modes.items():
-            trainer.fixed_micro_batch_size = rows
+        for mode, (rows, packed) in modes.items():
+            trainer.fixed_micro_batch_size, trainer.sequence_packing = rows, packed
             start = time.perf_counter()
             metrics[mode] = trainer.train_step(batch)
             seconds = time.perf_counter() - start
@@ -94,6 +106,18 @@ def throughput(args) -> dict:
 
     out = run_distributed(_trainer_worker, 1, args)[0]
     out["speedup"] = out["budget"]["tokens_per_s"] / out["fixed"]["tokens_per_s"]
+    return out
+
+
+def packed_throughput(args) -> dict:
+    """Packed vs padded (both under the token budget) on a 16x spread of lengths."""
+    from tests.dist import run_distributed
+
+    budget = round(args["packed_budget_ratio"] * 16 * args["packed_short"])
+    args = dict(args, spread=16, short=args["packed_short"], seqs=args["packed_seqs"],
+                budget=budget, modes={"packed": (None, True), "padded": (None, False)})
+    out = run_distributed(_trainer_worker, 1, args)[0]
+    out["speedup"] = out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"]
     return out
 
 
@@ -151,11 +175,45 @@ def logprob_memory(batch: int, seq: int, vocab: int) -> dict:
     return out
 
 
+def chunked_memory(tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
+    """Peak bytes of hidden -> logits -> log-probs + entropy -> backward, whole vs chunked."""
+    from dapo_megatron.policy.chunked_logits import chunked_logprobs
+    from dapo_megatron.policy.logprobs import next_token_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, tokens, hidden, generator=g).requires_grad_(True)
+    w = (0.05 * torch.randn(vocab, hidden, generator=g)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (1, tokens), generator=g)
+    weights = torch.randn(1, tokens, generator=g)
+    logits_bytes = tokens * vocab * 4
+
+    def run(chunked: bool):
+        def go():
+            if chunked:
+                lp, ent = chunked_logprobs(h, lambda x: x @ w.t(), chunk, targets,
+                                           vocab_size=vocab)
+            else:
+                lp, ent = next_token_logprobs_and_entropy(h @ w.t(), targets, vocab_size=vocab)
+            ((lp * weights).sum() + (ent * weights).sum()).backward()
+        return go
+
+    return {"logits_bytes": logits_bytes, "chunk": chunk,
+            "whole_fwd_bwd_peak_over_logits": _peak_bytes(run(False)) / logits_bytes,
+            "chunked_fwd_bwd_peak_over_logits": _peak_bytes(run(True)) / logits_bytes}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", type=int, default=32)
     p.add_argument("--short", type=int, default=48, help="shortest sequence; longest is 4x")
-    p.add_argument("--rows", type=int, default=4, help="rows of the naive micro-batch")
+    p.add_argument("--rows", type=int, default=4, help="rows of the naive micro-batch; the "
+                   "token budget is rows x the longest sequence")
+    p.add_argument("--packed-seqs", type=int, default=48)
+    p.add_argument("--packed-short", type=int, default=16,
+                   help="shortest sequence of the packed vs padded batch; longest is 16x")
+    p.add_argument("--packed-budget-ratio", type=float, default=32768 / 22528,
+                   help="token budget over the longest sequence (the examples' 32768 tokens "
+                   "for 2048 + 20480)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=256)
@@ -164,13 +222,19 @@ def main(argv=None) -> int:
     p.add_argument("--mem-batch", type=int, default=4)
     p.add_argument("--mem-seq", type=int, default=512)
     p.add_argument("--mem-vocab", type=int, default=8192)
+    p.add_argument("--chunk-tokens", type=int, default=4096)
+    p.add_argument("--chunk-size", type=int, default=256, help="positions per log-prob chunk")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"throughput": throughput(vars(args)),
-              "logprob_memory": logprob_memory(args.mem_batch, args.mem_seq, args.mem_vocab)}
+    result = {"throughput": throughput(vars(args)), "packed": packed_throughput(vars(args)),
+              "logprob_memory": logprob_memory(args.mem_batch, args.mem_seq, args.mem_vocab),
+              "chunked_memory": chunked_memory(args.chunk_tokens, args.hidden, args.mem_vocab,
+                                               args.chunk_size)}
     t = result["throughput"]
     m = result["logprob_memory"]
+    pk = result["packed"]
+    cm = result["chunked_memory"]
     lines = [
         f"train step, {args.seqs} seqs of {args.short}..{4 * args.short} tokens:",
         f"  token budget : {t['budget']['tokens_per_s']:8.0f} tok/s  "
@@ -180,17 +244,34 @@ def main(argv=None) -> int:
         f"{t['fixed']['microbatches']:.0f} micro-batches, padding waste "
         f"{t['fixed']['padding_waste']:.1%}",
         f"  speedup      : {t['speedup']:.2f}x",
+        f"train step, {args.packed_seqs} seqs of {args.packed_short}..{16 * args.packed_short} "
+        f"tokens, token budget {round(args.packed_budget_ratio * 16 * args.packed_short)}:",
+        f"  packed rows  : {pk['packed']['tokens_per_s']:8.0f} tok/s  "
+        f"{pk['packed']['microbatches']:.0f} micro-batches, padding waste "
+        f"{pk['packed']['padding_waste']:.1%}",
+        f"  padded rows  : {pk['padded']['tokens_per_s']:8.0f} tok/s  "
+        f"{pk['padded']['microbatches']:.0f} micro-batches, padding waste "
+        f"{pk['padded']['padding_waste']:.1%}",
+        f"  speedup      : {pk['speedup']:.2f}x",
         f"log-prob peak memory over logits ({m['logits_bytes'] / 2**20:.0f} MiB logits):",
         f"  vocab-parallel fn: forward {m['ours_fwd_peak_over_logits']:.2f}x, "
         f"forward+backward {m['ours_fwd_bwd_peak_over_logits']:.2f}x",
         f"  full log_softmax : forward {m['naive_log_softmax_fwd_peak_over_logits']:.2f}x, "
         f"forward+backward {m['naive_log_softmax_fwd_bwd_peak_over_logits']:.2f}x",
     ]
+    lines += [
+        f"log-probs from hidden states, {args.chunk_tokens} tokens x {args.mem_vocab} vocab "
+        f"({cm['logits_bytes'] / 2**20:.0f} MiB logits), forward+backward peak over logits:",
+        f"  whole sequence : {cm['whole_fwd_bwd_peak_over_logits']:.2f}x",
+        f"  {args.chunk_size}-token chunks: {cm['chunked_fwd_bwd_peak_over_logits']:.2f}x",
+    ]
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
-    ok = t["speedup"] > 1.0 and m["ours_fwd_bwd_peak_over_logits"] < 2.0
+    ok = (t["speedup"] > 1.0 and pk["speedup"] > 1.0
+          and m["ours_fwd_bwd_peak_over_logits"] < 2.0
+          and cm["chunked_fwd_bwd_peak_over_logits"] < 0.5)
     return 0 if ok else 1
 
 

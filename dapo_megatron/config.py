@@ -111,7 +111,8 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel size
     pp: int = 1  # pipeline parallel size
     ep: int = 1  # expert parallel size (MoE)
-    cp: int = 1  # context parallel size (1 only: not supported yet)
+    # context parallel size: packed sequences split over cp GPUs (TE's CP attention; GPU only)
+    cp: int = 1
     dp: Optional[int] = None  # derived from the world size; if set, must agree
     nodes: int = 1  # nodes in the job (set by the Slurm scripts)
     gpus_per_node: int = 1  # ranks per node (GPUs; CPU: processes)
@@ -275,6 +276,12 @@ class TrainerConfig:
     # does not answer within max(30 s, this) is frozen: the run stops with an error naming it
     # (the newest checkpoint is kept; rerun to resume). A long step is not a hang.
     hang_timeout_s: float = 600.0
+    # Micro-batches as packed rows (sequences end to end, no padding; THD on GPU) in the
+    # old-log-prob, reference and training passes; false: right-padded rows.
+    sequence_packing: bool = True
+    # MiB of one micro-batch's vocab-parallel logits on a rank above which log-probs and
+    # entropy run in sequence chunks with the output layer recomputed (0: never chunk).
+    logits_chunk_mb: int = 256
 
     @property
     def num_mini_batches(self) -> int:
@@ -341,6 +348,7 @@ class DapoConfig:
     def validate(self, check_layout: bool = True) -> "DapoConfig":
         _validate(self)
         if check_layout:
+            _validate_cp_device(self)
             # The model's shape against the layout, lengths and engines: one place.
             from dapo_megatron.resolve import resolve
 
@@ -503,8 +511,9 @@ def _validate(cfg: DapoConfig) -> None:
             "parallel.dp",
             f"tp*pp*cp*dp = {p.tp}*{p.pp}*{p.cp}*{p.dp} must equal the world size {p.world_size}",
         )
-    _check(p.cp == 1, "parallel.cp", "context parallelism is not wired into the packed-sequence data path "
-           "yet; use parallel.cp=1 (split long sequences over TP with sequence_parallel instead)")
+    if p.cp > 1:
+        _check(cfg.trainer.sequence_packing, "parallel.cp",
+               "context parallelism splits packed rows; set trainer.sequence_packing=true")
     _check(m.params_dtype != "fp16", "model.params_dtype",
            "fp16 needs dynamic loss scaling, which this trainer does not run; use bf16 (GPU) or fp32")
     if m.hf_dir is None and m.hf_config is None and m.architecture in ("qwen3_moe", "mixtral"):
@@ -573,6 +582,19 @@ def visible_compute_capability() -> tuple[int, int] | None:
         return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
     except Exception:  # noqa: BLE001 - a broken driver means "cannot know"
         return None
+
+
+def _validate_cp_device(cfg: DapoConfig) -> None:
+    """A run's start only (the planner may run on a login node without GPUs)."""
+    p = cfg.parallel
+    if p.cp > 1:
+        # The split runs through TE's CP attention (extensions/transformer_engine.py,
+        # TEDotProductAttention with cp_group); megatron's local attention cannot attend
+        # across ranks.
+        _check(cfg.trainer.device != "cpu" and visible_compute_capability() is not None,
+               "parallel.cp", f"parallel.cp={p.cp} needs Transformer Engine's context-parallel "
+               "attention on GPUs; megatron's local (CPU) attention cannot attend across "
+               "ranks. Use parallel.cp=1 on CPU")
 
 
 def _validate_gpu_features(cfg: DapoConfig) -> None:
@@ -647,7 +669,7 @@ NUMERIC_RANGES: dict[str, tuple] = {
     "optimizer.weight_decay": _GE0, "optimizer.adam_beta1": _UNIT, "optimizer.adam_beta2": _UNIT,
     "optimizer.adam_eps": _GT0, "optimizer.clip_grad": (lambda v: v >= 0, "must be >= 0 (0: no clipping)"),
     "trainer.train_batch_size": _GE1, "trainer.mini_batch_size": _GE1,
-    "trainer.max_tokens_per_microbatch": _GE1, "trainer.max_steps": _GE0,
+    "trainer.max_tokens_per_microbatch": _GE1, "trainer.logits_chunk_mb": _GE0, "trainer.max_steps": _GE0,
     "trainer.sample_budget": (lambda v: v >= 0, "must be >= 0 (0: no budget)"), "trainer.seed": _GE0,
     "trainer.hang_timeout_s": _GT0,
     "eval.every": (lambda v: v >= 0, "must be >= 0 (0: never)"), "eval.k": _GE1, "eval.temperature": _GT0,

@@ -44,8 +44,16 @@ attention, which never stores the a*s^2 score matrix (the 5as/h term vanishes). 
   input, 2h (/t with SP), plus one layer's full set while it is recomputed.
   1F1B keeps min(p - stage, microbatches) micro-batches in flight on a stage (Korthikanti sec. 4.2.3),
   counted here as p - stage (a DAPO mini-batch has far more micro-batches than stages).
-  The last stage adds the logits: bf16 2*V_pad/t plus fp32 log-softmax 4*V_pad/t per token.
-  T = trainer.max_tokens_per_microbatch / c (packed sequences).
+  The last stage adds the log-prob pass (policy/logprobs.py streams the softmax in 16 MiB
+  fp32 chunks, so the logits dominate): the bf16 vocab-parallel logits 2*V_pad/t per token,
+  kept for the backward, plus their bf16 gradient there, 4*V_pad/t*T in all; above
+  trainer.logits_chunk_mb (B) the log-probs run in sequence chunks with the output layer
+  recomputed (policy/chunked_logits.py): one chunk's logits and gradient, 2*B, plus with
+  sequence parallelism the hidden states gathered over TP, 2*h*T.
+  T = trainer.max_tokens_per_microbatch / c: a packed micro-batch (the default,
+  trainer.sequence_packing) is one row of at most that many tokens split over the c CP ranks
+  (each sequence in 2c chunks, policy/context_parallel.py); a padded one holds n rows of
+  the longest length L with n*L within the same budget, so the bound is the same.
 SGLang share (colocated): --mem-fraction-static is a fraction of the memory *free when the
   server starts* (sglang 0.5.23 srt/mem_cache/kv_cache_configurator.py), so SGLang gets
   rollout.sglang_mem_fraction * (GPU - overhead - training state still resident) for its weights
@@ -154,6 +162,9 @@ class StageMemory:
     activations: float  # with the layout's recompute setting
     activations_no_recompute: float
     activations_recompute: float
+    logits: float = 0.0  # the log-prob pass's share of the activations (last stage)
+    logits_chunked: bool = False  # log-probs in sequence chunks (trainer.logits_chunk_mb)
+    tokens: float = 0.0  # per micro-batch on one GPU: trainer.max_tokens_per_microbatch / cp
 
     @property
     def param_count(self) -> int:
@@ -188,6 +199,16 @@ def _layer_activation_bytes(args: ModelArgs, t: int, sp: bool, moe: bool) -> tup
     else:
         act += 6 * args.ffn_hidden_size / t
     return act, 2 * h / seq_split
+
+
+def logprob_bytes(cfg: DapoConfig, args: ModelArgs, t: int, tokens: float, sp: bool) -> tuple[float, bool]:
+    """(bytes, chunked) of the log-prob pass over `tokens` tokens on one TP rank (module
+    docstring): whole bf16 logits and their gradient, or one chunk's under the bound."""
+    whole = 2 * args.padded_vocab_size(t) / t * tokens
+    bound = cfg.trainer.logits_chunk_mb * 2**20
+    if bound and whole > bound:
+        return 2 * bound + (2 * args.hidden_size * tokens if sp else 0), True
+    return 2 * whole, False
 
 
 def stage_memory(cfg: DapoConfig, args: ModelArgs, layout: Layout, world: int, stage: int) -> StageMemory:
@@ -229,12 +250,11 @@ def stage_memory(cfg: DapoConfig, args: ModelArgs, layout: Layout, world: int, s
         biggest = max(biggest, layer_full)
     no_rc = in_flight * full * tokens
     rc = in_flight * kept * tokens + biggest * tokens
-    if last:
-        logits = (2 + 4) * args.padded_vocab_size(t) / t * tokens
-        no_rc += logits
-        rc += logits
+    logits, chunked = logprob_bytes(cfg, args, t, tokens, sp) if last else (0.0, False)
+    no_rc += logits
+    rc += logits
     return StageMemory(stage, dense, expert, pb * (dense + expert), gb * (dense + expert), optimizer, ref,
-                       rc if layout.recompute else no_rc, no_rc, rc)
+                       rc if layout.recompute else no_rc, no_rc, rc, logits, chunked, tokens)
 
 
 @dataclass
@@ -495,7 +515,12 @@ def format_report(report: PlanReport) -> str:
         if m.ref_params:
             out.append(f"  reference    {_gib(m.ref_params)}  bf16 reference model (algo.kl_coef > 0)")
         out.append(f"  activations  {_gib(m.activations)}  recompute {'on' if lay.recompute else 'off'} "
-                   f"(on: {m.activations_recompute / GIB:.2f}, off: {m.activations_no_recompute / GIB:.2f} GiB)")
+                   f"(on: {m.activations_recompute / GIB:.2f}, off: {m.activations_no_recompute / GIB:.2f} GiB), "
+                   f"{m.tokens:,.0f} tokens per micro-batch per GPU (cp={lay.cp})")
+        if m.logits:
+            out.append(f"    of which log-probs {m.logits / GIB:.2f} GiB ("
+                       + ("in sequence chunks, trainer.logits_chunk_mb" if m.logits_chunked
+                          else "whole logits and their gradient") + ")")
         out.append(f"  overhead     {_gib(report.overhead)}  CUDA context, NCCL, fragmentation (estimate)")
         out.append(f"  training peak{_gib(report.train_peak)}  of {report.gpu_mem / GIB:g} GiB")
     sh = report.sglang
@@ -530,5 +555,5 @@ def format_report(report: PlanReport) -> str:
 
 
 __all__ = ["Layout", "PlanReport", "StageMemory", "SglangShare", "WeightSync", "Suggestion",
-           "layer_params", "total_params", "active_params", "stage_memory", "sglang_share", "suggest_layout", "plan",
+           "layer_params", "total_params", "active_params", "logprob_bytes", "stage_memory", "sglang_share", "suggest_layout", "plan",
            "format_report"]

@@ -223,6 +223,11 @@ def resolve(cfg: "DapoConfig", vocab_size: int | None = None) -> Resolved:
         raise ConfigError(f"algo.max_response_length: rollout.max_prompt_length + algo.max_response_length = "
                           f"{reach} exceeds the model's max_position_embeddings={args.max_position_embeddings} "
                           f"({source})")
+    if cfg.algo.routing_replay != "none" and cfg.parallel.cp > 1:
+        # policy/routing_replay.py lays routes out per packed row, not per context-parallel
+        # chunk (packing.model_inputs splits the ids, not the routes).
+        raise ConfigError(f"algo.routing_replay: {cfg.algo.routing_replay} is not wired for "
+                          f"parallel.cp={cfg.parallel.cp}; use parallel.cp=1 or algo.routing_replay=none")
     if cfg.algo.routing_replay != "none" and not args.is_moe:
         raise ConfigError(f"algo.routing_replay: {cfg.algo.routing_replay} replays MoE routing, but "
                           f"{source} describes a dense model (no experts); set algo.routing_replay=none")

@@ -72,10 +72,29 @@ def test_qwen32b_activations_by_hand():
     kept = 32 * 2 * 5120 / 8  # each layer's input, sequence-split over 8 ranks
     # one layer's full set while it is recomputed (per token, one rank: 5 q heads, 1 kv head)
     one_layer = 8 * 5120 / 8 + 2 * (5 + 2) * 128 + 2 * 5 * 128 + 4 * 5 + 6 * 27648 / 8
-    logits = (2 + 4) * 152064 / 8  # padded vocab: 152064 is a multiple of lcm(128, 8)
-    assert report.memory.activations == pytest.approx((kept + one_layer + logits) * tokens)
+    # bf16 logits 2 * 152064 / 8 B per token (152064 is a multiple of lcm(128, 8)) are
+    # 1.16 GiB > logits_chunk_mb = 256 MiB: one chunk's logits + gradient, 2 * 256 MiB, and the
+    # hidden states gathered over the 8 sequence-parallel ranks, 2 * 5120 B per token.
+    assert 2 * 152064 / 8 * tokens > 256 * 2**20
+    logits = 2 * 256 * 2**20 + 2 * 5120 * tokens
+    assert report.memory.logits_chunked and report.memory.logits == logits
+    assert report.memory.activations == pytest.approx((kept + one_layer) * tokens + logits)
     assert report.memory.activations_recompute == report.memory.activations
     assert report.memory.activations_no_recompute > 4 * report.memory.activations
+
+
+def test_context_parallel_splits_the_micro_batch_and_chunking_bounds_the_logits():
+    """CP c: every per-token term over T / c tokens. Without chunking the log-prob pass holds
+    the whole bf16 logits and their gradient, 4 * V_pad / t B per token."""
+    base = _cfg(QWEN32B, "trainer.logits_chunk_mb=0", nodes=4)
+    args = plan(base, nodes=4, gpus_per_node=8).args
+    per = {cp: stage_memory(base, args, Layout(8, 2, 1, cp, True), 32, 1) for cp in (1, 2, 4)}
+    assert per[1].logits == 4 * 152064 / 8 * 32768 and not per[1].logits_chunked
+    for cp in (2, 4):
+        assert per[cp].tokens == 32768 / cp
+        assert per[cp].activations == pytest.approx(per[1].activations / cp)
+    chunked = stage_memory(_cfg(QWEN32B, nodes=4), args, Layout(8, 2, 1, 2, True), 32, 1)
+    assert chunked.logits_chunked and chunked.logits == 2 * 256 * 2**20 + 2 * 5120 * 16384
 
 
 def test_qwen32b_sglang_share_and_weight_sync_by_hand():

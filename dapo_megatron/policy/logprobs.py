@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "next_token_logprobs_and_entropy",
     "token_logprobs_and_entropy",
     "broadcast_from_last_pipeline_stage",
     "DEFAULT_CHUNK_ELEMENTS",
@@ -140,6 +141,56 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+def next_token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    vocab_size: int,
+    tp_group=None,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of ``targets[:, t]`` under the logits at ``t`` (no shift), and the
+    entropy at ``t``: the kernel of ``token_logprobs_and_entropy`` for callers that hold
+    only some positions of a row with their targets (context parallelism, packed rows).
+
+    Args and returns as ``token_logprobs_and_entropy``, except that ``targets``
+    ``[batch, seq]`` are the ids each position predicts and the results are not shifted.
+    """
+    if logits.dim() != 3 or targets.dim() != 2 or logits.shape[:2] != targets.shape:
+        raise ValueError(
+            f"logits must be [batch, seq, vocab_local] and input_ids [batch, seq] with the same "
+            f"batch and seq; got logits {tuple(logits.shape)} and input_ids "
+            f"{tuple(targets.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score log-probs, got {temperature}")
+    group, tp_rank = _tp_group_and_rank(tp_group)
+    batch, seq, vocab_local = logits.shape
+    vocab_start = tp_rank * vocab_local
+    tp_size = 1 if group is None else dist.get_world_size(group)
+    if vocab_size > vocab_local * tp_size:
+        raise ValueError(
+            f"vocab_size {vocab_size} exceeds the logits' vocabulary ({vocab_local} per rank x "
+            f"{tp_size} TP ranks): pass the tokenizer's vocab size, not a larger one"
+        )
+    valid_local = max(0, min(vocab_local, vocab_size - vocab_start))
+    target = targets.reshape(-1).to(torch.long)
+    if vocab_size > 0 and target.numel() and int(target.max()) >= vocab_size:
+        raise ValueError(
+            f"input_ids hold id {int(target.max())} >= vocab_size {vocab_size}: the tokenizer "
+            "and the model's vocab_size disagree"
+        )
+    chunk_rows = max(1, chunk_elements // max(1, valid_local))
+    flat = logits.contiguous().view(batch * seq, vocab_local)
+    logprob, entropy = _VocabParallelLogProbEntropy.apply(
+        flat, target, vocab_start, valid_local, 1.0 / float(temperature), group, chunk_rows,
+        with_entropy,
+    )
+    return logprob.view(batch, seq), entropy.view(batch, seq) if with_entropy else None
+
+
 def token_logprobs_and_entropy(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -175,36 +226,17 @@ def token_logprobs_and_entropy(
             f"batch and seq; got logits {tuple(logits.shape)} and input_ids "
             f"{tuple(input_ids.shape)}"
         )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 to score log-probs, got {temperature}")
-    group, tp_rank = _tp_group_and_rank(tp_group)
-    batch, seq, vocab_local = logits.shape
-    vocab_start = tp_rank * vocab_local
-    tp_size = 1 if group is None else dist.get_world_size(group)
-    if vocab_size > vocab_local * tp_size:
-        raise ValueError(
-            f"vocab_size {vocab_size} exceeds the logits' vocabulary ({vocab_local} per rank x "
-            f"{tp_size} TP ranks): pass the tokenizer's vocab size, not a larger one"
-        )
-    valid_local = max(0, min(vocab_local, vocab_size - vocab_start))
     # Row t predicts token t + 1; the last row's target is a dummy (its result is dropped).
-    target = torch.roll(input_ids, shifts=-1, dims=1).reshape(-1).to(torch.long)
-    if vocab_size > 0 and int(target.max()) >= vocab_size:
-        raise ValueError(
-            f"input_ids hold id {int(target.max())} >= vocab_size {vocab_size}: the tokenizer "
-            "and the model's vocab_size disagree"
-        )
-    chunk_rows = max(1, chunk_elements // max(1, valid_local))
-    flat = logits.contiguous().view(batch * seq, vocab_local)
-    logprob_next, entropy_next = _VocabParallelLogProbEntropy.apply(
-        flat, target, vocab_start, valid_local, 1.0 / float(temperature), group, chunk_rows,
-        with_entropy,
-    )
+    target = torch.roll(input_ids, shifts=-1, dims=1)
+    logprob_next, entropy_next = next_token_logprobs_and_entropy(
+        logits, target, vocab_size=vocab_size, tp_group=tp_group, temperature=temperature,
+        with_entropy=with_entropy, chunk_elements=chunk_elements)
+    batch = logits.shape[0]
     zero_col = logprob_next.new_zeros(batch, 1)
-    logprobs = torch.cat([zero_col, logprob_next.view(batch, seq)[:, :-1]], dim=1)
+    logprobs = torch.cat([zero_col, logprob_next[:, :-1]], dim=1)
     if not with_entropy:
         return logprobs, None
-    entropy = torch.cat([zero_col, entropy_next.view(batch, seq)[:, :-1]], dim=1)
+    entropy = torch.cat([zero_col, entropy_next[:, :-1]], dim=1)
     return logprobs, entropy
 
 

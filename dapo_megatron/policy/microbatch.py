@@ -5,17 +5,20 @@ A rollout batch arrives as one ``PolicyBatch`` (the same object on every trainin
 data-parallel (DP) rank processes and how they group into micro-batches:
 
 - DP shards are balanced by token count (longest-first greedy), not by sequence count;
-- micro-batches are formed under a token budget: a micro-batch of ``n`` sequences whose
-  longest has ``L`` tokens costs ``n * L`` padded tokens and must fit
+- micro-batches are formed under a token budget: a packed micro-batch costs the width of
+  its packed row, a padded one of ``n`` sequences whose longest has ``L`` tokens costs
+  ``n * L`` padded tokens; either must fit
   ``max_tokens_per_microbatch`` (a longer sequence gets a micro-batch of its own). Sorting
   by length first keeps similar lengths together, so little padding is wasted;
 - every DP rank runs the same number of micro-batches (the pipeline schedule and the MoE
   token exchange need every rank in step): ranks with fewer are split further, and a rank
   with no sequence left runs an empty (fully masked) micro-batch.
 
-Sequences are right-padded within a micro-batch only. Packing several sequences into one
-row is not used: megatron-core's local attention and RoPE assume positions 0..S-1 per row,
-and packed-sequence parameters need Transformer Engine's attention.
+Packed (the default, ``trainer.sequence_packing``): a micro-batch is one row holding its
+sequences end to end (packing.py), costing the sum of their lengths; bins are filled
+first-fit, longest first, so short sequences fill the room long ones leave and only
+alignment padding is wasted. Padded (``sequence_packing: false``): sequences are right-padded to the
+micro-batch's longest, costing ``n * L``.
 """
 
 from __future__ import annotations
@@ -162,6 +165,16 @@ class MicroBatch:
     real_tokens: int
     padded_tokens: int
     routed_experts: torch.Tensor | None = None
+    # Packed: the row [1, width] the model runs on and where each sequence lies in it
+    # (packing.PackedLayout); None: the model runs on the padded ``input_ids``.
+    packed_ids: torch.Tensor | None = None
+    packed: object | None = None
+
+    @property
+    def forward_shape(self) -> tuple[int, int]:
+        """(rows, tokens per row) of what the model runs on."""
+        ids = self.input_ids if self.packed_ids is None else self.packed_ids
+        return int(ids.shape[0]), int(ids.shape[1])
 
 
 @dataclass(frozen=True)
@@ -211,6 +224,29 @@ def _pack_by_budget(rows: list[int], lengths: Sequence[int], max_tokens: int) ->
     return micro
 
 
+def _pack_first_fit(rows: list[int], lengths: Sequence[int], max_tokens: int,
+                    seq_align: int) -> list[list[int]]:
+    """First-fit over rows sorted longest first: the packed width fits ``max_tokens``; short
+    sequences fill the room long ones leave (the CPU attention groups a bin's sequences
+    by length, packed_attention.py, so mixing lengths costs no attention padding)."""
+    from dapo_megatron.policy.packing import packed_width
+
+    order = sorted(rows, key=lambda i: (-lengths[i], i))
+    micro: list[list[int]] = []
+    used: list[int] = []
+    for i in order:
+        need = packed_width([lengths[i]], seq_align)
+        for k in range(len(micro)):
+            if used[k] + need <= max_tokens:
+                micro[k].append(i)
+                used[k] += need
+                break
+        else:
+            micro.append([i])
+            used.append(need)
+    return micro
+
+
 def _split_to(micro: list[list[int]], target: int) -> list[list[int]]:
     """Split the largest micro-batches in two until there are ``target``; pad with empties."""
     micro = [list(m) for m in micro]
@@ -228,7 +264,8 @@ def _split_to(micro: list[list[int]], target: int) -> list[list[int]]:
 def plan_microbatches(seq_lens: Sequence[int] | torch.Tensor, dp_size: int,
                       max_tokens_per_microbatch: int | None = None, *,
                       micro_batch_size: int | None = None,
-                      min_microbatches: int = 1) -> MicroBatchPlan:
+                      min_microbatches: int = 1, packed: bool = False,
+                      seq_align: int = 1, row_align: int = 1) -> MicroBatchPlan:
     """Assign rows to DP ranks and micro-batches (deterministic: same plan on every rank).
 
     Args:
@@ -238,6 +275,9 @@ def plan_microbatches(seq_lens: Sequence[int] | torch.Tensor, dp_size: int,
         micro_batch_size: instead of a budget, a fixed number of rows per micro-batch in
             batch order (naive padded batching; the benchmark's baseline).
         min_microbatches: at least this many micro-batches per rank.
+        packed: one packed row per micro-batch (its cost: the packed width, with each
+            sequence rounded up to ``seq_align`` and the row to ``row_align``); else
+            right-padded rows (cost ``n * longest``).
 
     Returns:
         A ``MicroBatchPlan`` with the same micro-batch count on every DP rank.
@@ -254,7 +294,8 @@ def plan_microbatches(seq_lens: Sequence[int] | torch.Tensor, dp_size: int,
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     if max_tokens_per_microbatch is not None:
         shards = _balance_ranks(lengths, dp_size)
-        per_rank = [_pack_by_budget(s, lengths, max_tokens_per_microbatch) for s in shards]
+        per_rank = [_pack_first_fit(s, lengths, max_tokens_per_microbatch, seq_align) if packed
+                    else _pack_by_budget(s, lengths, max_tokens_per_microbatch) for s in shards]
     else:
         # Naive baseline: contiguous equal shards, fixed-size micro-batches in batch order.
         bounds = [round(d * len(lengths) / dp_size) for d in range(dp_size + 1)]
@@ -264,13 +305,20 @@ def plan_microbatches(seq_lens: Sequence[int] | torch.Tensor, dp_size: int,
     target = max([min_microbatches] + [len(m) for m in per_rank])
     per_rank = [_split_to(m, target) for m in per_rank]
     real = [sum(lengths[i] for m in micro for i in m) for micro in per_rank]
-    padded = [sum(len(m) * max((lengths[i] for i in m), default=0) for m in micro)
-              for micro in per_rank]
+    if packed:
+        from dapo_megatron.policy.packing import packed_width
+
+        padded = [sum(packed_width([lengths[i] for i in m], seq_align, row_align)
+                      for m in micro if m) for micro in per_rank]
+    else:
+        padded = [sum(len(m) * max((lengths[i] for i in m), default=0) for m in micro)
+                  for micro in per_rank]
     return MicroBatchPlan(per_rank=per_rank, real_tokens=real, padded_tokens=padded)
 
 
 def collate(batch: PolicyBatch, rows: Sequence[int], pad_to_multiple: int = 1, *,
-            min_rows: int = 0, min_width: int = 0) -> MicroBatch:
+            min_rows: int = 0, min_width: int = 0, packed: bool = False,
+            seq_align: int = 1) -> MicroBatch:
     """Gather ``rows`` of ``batch`` into one micro-batch padded to its longest sequence
     (rounded up to ``pad_to_multiple``, e.g. the TP size under sequence parallelism).
 
@@ -278,7 +326,19 @@ def collate(batch: PolicyBatch, rows: Sequence[int], pad_to_multiple: int = 1, *
     paths that need the same shape on every rank (megatron's allgather MoE dispatcher). An
     empty ``rows`` gives a filler micro-batch: masked pad tokens only, so the rank still
     runs the forward/backward its peers expect and contributes nothing.
+
+    ``packed``: the model runs on one packed row (``packing.pack``: sequences at multiples
+    of ``seq_align``, the row a multiple of ``pad_to_multiple`` and at least ``min_width``
+    wide); the padded tensors stay for the loss, which reads the packed results unpacked.
     """
+    if packed:
+        mb = collate(batch, rows)
+        from dapo_megatron.policy.packing import pack
+
+        mb.packed_ids, mb.packed = pack(mb.input_ids, mb.seq_lens, seq_align=seq_align,
+                                        row_align=pad_to_multiple, min_width=min_width)
+        mb.padded_tokens = mb.packed.width if mb.rows else 0
+        return mb
     rows = list(rows)
     index = torch.as_tensor(rows, dtype=torch.long)
     lens = batch.seq_lens.index_select(0, index)

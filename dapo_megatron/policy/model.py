@@ -217,6 +217,10 @@ def build_model(
     block_spec = spec_with_te_keys(get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm"
     ))
+    if not use_te:  # packed (THD) rows on the local spec: packed_attention.py
+        from dapo_megatron.policy.packed_attention import spec_with_packed_local_attention
+
+        block_spec = spec_with_packed_local_attention(block_spec)
     padded = args.padded_vocab_size(ps.get_tensor_model_parallel_world_size())
     model = GPTModel(
         config=config,

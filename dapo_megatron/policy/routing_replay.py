@@ -178,13 +178,24 @@ class RoutingReplay:
             replay.set_target_indices(local.transpose(0, 1).reshape(-1, self.top_k))
             replay.set_router_replay_action(action.REPLAY_FORWARD)
 
-    def after_forward(self, chunk, rows: list[int], seq_lens: torch.Tensor, width: int) -> None:
+    def after_forward(self, chunk, rows: list[int], seq_lens: torch.Tensor, width: int,
+                      layout=None) -> None:
         """Keep what the routers chose at the real positions of ``rows`` (``seq_lens``
         tokens each; inside ``recording``); queue the replayed experts for a recompute in
-        backward."""
+        backward. ``layout`` (packing.PackedLayout): the forward ran on one packed row of
+        ``width`` tokens, sequence k of it being ``rows[k]``."""
         _, _, action = _replay_class()
         for layer, replay in self.routers(chunk):
-            if self._recording is not None and rows:
+            if self._recording is not None and rows and layout is not None:
+                cols = self._local_seq(chunk, width)
+                own = replay.get_recorded_indices().view(cols.stop - cols.start, self.top_k)
+                own = own.to(torch.int32).cpu()
+                for row, start, n in zip(rows, layout.starts, layout.seq_lens):
+                    lo, hi = max(start, cols.start), min(start + n, cols.stop)
+                    if hi > lo:
+                        self._recording.routes[row, lo - start:hi - start, layer] = \
+                            own[lo - cols.start:hi - cols.start]
+            elif self._recording is not None and rows:
                 own = replay.get_recorded_indices()
                 cols = self._local_seq(chunk, width)
                 n_local = cols.stop - cols.start
@@ -215,6 +226,18 @@ class RoutingReplay:
             yield self._recording
         finally:
             self._recording = None
+
+
+def pack_routes(routes: torch.Tensor | None, layout) -> torch.Tensor | None:
+    """Routes ``[n, L, layers, top_k]`` of right-padded rows laid out like the packed row
+    of ``layout`` (packing.PackedLayout): ``[1, width, layers, top_k]``, -1 (route freely)
+    between sequences. None and padded micro-batches (layout None) pass through."""
+    if routes is None or layout is None:
+        return routes
+    packed = routes.new_full((1, layout.width, *routes.shape[2:]), -1)
+    for k, (start, n) in enumerate(zip(layout.starts, layout.seq_lens)):
+        packed[0, start:start + n] = routes[k, :n]
+    return packed
 
 
 def routing_mismatch(engine: torch.Tensor, trainer: torch.Tensor, mask: torch.Tensor,

@@ -50,10 +50,7 @@ from dapo_megatron.algo import (
     policy_loss,
     resolve_agg,
 )
-from dapo_megatron.policy.logprobs import (
-    broadcast_from_last_pipeline_stage,
-    token_logprobs_and_entropy,
-)
+from dapo_megatron.policy.logprobs import broadcast_from_last_pipeline_stage
 from dapo_megatron.policy.microbatch import (
     MicroBatch,
     PolicyBatch,
@@ -62,6 +59,7 @@ from dapo_megatron.policy.microbatch import (
     split_mini_batches,
 )
 from dapo_megatron.policy.optimizer import build_optimizer, optimizer_step
+from dapo_megatron.policy.packing import micro_logprobs, packed_width
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +109,12 @@ class PolicyTrainer:
         from dapo_megatron.policy.model import build_model
         from dapo_megatron.policy.parallel import init_parallel
 
-        if parallel.cp > 1:
-            raise ValueError(f"parallel.cp={parallel.cp}: the trainer does not split sequences "
-                             "for context parallelism yet; use cp=1 (and tp/pp for memory)")
+        # Packed rows by default (packing.py); padded rows with trainer.sequence_packing=false.
+        self.sequence_packing = bool(getattr(trainer, "sequence_packing", True))
+        if parallel.cp > 1 and not self.sequence_packing:
+            raise ValueError(f"parallel.cp={parallel.cp} splits packed rows: set "
+                             "trainer.sequence_packing=true (or use cp=1)")
+        self.cp_size = parallel.cp
         self.algo, self.trainer_cfg = algo, trainer
         self.loss_agg = resolve_agg(algo.loss, algo.loss_agg)
         # Dr. GRPO's constant normaliser is the generation budget L_max.
@@ -171,6 +172,9 @@ class PolicyTrainer:
                             pipeline_dtype=self.params_dtype, **overrides),
                 offload=algo.reference_offload)
             self.reference.copy_from(self.model)
+        self._defer_output_layers(self.model)
+        if self.reference is not None:
+            self._defer_output_layers(self.reference.model)
         self.vocab_size = self.model[0].model_args.vocab_size
         self.model_config = get_model_config(self.model[0])
         num_mini = max(1, trainer.num_mini_batches)
@@ -188,8 +192,20 @@ class PolicyTrainer:
         self.pad_multiple = parallel.tp if cfg.sequence_parallel else 1
         if overrides.get("fp8"):
             self.pad_multiple = self.pad_multiple * 16  # TE fp8 GEMMs want dims % 16 == 0
+        # CP: every sequence in 2 * cp equal chunks, each rank's share a multiple of the above.
+        self.seq_align = 2 * parallel.cp if parallel.cp > 1 else 1
+        self.row_align = self.pad_multiple * parallel.cp
         self.step = 0  # completed train_step calls (rollout steps)
         self._lr_override: float | None = None
+
+    def _defer_output_layers(self, chunks) -> None:
+        """Log-probs in sequence chunks above trainer.logits_chunk_mb (chunked_logits.py)."""
+        from dapo_megatron.policy.chunked_logits import defer_output_layer
+        from dapo_megatron.policy.model import unwrap
+
+        bound = int(getattr(self.trainer_cfg, "logits_chunk_mb", 0)) * 2**20
+        for chunk in chunks:
+            defer_output_layer(unwrap(chunk), bound)
 
     @classmethod
     def from_config(cls, cfg, hf_config, *, rank=None, world_size=None, master_addr=None,
@@ -253,17 +269,26 @@ class PolicyTrainer:
 
     def _micro_batches(self, batch: PolicyBatch):
         """This DP rank's micro-batches of ``batch`` and the plan they come from."""
+        packed = self.sequence_packing and not self.fixed_micro_batch_size
+        align = dict(packed=True, seq_align=self.seq_align) if packed else {}
         if self.fixed_micro_batch_size:
             plan = plan_microbatches(batch.seq_lens, self.dp_size,
                                      micro_batch_size=self.fixed_micro_batch_size)
         else:
             plan = plan_microbatches(batch.seq_lens, self.dp_size,
-                                     self.trainer_cfg.max_tokens_per_microbatch)
+                                     self.trainer_cfg.max_tokens_per_microbatch,
+                                     row_align=self.row_align, **align)
         shape = {}
-        if self.uniform_shapes:
+        if self.uniform_shapes and packed:
+            lens = batch.seq_lens.tolist()
+            shape = dict(min_width=max(packed_width([lens[i] for i in m], self.seq_align,
+                                                    self.row_align)
+                                       for per in plan.per_rank for m in per))
+        elif self.uniform_shapes:
             shape = dict(min_rows=max(len(m) for per in plan.per_rank for m in per),
                          min_width=int(batch.seq_lens.max()))
-        micro = [collate(batch, rows, self.pad_multiple, **shape)
+        micro = [collate(batch, rows, self.row_align if packed else self.pad_multiple,
+                         **shape, **align)
                  for rows in plan.per_rank[self.dp_rank]]
         return micro, plan
 
@@ -273,30 +298,28 @@ class PolicyTrainer:
         elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from dapo_megatron.policy.model import attention_mask_for
+        from dapo_megatron.policy.packing import model_inputs
+        from dapo_megatron.policy.routing_replay import pack_routes
 
         device = self.device
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
-            n, width = mb.input_ids.shape
-            ids = mb.input_ids.to(device)
-            positions = torch.arange(width, device=device).expand(n, width)
-            real = (positions < mb.seq_lens.to(device)[:, None])
+            ids, positions, mask, packed_seq_params = model_inputs(mb, model, device)
             if self.routing is not None:
-                self.routing.before_forward(model, mb.routed_experts)
-            output = model(ids, positions, attention_mask_for(model, real))
+                self.routing.before_forward(model, pack_routes(mb.routed_experts, mb.packed))
+            output = model(ids, positions, mask, packed_seq_params=packed_seq_params)
             if self.routing is not None:
-                self.routing.after_forward(model, mb.rows, mb.seq_lens, width)
+                self.routing.after_forward(model, mb.rows, mb.seq_lens, mb.forward_shape[1], layout=mb.packed)
             return output, partial(loss_func, mb)
 
-        max_rows = max(mb.input_ids.shape[0] for mb in micro)
-        max_len = max(mb.input_ids.shape[1] for mb in micro)
+        max_rows = max(mb.forward_shape[0] for mb in micro)
+        max_len = max(mb.forward_shape[1] for mb in micro) // self.cp_size
         try:
             return get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter(micro),
-                model=model or self.model, num_microbatches=len(micro), seq_length=max_len,
-                micro_batch_size=max_rows, forward_only=forward_only)
+                forward_step_func=forward_step, data_iterator=iter(micro), model=model or self.model,
+                num_microbatches=len(micro), seq_length=max_len, micro_batch_size=max_rows,
+                forward_only=forward_only)
         finally:
             if self.routing is not None:
                 self.routing.end_pass(model or self.model)
@@ -320,9 +343,8 @@ class PolicyTrainer:
         out = torch.zeros((2,) + shape, dtype=torch.float32, device=self.device)
 
         def loss_func(mb, logits):
-            lp, ent = token_logprobs_and_entropy(logits, mb.input_ids.to(logits.device),
-                                                 vocab_size=self.vocab_size,
-                                                 temperature=self.temperature)
+            lp, ent = micro_logprobs(mb, logits, vocab_size=self.vocab_size,
+                                     temperature=self.temperature)
             return logits.new_zeros(()), {"rows": mb.rows, "lp": lp, "ent": ent}
 
         for record in self._run(micro, loss_func, forward_only=True, model=model):
@@ -356,10 +378,8 @@ class PolicyTrainer:
 
     def _loss_func(self, scale_tokens, scale_seqs, grad_multiplier, mb: MicroBatch, logits):
         algo = self.algo
-        ids = mb.input_ids.to(logits.device)
-        lp, ent = token_logprobs_and_entropy(logits, ids, vocab_size=self.vocab_size,
-                                             temperature=self.temperature,
-                                             with_entropy=True)
+        lp, ent = micro_logprobs(mb, logits, vocab_size=self.vocab_size,
+                                 temperature=self.temperature, with_entropy=True)
         mask = mb.response_mask.to(logits.device)
         ref = None if mb.ref_logprobs is None else mb.ref_logprobs.to(logits.device)
         scales = dict(loss_scale_tokens=scale_tokens, loss_scale_seqs=scale_seqs,
@@ -385,6 +405,8 @@ class PolicyTrainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # Under CP the schedule multiplies the loss by cp (schedules.py,
+        # forward_step_calc_loss) and DDP divides by dp * cp: the two cancel.
         loss_func = partial(self._loss_func, max(scale_tokens, 1.0), max(scale_seqs, 1.0),
                             float(len(micro) * self.dp_size))
         records = self._run(micro, loss_func, forward_only=False)

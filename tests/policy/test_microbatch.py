@@ -39,6 +39,30 @@ def test_plan_invariants(lengths, dp, budget, min_mb):
     assert 0.0 <= plan.padding_waste < 1.0
 
 
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 64), min_size=0, max_size=40),
+       dp=st.integers(1, 4), budget=st.integers(1, 200), min_mb=st.integers(1, 5),
+       seq_align=st.sampled_from([1, 2, 4]), row_align=st.sampled_from([1, 2, 8]))
+def test_packed_plan_invariants(lengths, dp, budget, min_mb, seq_align, row_align):
+    from dapo_megatron.policy.packing import packed_width
+
+    plan = plan_microbatches(lengths, dp, budget, min_microbatches=min_mb, packed=True,
+                             seq_align=seq_align, row_align=row_align)
+    seen = sorted(i for micro in plan.per_rank for m in micro for i in m)
+    assert seen == list(range(len(lengths)))
+    assert {len(micro) for micro in plan.per_rank} == {max(plan.num_microbatches, min_mb)}
+    for micro in plan.per_rank:
+        for m in micro:
+            if len(m) > 1:  # each sequence rounded up to seq_align; the sum within budget
+                assert sum(-(-lengths[i] // seq_align) * seq_align for i in m) <= budget
+    # The plan's padded tokens are the packed rows' widths (packing.pack's own rule).
+    assert plan.padded_tokens == [sum(packed_width([lengths[i] for i in m], seq_align, row_align)
+                                      for m in micro if m) for micro in plan.per_rank]
+    assert sum(plan.real_tokens) == sum(lengths)
+    if seq_align == row_align == 1:
+        assert plan.padding_waste == 0.0
+
+
 def test_budget_groups_similar_lengths_and_beats_fixed_size_padding():
     # A 4x spread of lengths in mixed order, like a rollout batch.
     lengths = [64, 16, 40, 16, 64, 28, 52, 16] * 4

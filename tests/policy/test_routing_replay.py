@@ -110,16 +110,18 @@ class UsedExperts:
         assert len(self.calls) == len(micro) * len(self.layers)
         counts = [0, 0, 0, 0]
         for m, mb in enumerate(micro):
-            n, width = mb.input_ids.shape
+            n, width = mb.forward_shape
             for layer, used_map in self.calls[m * len(self.layers):(m + 1) * len(self.layers)]:
                 used = used_map.view(width, n, -1).transpose(0, 1)  # [n, width, experts]
                 for r, row in enumerate(mb.rows):
                     length = int(batch.seq_lens[row])
+                    # A packed row holds sequence r at its start (packing.PackedLayout).
+                    at = (0, mb.packed.starts[r]) if mb.packed is not None else (r, 0)
                     want = routes[row, :length, layer].long()
                     known = (want >= 0).all(-1)
                     expected = torch.zeros(length, used.shape[-1], dtype=torch.bool)
                     expected.scatter_(1, want.clamp(min=0), True)
-                    bad = (expected != used[r, :length]).any(-1) & known
+                    bad = (expected != used[at[0], at[1]:at[1] + length]).any(-1) & known
                     response = batch.response_mask[row, :length].bool()
                     counts[0] += int(known.sum())
                     counts[1] += int(bad.sum())
@@ -128,7 +130,7 @@ class UsedExperts:
         return counts
 
 
-def _trainer(hf, state, layout, mode, **overrides):
+def _trainer(hf, state, layout, mode, packing=True, **overrides):
     from dapo_megatron.config import AlgoConfig, OptimizerConfig, ParallelConfig, TrainerConfig
     from dapo_megatron.policy.train import PolicyTrainer
 
@@ -138,7 +140,7 @@ def _trainer(hf, state, layout, mode, **overrides):
         optim=OptimizerConfig(lr=1e-3, warmup_steps=0, weight_decay=0.0),
         algo=AlgoConfig(routing_replay=mode),
         trainer=TrainerConfig(train_batch_size=2, mini_batch_size=1, max_tokens_per_microbatch=40,
-                              max_steps=4, seed=0),
+                              max_steps=4, seed=0, sequence_packing=packing),
         hf_state_dict=state, **overrides)
 
 
@@ -148,7 +150,7 @@ def _gap(lp, batch):
     return float(gap.max()), float(gap.mean())
 
 
-def _replay_worker(rank, world_size, layout, hf_dir):
+def _replay_worker(rank, world_size, layout, hf_dir, packing=True):
     """r3 against the engine at one layout: unperturbed (log-probs to 1e-5), then with the
     engine's routers perturbed (none vs r3)."""
     from dapo_megatron.policy.parallel import destroy_parallel
@@ -160,7 +162,7 @@ def _replay_worker(rank, world_size, layout, hf_dir):
     noisy = engine_batch(engine, seed=8)
 
     out = {}
-    trainer = _trainer(hf, state, layout, "r3")
+    trainer = _trainer(hf, state, layout, "r3", packing)
     used = UsedExperts(trainer)
     lp = {}
     out["clean_r3"] = used.compare(trainer, clean, clean.routed_experts,
@@ -184,10 +186,11 @@ def _replay_worker(rank, world_size, layout, hf_dir):
 @pytest.mark.dist
 # No TP layout: megatron-core refuses MoE under TP without sequence parallelism in training
 # mode (transformer/moe/moe_layer.py, MoELayer.forward) and SP needs a GPU here.
-@pytest.mark.parametrize("layout", [(1, 1, 2), (1, 2, 1)], ids=["ep2", "pp2"])
-def test_r3_trains_on_the_engines_experts(layout, tmp_path):
+@pytest.mark.parametrize("layout,packing", [((1, 1, 2), True), ((1, 2, 1), True), ((1, 1, 2), False)],
+                         ids=["ep2", "pp2", "ep2-padded"])
+def test_r3_trains_on_the_engines_experts(layout, packing, tmp_path):
     save_moe(str(tmp_path))
-    results = run_distributed(_replay_worker, 2, layout, str(tmp_path))
+    results = run_distributed(_replay_worker, 2, layout, str(tmp_path), packing)
     r0 = results[0]
     same = lambda m: {k: v for k, v in m.items() if k.startswith(("routing/", "mismatch/"))}  # noqa: E731
     for key in ("noisy_none_metrics", "noisy_r3_metrics", "step"):

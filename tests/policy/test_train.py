@@ -109,12 +109,13 @@ def max_diff(a: dict, b: dict) -> float:
 
 def budget_for(batch, dp: int, count: int, mini_batches: int = 2) -> int:
     """The smallest token budget giving exactly ``count`` micro-batches per DP rank in
-    every mini-batch of ``batch``."""
+    every mini-batch of ``batch`` (packed rows: the trainer's default)."""
     from dapo_megatron.policy.microbatch import plan_microbatches, split_mini_batches
 
     parts = [batch.seq_lens[rows] for rows in split_mini_batches(batch.size, mini_batches)]
     for budget in range(int(batch.seq_lens.max()), 100_000):
-        if all(plan_microbatches(p, dp, budget).num_microbatches == count for p in parts):
+        if all(plan_microbatches(p, dp, budget, packed=True).num_microbatches == count
+               for p in parts):
             return budget
     raise AssertionError(f"no budget gives {count} micro-batches")
 
