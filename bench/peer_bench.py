@@ -109,6 +109,7 @@ def trl_settings(cfg, *, seed: int, budget: int, snapshot_every: int, out_dir: s
         adam_beta2=o.adam_beta2,
         adam_epsilon=o.adam_eps,
         max_grad_norm=o.clip_grad if o.clip_grad > 0 else 0.0,
+        gradient_checkpointing=False,  # TRL's default is True; our CPU trainer does not recompute
         use_cpu=True,
         bf16=False,
         fp16=False,
@@ -372,7 +373,7 @@ def run_seed(args, seed: int, task_path: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     ours_cmd = [sys.executable, os.path.abspath(__file__), "--child", "ours", "--curve", os.path.join(out, "ours_curve.jsonl"),
-                args.config, f"trainer.seed={seed}", f"trainer.sample_budget={args.budget}",
+                "--config", args.config, f"trainer.seed={seed}", f"trainer.sample_budget={args.budget}",
                 "trainer.max_steps=100000", f"eval.every={args.eval_every}", "checkpoint.save_every=0",
                 "checkpoint.resume=false", "rollout.engine_num_cpus=1", "reward.num_workers=1",
                 f"trainer.run_dir={os.path.join(out, 'ours_run')}", *args.overrides]
@@ -413,10 +414,11 @@ def trl_k(args) -> int:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=os.path.join(ROOT, "examples/tiny_cpu.yaml"))
+    parser.add_argument("--config", default=os.path.join(ROOT, "examples/tiny_cpu.yaml"))
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both trainers")
     parser.add_argument("--seeds", default="1,2")
-    parser.add_argument("--budget", type=int, default=12288, help="generated responses per run")
+    parser.add_argument("--budget", type=int, default=25728,
+                        help="generated responses per run (default: what 60 steps of tiny_cpu.yaml generated)")
     parser.add_argument("--eval-every", type=int, default=5, help="our steps between evaluations")
     parser.add_argument("--trl-snapshot-every", type=int, default=8, help="TRL rollout batches between snapshots")
     parser.add_argument("--schedule", choices=("side-by-side", "back-to-back"), default="side-by-side")
