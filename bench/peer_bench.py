@@ -286,18 +286,29 @@ def _launch(cmd: list[str], core: int, log_path: str, nice: int, pythonpath: str
                TOKENIZERS_PARALLELISM="false")
     t0 = time.time()
     env["PEER_T0"] = repr(t0)
-    full = ["taskset", "-c", str(core), "nice", "-n", str(nice), *cmd]
+    # `nice` adds to this process's niceness; the children get `nice` itself.
+    full = ["taskset", "-c", str(core), "nice", "-n", str(max(0, nice - os.nice(0))), *cmd]
     log = open(log_path, "w", encoding="utf-8")
     return subprocess.Popen(full, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), t0
 
 
-def _wait(proc: subprocess.Popen, name: str, log_path: str, t0: float) -> float:
-    rc = proc.wait()
-    if rc:
-        with open(log_path, encoding="utf-8") as f:
-            tail = f.read()[-3000:]
-        raise SystemExit(f"{name} failed (exit {rc}); log {log_path}:\n{tail}")
-    return time.time() - t0
+def _wait(procs: dict[str, tuple[subprocess.Popen, float, str]]) -> dict[str, float]:
+    """Wait for every process; each one's wall seconds from launch to its own exit."""
+    walls: dict[str, float] = {}
+    while len(walls) < len(procs):
+        for name, (proc, t0, log_path) in procs.items():
+            if name in walls or proc.poll() is None:
+                continue
+            walls[name] = time.time() - t0
+            if proc.returncode:
+                with open(log_path, encoding="utf-8") as f:
+                    tail = f.read()[-3000:]
+                for other, _, _ in procs.values():
+                    if other.poll() is None:
+                        other.kill()
+                raise SystemExit(f"{name} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        time.sleep(0.5)
+    return walls
 
 
 def _evaluate_snapshots(cfg_path: str, overrides: list[str], timeline_path: str, seed: int) -> list[dict]:
@@ -381,16 +392,14 @@ def run_seed(args, seed: int, task_path: str) -> dict:
                "--seed", str(seed), "--budget", str(args.budget), "--out", os.path.join(out, "trl"),
                "--trl-snapshot-every", str(args.trl_snapshot_every)]
     logs = {n: os.path.join(out, f"{n}.log") for n in ("ours", "trl")}
-    walls = {}
+    names = {"ours": "dapo-megatron", "trl": "TRL"}
     if args.schedule == "side-by-side":
-        p_ours, t_ours = _launch(ours_cmd, 0, logs["ours"], args.nice, ROOT)
-        p_trl, t_trl = _launch(trl_cmd, 1, logs["trl"], args.nice, ROOT)
-        walls["trl"] = _wait(p_trl, "TRL", logs["trl"], t_trl)
-        walls["ours"] = _wait(p_ours, "dapo-megatron", logs["ours"], t_ours)
+        walls = _wait({names[n]: (*_launch(cmd, core, logs[n], args.nice, ROOT), logs[n])
+                       for n, cmd, core in (("ours", ours_cmd, 0), ("trl", trl_cmd, 1))})
     else:
-        for name, cmd in (("ours", ours_cmd), ("trl", trl_cmd)):
-            p, t = _launch(cmd, 0, logs[name], args.nice, ROOT)
-            walls[name] = _wait(p, name, logs[name], t)
+        walls = {}
+        for n, cmd in (("ours", ours_cmd), ("trl", trl_cmd)):
+            walls.update(_wait({names[n]: (*_launch(cmd, 0, logs[n], args.nice, ROOT), logs[n])}))
     with open(os.path.join(out, "ours_curve.jsonl"), encoding="utf-8") as f:
         ours = [json.loads(line) for line in f]
     trl = _evaluate_snapshots(args.config, args.overrides, os.path.join(out, "trl", "timeline.jsonl"), seed)
@@ -401,9 +410,14 @@ def run_seed(args, seed: int, task_path: str) -> dict:
         print(f"seed {seed} {name}: " + ", ".join(
             f"{p['responses']} resp {p['wall_s']:.0f} s {p['avg']:.3f}" for p in curve), flush=True)
     print(f"seed {seed}: final held-out avg@{trl_k(args)} dapo-megatron {ours[-1]['avg']:.3f}, TRL {trl[-1]['avg']:.3f}; "
-          f"process wall dapo-megatron {walls['ours']:.0f} s, TRL {walls['trl']:.0f} s; to {target:.3f}: "
-          f"dapo-megatron {x:.0f} s, TRL {y:.0f} s, ratio {x / y:.2f}", flush=True)
+          f"process wall dapo-megatron {walls['dapo-megatron']:.0f} s, TRL {walls['TRL']:.0f} s; to {target:.3f}: "
+          f"dapo-megatron {_secs(x)}, TRL {_secs(y)}, ratio {x / y:.2f}" if x and y else
+          f"dapo-megatron {_secs(x)}, TRL {_secs(y)}", flush=True)
     return {"seed": seed, "target": target, "x": x, "y": y, "walls": walls, "ours": ours, "trl": trl}
+
+
+def _secs(value: float | None) -> str:
+    return "never" if value is None else f"{value:.0f} s"
 
 
 def trl_k(args) -> int:
@@ -423,7 +437,7 @@ def main(argv=None) -> None:
     parser.add_argument("--trl-snapshot-every", type=int, default=8, help="TRL rollout batches between snapshots")
     parser.add_argument("--schedule", choices=("side-by-side", "back-to-back"), default="side-by-side")
     parser.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON)
-    parser.add_argument("--nice", type=int, default=5)
+    parser.add_argument("--nice", type=int, default=5, help="niceness of both runs (absolute)")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs/peer"))
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--curve", help=argparse.SUPPRESS)
