@@ -1,0 +1,85 @@
+"""bench/peer_bench.py: the TRL configuration built from our config, the shared reward and
+the character tokenizer handed to TRL. TRL itself is needed only for the last test."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAML = os.path.join(ROOT, "examples/tiny_cpu.yaml")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("peer_bench", os.path.join(ROOT, "bench/peer_bench.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _cfg(*overrides):
+    from dapo_megatron.config import load_config
+
+    return load_config(YAML, list(overrides))
+
+
+def test_trl_settings_follow_the_yaml():
+    kw, info = _bench().trl_settings(_cfg(), seed=3, budget=12288, snapshot_every=8, out_dir="x")
+    # tiny_cpu.yaml: 32 prompts x G 8 per rollout batch, mini-batch 16 prompts: 2 updates.
+    assert kw["num_generations"] == 8
+    assert kw["per_device_train_batch_size"] == 16 * 8
+    assert kw["steps_per_generation"] == 2 and kw["gradient_accumulation_steps"] == 1
+    assert kw["per_device_train_batch_size"] * kw["steps_per_generation"] == 256
+    assert kw["num_iterations"] == 1
+    # 12288 responses / 256 per rollout batch = 48 batches = 96 optimizer steps.
+    assert kw["max_steps"] == 96
+    assert (kw["loss_type"], kw["epsilon"], kw["epsilon_high"], kw["beta"]) == ("dapo", 0.2, 0.28, 0.0)
+    assert kw["max_completion_length"] == 48
+    assert kw["learning_rate"] == 3e-4 and kw["weight_decay"] == 0.0 and kw["warmup_steps"] == 0
+    assert kw["lr_scheduler_type"] == "constant" and kw["max_grad_norm"] == 1.0
+    assert kw["seed"] == 3 and kw["temperature"] == 1.0 and kw["top_p"] == 1.0 and kw["top_k"] == 0
+    assert info == {"snapshot_every_steps": 16, "responses_per_step": 128, "eval_k": 4}
+    # A budget that is not a whole number of rollout batches rounds up.
+    kw, _ = _bench().trl_settings(_cfg(), seed=1, budget=257, snapshot_every=1, out_dir="x")
+    assert kw["max_steps"] == 4
+
+
+def test_trl_settings_refuse_what_they_cannot_map():
+    bench = _bench()
+    for override in ("algo.kl_coef=0.1", "algo.overlong_filter=true", "optimizer.lr_decay=cosine",
+                     "trainer.mini_batch_size=12"):
+        with pytest.raises(ValueError):
+            bench.trl_settings(_cfg(override), seed=1, budget=256, snapshot_every=1, out_dir="x")
+
+
+def test_shaped_reward_is_rule_score_plus_soft_overlong():
+    algo = _cfg().algo  # L_max 48, L_cache 8: the band starts after 40 tokens
+    shaped = _bench().shaped_reward
+    assert shaped("4*8=32\n17+32=49\nAnswer: 49", 30, "49", algo) == 1.0
+    assert shaped("Answer: 48", 30, "49", algo) == -1.0
+    # 45 tokens: 1 + (40 - 45) / 8 by hand.
+    assert shaped("Answer: 49", 45, "49", algo) == pytest.approx(0.375)
+    assert shaped("Answer: 49", 49, "49", algo) == 0.0  # past L_max: -1 on top of +1
+
+
+def test_hf_char_tokenizer_gives_our_ids():
+    pytest.importorskip("tokenizers")
+    from dapo_megatron.data.tokenizer import CharTokenizer
+
+    ours = CharTokenizer()
+    hf = _bench().char_tokenizer_hf(ours.itos, ours.bos_id, ours.eos_id, ours.pad_id)
+    for text in ("17+4*8=", "1+1*1=", "a b\nc?=\\'\""):
+        ids = ours.encode_prompt(text)
+        prompt = ours.itos[ids[0]] + ours.decode(ids[1:])
+        assert hf(prompt, add_special_tokens=False)["input_ids"] == ids
+    assert hf.pad_token_id == ours.pad_id and hf.eos_token_id == ours.eos_id
+
+
+def test_grpo_config_accepts_the_settings(tmp_path):
+    trl = pytest.importorskip("trl")  # an optional bench dependency: see bench/peer_bench.py
+    kw, _ = _bench().trl_settings(_cfg(), seed=1, budget=512, snapshot_every=1, out_dir=str(tmp_path))
+    conf = trl.GRPOConfig(**kw)
+    assert conf.generation_batch_size == 256
+    assert conf.loss_type == "dapo" and conf.epsilon_high == 0.28
