@@ -12,12 +12,19 @@ paper's figures compare them. The full-DAPO run of each seed is the shared side 
                                          overlong_filter (soft_overlong=false, overlong_filter=true)
     dynamic     dapo (on, equal steps)   dyn_off (dynamic_sampling=false)
                                          dapo_equal_samples (on, stopped once it has generated
-                                         the samples dyn_off generates in its steps)
+                                         the responses dyn_off generates in its steps: not run,
+                                         cut from the dapo run of the same seed, see below)
     cumulative  the paper's six, from bench/ablation.py (grpo ... dapo), on this task
 
 Each finished run is appended to the jsonl at once (setting, seed, the overrides, summary
 figures and per-step curves), and a rerun skips the (setting, seed) pairs already there,
 so an interrupted study resumes. `--summarize` rebuilds the tables and plots only.
+
+A run is a deterministic function of its config and seed, and `trainer.max_steps` and
+`trainer.sample_budget` only decide where it stops (constant LR: `optimizer.lr_decay`), so
+dynamic sampling at dyn_off's budget is the dapo run of that seed up to the step at which it
+has generated as many responses (the trainer's stopping rule, `_budget_spent` in
+controller/loop.py): `equal_samples_rows` cuts it there instead of training it again.
 
     python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 20 --out runs/mech/results.jsonl
     python bench/mechanisms.py --groups cumulative --seeds 3 --out runs/mech/results.jsonl
@@ -41,7 +48,6 @@ from bench.ablation import settings as cumulative_settings  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "examples/tiny_chains.yaml"
 RETRIES = 3  # runs whose Ray cluster failed to start
-EQUAL_SAMPLES = "equal_samples"  # marker: stop at dyn_off's generated samples instead of its steps
 
 
 def common_overrides(steps: int, eval_every: int, eval_prompts: int) -> list[str]:
@@ -59,21 +65,15 @@ def _samples_per_step(config: str) -> int:
     return cfg.trainer.train_batch_size * cfg.algo.group_size
 
 
-def equal_samples_overrides(config: str, steps: int) -> list[str]:
-    """Dynamic sampling stopped once it has generated what dyn_off generates in `steps` steps
-    (train_batch_size x group_size per step), so it pays for the groups it drops."""
-    per_step = _samples_per_step(config)
-    return [f"trainer.max_steps={10 * steps}", f"trainer.sample_budget={steps * per_step}"]
-
-
 MECHANISMS: dict[str, dict[str, list[str]]] = {
     "clip": {"dapo": [], "sym_clip": ["algo.eps_high=0.2"]},
     "loss": {"dapo": [], "seq_mean": ["algo.loss_agg=seq-mean-token-mean"]},
     "overlong": {"dapo": [], "no_shaping": ["algo.soft_overlong=false"],
                  "overlong_filter": ["algo.soft_overlong=false", "algo.overlong_filter=true"]},
-    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": [EQUAL_SAMPLES]},
+    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": []},
     "cumulative": {"cum_" + name.lstrip("+"): over for name, over in cumulative_settings().items()},
 }
+DERIVED = {"dapo_equal_samples"}  # cut from other runs' records (equal_samples_rows), not run
 
 # Per-step keys kept in each record's curve: the trainer's own metric names.
 CURVE_KEYS = ("eval/avg@k", "eval/length_mean", "eval/length_max", "eval/truncated_frac",
@@ -85,8 +85,6 @@ CURVE_KEYS = ("eval/avg@k", "eval/length_mean", "eval/length_max", "eval/truncat
 def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: str, common: list[str],
             steps: int) -> dict:
     run_dir = os.path.join(out_dir, f"{name}_seed{seed}")
-    if EQUAL_SAMPLES in overrides:
-        overrides = equal_samples_overrides(config, steps)
     args = [sys.executable, "-m", "dapo_megatron.cli", "train", config, *common, *overrides,
             f"trainer.seed={seed}", f"trainer.run_dir={run_dir}"]
     t0 = time.perf_counter()
@@ -138,6 +136,25 @@ def summary(curve: list[dict]) -> dict:
         "clip_frac_low": mean(train, "actor/clip_frac_low"), "clip_frac_high": mean(train, "actor/clip_frac_high"),
         "generated_samples": train[-1].get("rollout/generated_samples_total") if train else 0,
     }
+
+
+def equal_samples_rows(rows: list[dict]) -> list[dict]:
+    """Dynamic sampling at the responses dyn_off generated: each seed's dapo record cut at the
+    first step whose running total of generated responses reaches dyn_off's total, where a
+    run with `trainer.sample_budget` set to that total stops (controller/loop.py)."""
+    out = []
+    for r in rows:
+        off = [d for d in rows if d["setting"] == "dyn_off" and d["seed"] == r["seed"]]
+        if r["setting"] != "dapo" or not off:
+            continue
+        budget = off[0]["generated_samples"]
+        stop = next((c["step"] for c in r["curve"]
+                     if c.get("rollout/generated_samples_total", 0) >= budget), r["steps"])
+        curve = [c for c in r["curve"] if c["step"] <= stop]
+        out.append({**{k: r[k] for k in ("seed", "common", "config", "budget_steps")},
+                    "setting": "dapo_equal_samples", "derived_from": f"dapo seed {r['seed']}",
+                    "sample_budget": budget, "steps": stop, "curve": curve, **summary(curve)})
+    return out
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -305,6 +322,7 @@ def plot(rows: list[dict], group: str, path: str) -> bool:
 def summarize(path: str, plot_dir: str) -> str:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    rows += equal_samples_rows(rows)
     text = tables(rows) + "\n### paired differences (bold: the figure the 3-of-4 goal is judged on)\n\n" + \
         check_table(rows)
     with open(os.path.splitext(path)[0] + "_tables.md", "w") as f:
@@ -348,7 +366,7 @@ def main(argv=None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for g in groups:
             for name, overrides in MECHANISMS[g].items():
-                if args.only and name not in args.only.split(","):
+                if name in DERIVED or (args.only and name not in args.only.split(",")):
                     continue
                 if (name, seed) not in done and (name, seed) not in seen:
                     seen.add((name, seed))
