@@ -333,13 +333,53 @@ def summarize(path: str, plot_dir: str) -> str:
     return text
 
 
+def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
+    """What RL starts from: the config's warm start on the whole held-out split, `samples`
+    responses per problem at the eval temperature, by chain length n: accuracy, truncated
+    share, and how many problems' groups are mixed (0 < #correct < samples), the only groups
+    that carry a gradient (DAPO sec. 3.2)."""
+    from dapo_megatron.config import load_config
+    from dapo_megatron.controller.task import load_task
+    from dapo_megatron.reward import compute_score
+    from dapo_megatron.rollout.embedded import EmbeddedEngine, build_hf_model
+    from dapo_megatron.rollout.protocol import SamplingParams
+    from safetensors.torch import load_file
+
+    cfg = load_config(os.path.join(ROOT, config))
+    task = load_task(cfg)
+    tok = task.tokenizer
+    model = build_hf_model(cfg.model.hf_config_dict(vocab_size=cfg.model.vocab_size or tok.vocab_size))
+    model.load_state_dict(load_file(os.path.join(ROOT, cfg.model.hf_dir, "model.safetensors")), strict=False)
+    model.tie_weights()
+    model.eval()
+    params = SamplingParams(n=samples, max_new_tokens=cfg.algo.max_response_length, temperature=cfg.eval.temperature,
+                            top_p=cfg.eval.top_p, stop_token_ids=(tok.eos_id,), seed=seed)
+    groups = EmbeddedEngine(model=model, max_batch_size=512).generate(
+        [tok.encode_prompt(ex.messages) for ex in task.eval], params)
+    by_n: dict[int, list[tuple[list[bool], list[bool]]]] = {}
+    for ex, group in zip(task.eval, groups):
+        hits = [compute_score(tok.decode(g.token_ids), ex.ground_truth).correct for g in group]
+        cut = [g.finish_reason == "length" for g in group]
+        by_n.setdefault(ex.metadata["solution"].count("\n"), []).append((hits, cut))
+    lines = [f"{config}: {cfg.model.hf_dir}, {len(task.eval)} held-out problems x {samples} samples",
+             "| n | problems | accuracy % | truncated % | mixed groups |", "|---|---|---|---|---|"]
+    for n in sorted(by_n) + ["all"]:
+        rows = by_n[n] if n != "all" else [x for v in by_n.values() for x in v]
+        hits = [h for hs, _ in rows for h in hs]
+        cut = [c for _, cs in rows for c in cs]
+        mixed = sum(0 < sum(hs) < samples for hs, _ in rows)
+        lines.append(f"| {n} | {len(rows)} | {100 * sum(hits) / len(hits):.1f} | {100 * sum(cut) / len(cut):.1f} "
+                     f"| {mixed} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--groups", default="clip,loss,overlong,dynamic",
                    help="comma-separated subset of: " + ", ".join(MECHANISMS))
     p.add_argument("--seeds", type=int, default=3, help="seeds first-seed .. first-seed+N-1")
     p.add_argument("--first-seed", type=int, default=1)
-    p.add_argument("--steps", type=int, default=24, help="training steps per run (all runs)")
+    p.add_argument("--steps", type=int, default=32, help="training steps per run (all runs)")
     p.add_argument("--eval-every", type=int, default=4, help="held-out eval every N steps (all runs)")
     p.add_argument("--eval-prompts", type=int, default=100, help="held-out problems per eval (all runs)")
     p.add_argument("--only", default="", help="comma-separated settings to run (default: all of --groups)")
@@ -347,7 +387,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/mechanisms/results.jsonl")
     p.add_argument("--plots", default=None, help="directory for the PNGs (default: beside --out)")
     p.add_argument("--summarize", metavar="JSONL", help="only rebuild the tables and plots")
+    p.add_argument("--warm-start-report", action="store_true",
+                   help="only print the warm start's held-out accuracy, truncation and mixed groups by chain length")
     args = p.parse_args(argv)
+    if args.warm_start_report:
+        print(warm_start_report(args.config))
+        return 0
     if args.summarize:
         print(summarize(args.summarize, args.plots or os.path.dirname(os.path.abspath(args.summarize))))
         return 0
