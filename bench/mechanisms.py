@@ -215,6 +215,8 @@ def tables(rows: list[dict]) -> str:
 CHECKS = (
     ("clip-higher (Fig. 2)", "entropy (last 5) higher with eps_high 0.28", "dapo", "sym_clip",
      "entropy_last5", 1, "{:+.3f}", True),
+    ("clip-higher: the switch acts", "upper clip binds (clip high %) more often with eps_high 0.2", "sym_clip",
+     "dapo", "clip_frac_high", 100, "{:+.2f}", False),
     ("clip-higher (Fig. 2)", "entropy (mean of all steps) higher with eps_high 0.28", "dapo", "sym_clip",
      "entropy_all", 1, "{:+.3f}", False),
     ("clip-higher (Fig. 2)", "held-out accuracy (last 2 evals) higher", "dapo", "sym_clip",
@@ -239,6 +241,8 @@ CHECKS = (
      "no_shaping", "accuracy_last2", 100, "{:+.1f}", False),
     ("overlong filtering (Fig. 5)", "entropy (last 5) lower (steadier) with the filter", "no_shaping",
      "overlong_filter", "entropy_last5", 1, "{:+.3f}", False),
+    ("overlong filtering: the switch acts", "truncated % (mean of all steps) higher: truncated samples leave the "
+     "loss, so nothing shortens them", "overlong_filter", "no_shaping", "truncated_all", 100, "{:+.1f}", False),
     ("dynamic sampling (Fig. 6)", "held-out accuracy (last 2 evals) higher at equal steps", "dapo", "dyn_off",
      "accuracy_last2", 100, "{:+.1f}", True),
     ("dynamic sampling (Fig. 6)", "held-out accuracy (last eval) at equal generated samples", "dapo_equal_samples",
