@@ -262,8 +262,8 @@ def paired(rows: list[dict], larger: str, smaller: str, key: str) -> list[float]
 
 
 def check_table(rows: list[dict]) -> str:
-    out = ["| mechanism | claim (the paper's, or what the switch itself does) | larger - smaller (per seed) | mean ± std | "
-           "expected direction | > 2 std |", "|---|---|---|---|---|---|"]
+    out = ["| mechanism | claim (the paper's, or what the switch itself does) | larger - smaller (per seed) "
+           "| mean ± std | expected direction | > 2 std |", "|---|---|---|---|---|---|"]
     for mech, claim, larger, smaller, key, scale, fmt, primary in CHECKS:
         diffs = [scale * d for d in paired(rows, larger, smaller, key)]
         if not diffs:
