@@ -12,16 +12,24 @@ paper's figures compare them. The full-DAPO run of each seed is the shared side 
                                          overlong_filter (soft_overlong=false, overlong_filter=true)
     dynamic     dapo (on, equal steps)   dyn_off (dynamic_sampling=false)
                                          dapo_equal_samples (on, stopped once it has generated
-                                         the samples dyn_off generates in its steps)
+                                         the responses dyn_off generates in its steps: not run,
+                                         cut from the dapo run of the same seed, see below)
     cumulative  the paper's six, from bench/ablation.py (grpo ... dapo), on this task
 
 Each finished run is appended to the jsonl at once (setting, seed, the overrides, summary
 figures and per-step curves), and a rerun skips the (setting, seed) pairs already there,
 so an interrupted study resumes. `--summarize` rebuilds the tables and plots only.
 
-    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 20 --out runs/mech/results.jsonl
-    python bench/mechanisms.py --groups cumulative --seeds 3 --out runs/mech/results.jsonl
+A run is a deterministic function of its config and seed, and `trainer.max_steps` and
+`trainer.sample_budget` only decide where it stops (constant LR: `optimizer.lr_decay`), so
+dynamic sampling at dyn_off's budget is the dapo run of that seed up to the step at which it
+has generated as many responses (the trainer's stopping rule, `_budget_spent` in
+controller/loop.py): `equal_samples_rows` cuts it there instead of training it again.
+
+    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 32 --out runs/mech/results.jsonl
+    python bench/mechanisms.py --groups cumulative --seeds 3 --steps 16 --out runs/mech/results.jsonl
     python bench/mechanisms.py --summarize runs/mech/results.jsonl --plots docs/
+    python bench/mechanisms.py --warm-start-report   # what RL starts from, by chain length
 """
 
 from __future__ import annotations
@@ -41,23 +49,21 @@ from bench.ablation import settings as cumulative_settings  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "examples/tiny_chains.yaml"
 RETRIES = 3  # runs whose Ray cluster failed to start
-EQUAL_SAMPLES = "equal_samples"  # marker: stop at dyn_off's generated samples instead of its steps
 
 
-def common_overrides(steps: int) -> list[str]:
-    """Shared by every run (not tuned per setting): `steps` training steps, periodic eval."""
-    return ["checkpoint.save_every=0", "checkpoint.resume=false", "eval.every=4", "eval.max_prompts=64",
-            f"trainer.max_steps={steps}"]
+def common_overrides(steps: int, eval_every: int, eval_prompts: int) -> list[str]:
+    """Shared by every run (not tuned per setting): `steps` training steps, held-out eval of
+    `eval_prompts` problems every `eval_every` steps."""
+    return ["checkpoint.save_every=0", "checkpoint.resume=false", f"eval.every={eval_every}",
+            f"eval.max_prompts={eval_prompts}", f"trainer.max_steps={steps}"]
 
 
-def equal_samples_overrides(config: str, steps: int) -> list[str]:
-    """Dynamic sampling stopped once it has generated what dyn_off generates in `steps` steps
-    (train_batch_size x group_size per step), so it pays for the groups it drops."""
+def _samples_per_step(config: str) -> int:
+    """Responses one step generates without dynamic sampling: train_batch_size x group_size."""
     from dapo_megatron.config import load_config
 
     cfg = load_config(os.path.join(ROOT, config))
-    per_step = cfg.trainer.train_batch_size * cfg.algo.group_size
-    return [f"trainer.max_steps={10 * steps}", f"trainer.sample_budget={steps * per_step}"]
+    return cfg.trainer.train_batch_size * cfg.algo.group_size
 
 
 MECHANISMS: dict[str, dict[str, list[str]]] = {
@@ -65,9 +71,10 @@ MECHANISMS: dict[str, dict[str, list[str]]] = {
     "loss": {"dapo": [], "seq_mean": ["algo.loss_agg=seq-mean-token-mean"]},
     "overlong": {"dapo": [], "no_shaping": ["algo.soft_overlong=false"],
                  "overlong_filter": ["algo.soft_overlong=false", "algo.overlong_filter=true"]},
-    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": [EQUAL_SAMPLES]},
+    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": []},
     "cumulative": {"cum_" + name.lstrip("+"): over for name, over in cumulative_settings().items()},
 }
+DERIVED = {"dapo_equal_samples"}  # cut from other runs' records (equal_samples_rows), not run
 
 # Per-step keys kept in each record's curve: the trainer's own metric names.
 CURVE_KEYS = ("eval/avg@k", "eval/length_mean", "eval/length_max", "eval/truncated_frac",
@@ -76,11 +83,9 @@ CURVE_KEYS = ("eval/avg@k", "eval/length_mean", "eval/length_max", "eval/truncat
               "rollout/generated_samples_total", "dynamic_sampling/kept", "dynamic_sampling/generated")
 
 
-def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: str, steps: int) -> dict:
+def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: str, common: list[str],
+            steps: int) -> dict:
     run_dir = os.path.join(out_dir, f"{name}_seed{seed}")
-    common = common_overrides(steps)
-    if EQUAL_SAMPLES in overrides:
-        overrides = equal_samples_overrides(config, steps)
     args = [sys.executable, "-m", "dapo_megatron.cli", "train", config, *common, *overrides,
             f"trainer.seed={seed}", f"trainer.run_dir={run_dir}"]
     t0 = time.perf_counter()
@@ -118,6 +123,9 @@ def summary(curve: list[dict]) -> dict:
 
     return {
         "initial_accuracy": evals[0]["eval/avg@k"], "final_accuracy": evals[-1]["eval/avg@k"],
+        # The last two evals together: one eval of a few hundred samples moves by +-2 points.
+        "accuracy_last2": mean(evals[-2:], "eval/avg@k"),
+        "best_accuracy": max(c["eval/avg@k"] for c in evals),
         "initial_eval_truncated": evals[0]["eval/truncated_frac"],
         "final_eval_truncated": evals[-1]["eval/truncated_frac"],
         "initial_eval_length": evals[0]["eval/length_mean"], "final_eval_length": evals[-1]["eval/length_mean"],
@@ -125,9 +133,35 @@ def summary(curve: list[dict]) -> dict:
         "length_mean_last5": mean(last, "response/length_mean"),
         "length_max_last5": mean(last, "response/length_max"),
         "truncated_last5": mean(last, "response/truncated_frac"),
+        "train_accuracy_last5": mean(last, "train/accuracy"),
+        # Whole-run means: truncation is gone from every setting within ~10 steps (a truncated
+        # response has no answer, so it scores -1 with or without shaping), and the paper's
+        # figures are curves, not end points.
+        "truncated_all": mean(train, "response/truncated_frac"),
+        "length_max_all": mean(train, "response/length_max"),
+        "entropy_all": mean(train, "actor/entropy"),
         "clip_frac_low": mean(train, "actor/clip_frac_low"), "clip_frac_high": mean(train, "actor/clip_frac_high"),
         "generated_samples": train[-1].get("rollout/generated_samples_total") if train else 0,
     }
+
+
+def equal_samples_rows(rows: list[dict]) -> list[dict]:
+    """Dynamic sampling at the responses dyn_off generated: each seed's dapo record cut at the
+    first step whose running total of generated responses reaches dyn_off's total, where a
+    run with `trainer.sample_budget` set to that total stops (controller/loop.py)."""
+    out = []
+    for r in rows:
+        off = [d for d in rows if d["setting"] == "dyn_off" and d["seed"] == r["seed"]]
+        if r["setting"] != "dapo" or not off:
+            continue
+        budget = off[0]["generated_samples"]
+        stop = next((c["step"] for c in r["curve"]
+                     if c.get("rollout/generated_samples_total", 0) >= budget), r["steps"])
+        curve = [c for c in r["curve"] if c["step"] <= stop]
+        out.append({**{k: r[k] for k in ("seed", "common", "config", "budget_steps")},
+                    "setting": "dapo_equal_samples", "derived_from": f"dapo seed {r['seed']}",
+                    "sample_budget": budget, "steps": stop, "curve": curve, **summary(curve)})
+    return out
 
 
 # ---------------------------------------------------------------------------- reporting
@@ -173,12 +207,85 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+# The paper's claims as paired comparisons: (mechanism, claim, the setting the paper expects to
+# be larger, the one expected smaller, record key, scale, format, primary). A difference is
+# taken per seed (same seed, same held-out samples at step 0), so "larger minus smaller" > 0 is
+# the paper's direction; it counts as reproduced when its mean exceeds twice the std over seeds.
+# `primary` marks the one figure per mechanism that the issue's 3-of-4 goal is judged on.
+CHECKS = (
+    ("clip-higher (Fig. 2)", "entropy (last 5) higher with eps_high 0.28", "dapo", "sym_clip",
+     "entropy_last5", 1, "{:+.3f}", True),
+    ("clip-higher: the switch acts", "upper clip binds (clip high %) more often with eps_high 0.2", "sym_clip",
+     "dapo", "clip_frac_high", 100, "{:+.2f}", False),
+    ("clip-higher (Fig. 2)", "entropy (mean of all steps) higher with eps_high 0.28", "dapo", "sym_clip",
+     "entropy_all", 1, "{:+.3f}", False),
+    ("clip-higher (Fig. 2)", "held-out accuracy (last 2 evals) higher", "dapo", "sym_clip",
+     "accuracy_last2", 100, "{:+.1f}", False),
+    ("token-level loss (Fig. 4)", "max length (last 5) grows under seq-mean", "seq_mean", "dapo",
+     "length_max_last5", 1, "{:+.1f}", True),
+    ("token-level loss (Fig. 4)", "max length (mean of all steps) higher under seq-mean", "seq_mean", "dapo",
+     "length_max_all", 1, "{:+.1f}", False),
+    ("token-level loss (Fig. 4)", "entropy (last 5) higher under seq-mean", "seq_mean", "dapo",
+     "entropy_last5", 1, "{:+.3f}", False),
+    ("token-level loss (Fig. 4)", "held-out accuracy (last 2 evals) higher with token-mean", "dapo", "seq_mean",
+     "accuracy_last2", 100, "{:+.1f}", False),
+    ("soft overlong punishment (Fig. 5)", "truncated % (last 5) lower with punishment", "no_shaping", "dapo",
+     "truncated_last5", 100, "{:+.1f}", True),
+    ("soft overlong punishment (Fig. 5)", "truncated % (mean of all steps) lower with punishment", "no_shaping",
+     "dapo", "truncated_all", 100, "{:+.1f}", False),
+    ("soft overlong punishment (Fig. 5)", "max length (mean of all steps) lower with punishment", "no_shaping",
+     "dapo", "length_max_all", 1, "{:+.1f}", False),
+    ("soft overlong punishment (Fig. 5)", "held-out accuracy (last 2 evals) higher with punishment", "dapo",
+     "no_shaping", "accuracy_last2", 100, "{:+.1f}", False),
+    ("overlong filtering (Fig. 5)", "held-out accuracy (last 2 evals) higher with the filter", "overlong_filter",
+     "no_shaping", "accuracy_last2", 100, "{:+.1f}", False),
+    ("overlong filtering (Fig. 5)", "entropy (last 5) lower (steadier) with the filter", "no_shaping",
+     "overlong_filter", "entropy_last5", 1, "{:+.3f}", False),
+    ("overlong filtering: the switch acts", "truncated % (mean of all steps) higher: truncated samples leave the "
+     "loss, so nothing shortens them", "overlong_filter", "no_shaping", "truncated_all", 100, "{:+.1f}", False),
+    ("dynamic sampling (Fig. 6)", "held-out accuracy (last 2 evals) higher at equal steps", "dapo", "dyn_off",
+     "accuracy_last2", 100, "{:+.1f}", True),
+    ("dynamic sampling (Fig. 6)", "held-out accuracy (last eval) at equal generated samples", "dapo_equal_samples",
+     "dyn_off", "final_accuracy", 100, "{:+.1f}", False),
+) + tuple(
+    ("cumulative (Table 1)", f"held-out accuracy (last 2 evals) of {n} above naive GRPO", n, "cum_grpo",
+     "accuracy_last2", 100, "{:+.1f}", False)
+    for n in MECHANISMS["cumulative"] if n != "cum_grpo")
+
+
+def paired(rows: list[dict], larger: str, smaller: str, key: str) -> list[float]:
+    """Per seed, `larger`'s figure minus `smaller`'s, over the seeds both have."""
+    by = {(r["setting"], r["seed"]): r.get(key) for r in rows}
+    seeds = sorted({s for (n, s) in by if n == larger} & {s for (n, s) in by if n == smaller})
+    return [by[(larger, s)] - by[(smaller, s)] for s in seeds
+            if by[(larger, s)] is not None and by[(smaller, s)] is not None]
+
+
+def check_table(rows: list[dict]) -> str:
+    out = ["| mechanism | claim (the paper's, or what the switch itself does) | larger - smaller (per seed) "
+           "| mean ± std | expected direction | > 2 std |", "|---|---|---|---|---|---|"]
+    for mech, claim, larger, smaller, key, scale, fmt, primary in CHECKS:
+        diffs = [scale * d for d in paired(rows, larger, smaller, key)]
+        if not diffs:
+            continue
+        m, sd = _stats(diffs)
+        per_seed = ", ".join(fmt.format(d) for d in diffs)
+        name = f"**{mech}**" if primary else mech
+        out.append(f"| {name} | {claim} | {larger} - {smaller}: {per_seed} | {fmt.format(m)} ± "
+                   f"{fmt.format(sd).lstrip('+')} | {'yes' if m > 0 else 'no'} | "
+                   f"{'yes' if m > 0 and m > 2 * sd and len(diffs) > 1 else 'no'} |")
+    return "\n".join(out)
+
+
+SAMPLES_X = "eval/avg@k by samples"  # the panel whose x axis is the responses generated so far
 PANELS = (("eval/avg@k", "held-out avg@4"), ("actor/entropy", "entropy (train batch)"),
           ("response/length_mean", "response length, mean"), ("response/length_max", "response length, max"),
           ("response/truncated_frac", "truncated share (train batch)"),
           ("actor/clip_frac_high", "clip fraction high (A>0, r>1+eps_high)"),
           ("actor/clip_frac_low", "clip fraction low (A<0, r<1-eps_low)"),
-          ("eval/truncated_frac", "truncated share (held-out)"))
+          ("eval/truncated_frac", "truncated share (held-out)"),
+          ("train/accuracy", "accuracy (train batch)"),
+          (SAMPLES_X, "held-out avg@4 vs responses generated"))
 
 
 def plot(rows: list[dict], group: str, path: str) -> bool:
@@ -190,11 +297,22 @@ def plot(rows: list[dict], group: str, path: str) -> bool:
     present = [n for n in MECHANISMS[group] if any(r["setting"] == n for r in rows)]
     if len(present) < 2:
         return False
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    per_step = _samples_per_step(rows[0]["config"])
+    fig, axes = plt.subplots(2, 5, figsize=(22, 7))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, PANELS):
         for i, n in enumerate(present):
             runs = [r for r in rows if r["setting"] == n]
+            if key == SAMPLES_X:
+                # Each seed on its own (their x values differ): held-out accuracy against the
+                # responses generated so far, in units of one step without dynamic sampling,
+                # the comparison at equal samples (Fig. 6).
+                for j, r in enumerate(runs):
+                    pts = [(c.get("rollout/generated_samples_total", 0.0) / per_step, c["eval/avg@k"])
+                           for c in r["curve"] if "eval/avg@k" in c]
+                    ax.plot(*zip(*pts), color=colors[i % len(colors)], alpha=0.6, marker="o", ms=3,
+                            label=n if j == 0 else None)
+                continue
             by_step: dict[int, list[float]] = {}
             for r in runs:
                 for c in r["curve"]:
@@ -209,7 +327,7 @@ def plot(rows: list[dict], group: str, path: str) -> bool:
             ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
                             color=colors[i % len(colors)], alpha=0.15)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(f"responses generated / {per_step}" if key == SAMPLES_X else "step")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     budgets = sorted({r["budget_steps"] for r in rows if r["setting"] in present})
@@ -223,7 +341,11 @@ def plot(rows: list[dict], group: str, path: str) -> bool:
 def summarize(path: str, plot_dir: str) -> str:
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    text = tables(rows)
+    # The figures from each record's curve again, so a figure added to `summary` covers old records.
+    rows = [{**r, **summary(r["curve"])} for r in rows]
+    rows += equal_samples_rows(rows)
+    text = tables(rows) + "\n### paired differences (bold: the figure the 3-of-4 goal is judged on)\n\n" + \
+        check_table(rows)
     with open(os.path.splitext(path)[0] + "_tables.md", "w") as f:
         f.write(text + "\n")
     os.makedirs(plot_dir, exist_ok=True)
@@ -232,19 +354,66 @@ def summarize(path: str, plot_dir: str) -> str:
     return text
 
 
+def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
+    """What RL starts from: the config's warm start on the whole held-out split, `samples`
+    responses per problem at the eval temperature, by chain length n: accuracy, truncated
+    share, and how many problems' groups are mixed (0 < #correct < samples), the only groups
+    that carry a gradient (DAPO sec. 3.2)."""
+    from dapo_megatron.config import load_config
+    from dapo_megatron.controller.task import load_task
+    from dapo_megatron.reward import compute_score
+    from dapo_megatron.rollout.embedded import EmbeddedEngine, build_hf_model
+    from dapo_megatron.rollout.protocol import SamplingParams
+    from safetensors.torch import load_file
+
+    cfg = load_config(os.path.join(ROOT, config))
+    task = load_task(cfg)
+    tok = task.tokenizer
+    model = build_hf_model(cfg.model.hf_config_dict(vocab_size=cfg.model.vocab_size or tok.vocab_size))
+    model.load_state_dict(load_file(os.path.join(ROOT, cfg.model.hf_dir, "model.safetensors")), strict=False)
+    model.tie_weights()
+    model.eval()
+    params = SamplingParams(n=samples, max_new_tokens=cfg.algo.max_response_length, temperature=cfg.eval.temperature,
+                            top_p=cfg.eval.top_p, stop_token_ids=(tok.eos_id,), seed=seed)
+    groups = EmbeddedEngine(model=model, max_batch_size=512).generate(
+        [tok.encode_prompt(ex.messages) for ex in task.eval], params)
+    by_n: dict[int, list[tuple[list[bool], list[bool]]]] = {}
+    for ex, group in zip(task.eval, groups):
+        hits = [compute_score(tok.decode(g.token_ids), ex.ground_truth).correct for g in group]
+        cut = [g.finish_reason == "length" for g in group]
+        by_n.setdefault(ex.metadata["solution"].count("\n"), []).append((hits, cut))
+    lines = [f"{config}: {cfg.model.hf_dir}, {len(task.eval)} held-out problems x {samples} samples",
+             "| n | problems | accuracy % | truncated % | mixed groups |", "|---|---|---|---|---|"]
+    for n in sorted(by_n) + ["all"]:
+        rows = by_n[n] if n != "all" else [x for v in by_n.values() for x in v]
+        hits = [h for hs, _ in rows for h in hs]
+        cut = [c for _, cs in rows for c in cs]
+        mixed = sum(0 < sum(hs) < samples for hs, _ in rows)
+        lines.append(f"| {n} | {len(rows)} | {100 * sum(hits) / len(hits):.1f} | {100 * sum(cut) / len(cut):.1f} "
+                     f"| {mixed} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--groups", default="clip,loss,overlong,dynamic",
                    help="comma-separated subset of: " + ", ".join(MECHANISMS))
     p.add_argument("--seeds", type=int, default=3, help="seeds first-seed .. first-seed+N-1")
     p.add_argument("--first-seed", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20, help="training steps per run (all runs)")
+    p.add_argument("--steps", type=int, default=32, help="training steps per run (all runs)")
+    p.add_argument("--eval-every", type=int, default=4, help="held-out eval every N steps (all runs)")
+    p.add_argument("--eval-prompts", type=int, default=100, help="held-out problems per eval (all runs)")
     p.add_argument("--only", default="", help="comma-separated settings to run (default: all of --groups)")
     p.add_argument("--config", default=CONFIG)
     p.add_argument("--out", default="runs/mechanisms/results.jsonl")
     p.add_argument("--plots", default=None, help="directory for the PNGs (default: beside --out)")
     p.add_argument("--summarize", metavar="JSONL", help="only rebuild the tables and plots")
+    p.add_argument("--warm-start-report", action="store_true",
+                   help="only print the warm start's held-out accuracy, truncation and mixed groups by chain length")
     args = p.parse_args(argv)
+    if args.warm_start_report:
+        print(warm_start_report(args.config))
+        return 0
     if args.summarize:
         print(summarize(args.summarize, args.plots or os.path.dirname(os.path.abspath(args.summarize))))
         return 0
@@ -263,14 +432,15 @@ def main(argv=None) -> int:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for g in groups:
             for name, overrides in MECHANISMS[g].items():
-                if args.only and name not in args.only.split(","):
+                if name in DERIVED or (args.only and name not in args.only.split(",")):
                     continue
                 if (name, seed) not in done and (name, seed) not in seen:
                     seen.add((name, seed))
                     plan.append((name, overrides, seed))
     for i, (name, overrides, seed) in enumerate(plan, 1):
         print(f"[mechanisms] {i}/{len(plan)} {name} seed {seed} ...", flush=True)
-        rec = run_one(name, overrides, seed, out_dir, args.config, args.steps)
+        common = common_overrides(args.steps, args.eval_every, args.eval_prompts)
+        rec = run_one(name, overrides, seed, out_dir, args.config, common, args.steps)
         print(f"[mechanisms] {name} seed {seed}: held-out {rec['initial_accuracy']:.3f} -> "
               f"{rec['final_accuracy']:.3f}, entropy {rec['entropy_last5']:.3f}, truncated "
               f"{rec['truncated_last5']:.3f}, {rec['steps']} steps in {rec['seconds']:.0f}s", flush=True)
