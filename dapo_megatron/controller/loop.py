@@ -30,6 +30,7 @@ import torch
 from dapo_megatron.algo import BatchAssembler
 from dapo_megatron.config import DapoConfig, check_run_paths, dump_config
 from dapo_megatron.controller import checkpoint as ckpt_io
+from dapo_megatron.controller import rollout_state
 from dapo_megatron.controller.async_rollout import BackgroundRollout
 from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
@@ -292,8 +293,6 @@ class Trainer:
             "generated_tokens": self.generated_tokens,
             "sampler": self.sampler.state_dict(),
             "carried_groups": self.assembler.carried_groups(),  # surplus="carry" only
-            "carried_partials": self.carried,  # rollout.partial_rollouts only
-            "prefetched_rollout": self._prefetched,  # rollout.max_staleness > 0 only
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -307,6 +306,8 @@ class Trainer:
         tools/convert_hf.py --to-hf: the HF config that ran, the tokenizer, the generation
         config."""
         self.policy.save(path, state)
+        # Carried partials and the prefetched rollout (partial rollouts, async training).
+        rollout_state.write(path, self.carried, self._prefetched)
         carry_hf_files(path, self.hf_config,
                        [self.cfg.model.hf_dir, getattr(self.task.tokenizer, "path", None)])
 
@@ -354,8 +355,7 @@ class Trainer:
         self.generated_tokens = int(state.get("generated_tokens", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.assembler.restore_carried(state.get("carried_groups") or [])
-        self.carried = list(state.get("carried_partials") or [])
-        self._prefetched = state.get("prefetched_rollout")
+        self.carried, self._prefetched = rollout_state.read(path)
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
