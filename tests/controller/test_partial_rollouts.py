@@ -11,6 +11,7 @@ import pytest
 
 from dapo_megatron.algo import BatchAssembler
 from dapo_megatron.config import ConfigError, load_config
+from dapo_megatron.controller import rollout_state
 from dapo_megatron.controller.engines import EnginePool
 from dapo_megatron.controller.rollout_phase import collect_train_groups, staleness_bound
 from dapo_megatron.data.sampler import PromptSampler
@@ -48,7 +49,7 @@ def _set_version(pool, engines, version):
     pool.weight_version = version
 
 
-def test_aborted_responses_are_carried_and_continued_under_new_weights(pool):
+def test_aborted_responses_are_carried_and_continued_under_new_weights(pool, tmp_path):
     over = {"rollout.partial_rollouts": True}
     p, engines = pool(**over)
     cfg, tok = _cfg(**over), CharTokenizer()
@@ -92,6 +93,14 @@ def test_aborted_responses_are_carried_and_continued_under_new_weights(pool):
     assert m["partial/continued_responses"] == 8 and m["partial/finished_responses"] == 8
     # The count: a continued response is counted once, its new tokens are.
     assert sum(e.continued for e in engines) == 8
+
+    # What a checkpoint keeps of them comes back equal (plain JSON, floats exact).
+    path = str(tmp_path)
+    rollout_state.write(path, second.carried, second)
+    carried, prefetched = rollout_state.read(path)
+    assert carried == second.carried and prefetched == second
+    assert [s.logprobs for g in prefetched.groups for s in g.samples] == \
+        [s.logprobs for g in second.groups for s in g.samples]
 
 
 def _group(index, version, n=4):
