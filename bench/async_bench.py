@@ -5,6 +5,7 @@ Two settings of `examples/tiny_cpu.yaml`, the same number of steps and seeds eac
     sync    the default (colocated, rollout.max_staleness=0)
     async   rollout.placement=disaggregated rollout.num_engines=1 rollout.max_staleness=1:
             generation of step t+1 overlaps training of step t (controller/async_rollout.py)
+    async_tis  async with algo.rollout_correction=token-tis (run with --settings)
 
 Every run is the real trainer (one subprocess each, run one after another). Reported per
 run: wall-clock seconds per step (mean of time/step over steps without an evaluation, and
@@ -29,6 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = {
     "sync": [],
     "async": ["rollout.placement=disaggregated", "rollout.num_engines=1", "rollout.max_staleness=1"],
+    # The same with the one-version gap corrected token by token (truncated IS against the
+    # engine's log-probs, algo/correction.py).
+    "async_tis": ["rollout.placement=disaggregated", "rollout.num_engines=1", "rollout.max_staleness=1",
+                  "algo.rollout_correction=token-tis"],
 }
 
 
@@ -78,9 +83,10 @@ def summarize(rows: list[dict]) -> str:
             f"{statistics.fmean(r['step_loop_seconds'] / r['steps'] for r in mine):.3f} | "
             f"{col(name, 'engine_idle_mean')[1]} | {col(name, 'trainer_idle_mean')[1]} | {per_seed} |")
     sync = [r["step_seconds_mean"] for r in rows if r["setting"] == "sync"]
-    asy = [r["step_seconds_mean"] for r in rows if r["setting"] == "async"]
-    if sync and asy:
-        lines.append(f"\nspeed-up (mean s/step, sync / async): {statistics.fmean(sync) / statistics.fmean(asy):.2f}x")
+    for name in [n for n in SETTINGS if n != "sync"]:
+        other = [r["step_seconds_mean"] for r in rows if r["setting"] == name]
+        if sync and other:
+            lines.append(f"speed-up (mean s/step, sync / {name}): {statistics.fmean(sync) / statistics.fmean(other):.2f}x")
     return "\n".join(lines)
 
 
