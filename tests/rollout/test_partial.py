@@ -11,6 +11,7 @@
   queued behind the engine's lock never run a forward pass.
 """
 
+import dataclasses
 import threading
 
 import pytest
@@ -81,7 +82,7 @@ def test_continuation_under_new_weights_keeps_each_tokens_version_and_logprob():
     params = SamplingParams(n=2, max_new_tokens=1000, seed=0)
     engine = ScriptedEngine(_script, step_s=0.0)
     full = engine.generate(PROMPTS[:1], params, ["x-0"])[0]
-    cut = [dataclasses_replace(s, token_ids=s.token_ids[:5], logprobs=s.logprobs[:5], finish_reason="abort")
+    cut = [dataclasses.replace(s, token_ids=s.token_ids[:5], logprobs=s.logprobs[:5], finish_reason="abort")
            for s in full]
     engine.weight_version = 3
     group = CarriedGroup(None, PROMPTS[0], cut, 0, "x-0")
@@ -95,12 +96,6 @@ def test_continuation_under_new_weights_keeps_each_tokens_version_and_logprob():
         assert s.weight_version == 3 and s.request_id == "x-0"
     assert staleness(done, train_version=4) == [4, 4]
     assert stale(done, 4, bound=3) and not stale(done, 4, bound=4)
-
-
-def dataclasses_replace(sample, **kw):
-    import dataclasses
-
-    return dataclasses.replace(sample, **kw)
 
 
 def test_several_calls_per_engine_keep_prompt_order_and_count():
@@ -133,7 +128,7 @@ def test_embedded_continuation_equals_uninterrupted_response(cuts):
     engine = _engine(max_batch_size=8)
     params = SamplingParams(n=3, max_new_tokens=24, seed=11, temperature=1.3)
     reference = engine.generate(PROMPTS[:2], params, ["r-0", "r-1"])
-    group = [dataclasses_replace(s, token_ids=s.token_ids[:k], logprobs=s.logprobs[:k], finish_reason="abort")
+    group = [dataclasses.replace(s, token_ids=s.token_ids[:k], logprobs=s.logprobs[:k], finish_reason="abort")
              for s, k in zip(reference[1], cuts)]
     carried = CarriedGroup(None, PROMPTS[1], group, params.seed, "r-1")
     # Continued in another call, next to a fresh prompt, under other request ids.
