@@ -249,7 +249,7 @@ class RolloutRound:
                 if aborted:
                     self._results.put(("done", number, None))
                     return
-                if engine_is_healthy(self.manager.engines[index]):
+                if engine_is_healthy(engine):  # the one that failed: another call may have replaced it
                     self._results.put(("error", number, err))
                     return
                 try:

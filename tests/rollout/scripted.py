@@ -78,6 +78,8 @@ class ScriptedEngine:
         step = 0
         while len(finish) < sum(len(row) for row in rows):
             time.sleep(self.step_s)
+            if self._dead:  # died in another call: every call in flight fails with it
+                raise EngineDied("scripted engine died during this call")
             for i, rid in enumerate(request_ids):
                 for j, (_, start, _) in enumerate(rows[i]):
                     if (i, j) in finish:

@@ -112,6 +112,28 @@ def test_several_calls_per_engine_keep_prompt_order_and_count():
     assert manager.produced.tokens == sum(e.tokens for e in engines)
 
 
+def test_an_engine_dying_with_several_calls_in_flight_is_replaced_once():
+    params = SamplingParams(n=2, max_new_tokens=1000, seed=0)
+    prompts = [[i % 7 + 1, i % 5 + 2] for i in range(12)]
+    reference = list(RolloutManager([ScriptedEngine(_script, step_s=0.0)]).submit(prompts, params, "d"))
+    made = [ScriptedEngine(_script, step_s=0.002)]
+
+    def factory(index):
+        made.append(ScriptedEngine(_script, step_s=0.002))
+        return made[-1]
+
+    manager = RolloutManager([made[0]], factory=factory, calls_per_engine=3)
+    round_ = manager.submit(prompts, params, "d", prompts_per_call=2)
+    while made[0].running < 3:
+        threading.Event().wait(0.001)
+    made[0]._dead = True  # dies with three calls in flight
+    got = list(round_)
+    # The three calls failed together; one replacement, their chunks retried in order.
+    assert manager.restarts == 1 and len(made) == 2
+    assert [g.prompt_index for g in got] == list(range(12))
+    assert [[s.token_ids for s in g.samples] for g in got] == [[s.token_ids for s in g.samples] for g in reference]
+
+
 # ---------------------------------------------------------------- the embedded engine
 
 def _engine(**kw):
