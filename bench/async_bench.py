@@ -49,13 +49,18 @@ def run_one(name: str, seed: int, steps: int, out_dir: str, config: str) -> dict
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (exit {proc.returncode}); see {log.name}")
+    return {**read_run(run_dir, name, seed), "run_seconds": seconds}
+
+
+def read_run(run_dir: str, name: str, seed: int) -> dict:
+    """The row of one finished run, from its metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     train = [r for r in records if r["step"] > 0]
     plain = [r["time/step"] for r in train if r.get("eval/avg@k") is None]
     evals = {r["step"]: r["eval/avg@k"] for r in records if r.get("eval/avg@k") is not None}
     return {
-        "setting": name, "seed": seed, "steps": len(train), "run_seconds": seconds,
+        "setting": name, "seed": seed, "steps": len(train),
         "step_seconds_mean": statistics.fmean(plain),
         "step_loop_seconds": sum(r["time/step"] for r in train),
         "engine_idle_mean": statistics.fmean(r["time/engine_idle"] for r in train),
@@ -98,7 +103,19 @@ def main() -> None:
     ap.add_argument("--settings", default="sync,async")
     ap.add_argument("--out", default="runs/async_bench")
     ap.add_argument("--summarize", default=None, help="print the table of a results.jsonl and exit")
+    ap.add_argument("--from-runs", action="store_true",
+                    help="print the table of the finished <setting>_seed<N> runs in --out and exit")
     args = ap.parse_args()
+    if args.from_runs:
+        rows = []
+        for entry in sorted(os.listdir(args.out)):
+            name, _, seed = entry.rpartition("_seed")
+            if name in SETTINGS and os.path.isdir(os.path.join(args.out, entry)):
+                row = read_run(os.path.join(args.out, entry), name, int(seed))
+                if row["steps"] == args.steps and row["avg_at_k_final"] is not None:
+                    rows.append(row)
+        print(summarize(rows))
+        return
     if args.summarize:
         with open(args.summarize) as f:
             print(summarize([json.loads(line) for line in f if line.strip()]))
