@@ -57,7 +57,7 @@ def read_run(run_dir: str, name: str, seed: int) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     train = [r for r in records if r["step"] > 0]
-    plain = [r["time/step"] for r in train if r.get("eval/avg@k") is None]
+    plain = [r["time/step"] for r in train if r.get("eval/avg@k") is None] or [float("nan")]
     evals = {r["step"]: r["eval/avg@k"] for r in records if r.get("eval/avg@k") is not None}
     return {
         "setting": name, "seed": seed, "steps": len(train),
@@ -110,7 +110,7 @@ def main() -> None:
         rows = []
         for entry in sorted(os.listdir(args.out)):
             name, _, seed = entry.rpartition("_seed")
-            if name in SETTINGS and os.path.isdir(os.path.join(args.out, entry)):
+            if name in SETTINGS and os.path.exists(os.path.join(args.out, entry, "metrics.jsonl")):
                 row = read_run(os.path.join(args.out, entry), name, int(seed))
                 if row["steps"] == args.steps and row["avg_at_k_final"] is not None:
                     rows.append(row)
