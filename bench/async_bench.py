@@ -111,7 +111,10 @@ def main() -> None:
         for entry in sorted(os.listdir(args.out)):
             name, _, seed = entry.rpartition("_seed")
             if name in SETTINGS and os.path.exists(os.path.join(args.out, entry, "metrics.jsonl")):
-                row = read_run(os.path.join(args.out, entry), name, int(seed))
+                try:
+                    row = read_run(os.path.join(args.out, entry), name, int(seed))
+                except statistics.StatisticsError:  # still at step 0
+                    continue
                 if row["steps"] == args.steps and row["avg_at_k_final"] is not None:
                     rows.append(row)
         print(summarize(rows))
