@@ -205,6 +205,19 @@ class RolloutConfig:
     # frozen and replaced, its chunk keeping its place in the round.
     hang_timeout_s: float = 600.0
     max_engine_restarts: int = 3  # dead engines replaced per run before giving up
+    # Generate calls in flight per engine (0: 1 for embedded, which decodes one call at a
+    # time; 4 for SGLang, which serves many requests at once), so one call's longest
+    # response does not hold up the next chunk.
+    calls_per_engine: int = 0
+    # Partial rollouts (rollout/partial.py): responses still generating when the batch fills
+    # are stopped with their tokens, log-probs and versions and continued first next step
+    # (same random stream, newer weights); the correction weighs each token by its own
+    # engine log-prob. Embedded engine only. Off: they are discarded.
+    partial_rollouts: bool = False
+    # Asynchronous training (controller/async_rollout.py): > 0 generates step t+1 while step
+    # t trains (disaggregated placement only) and drops groups whose oldest token is more
+    # than this many weight versions behind the policy that trains on them. 0: synchronous.
+    max_staleness: int = 0
 
 
 @dataclass
@@ -558,6 +571,7 @@ def _validate(cfg: DapoConfig) -> None:
     _check(0 < r.temperature, "rollout.temperature", "must be > 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(0 < r.sglang_mem_fraction < 1, "rollout.sglang_mem_fraction", "must be in (0, 1)")
+    _validate_async_rollout(cfg)
     d = cfg.data
     _check(1 <= d.synthetic_min_steps <= d.synthetic_max_steps, "data.synthetic_min_steps",
            f"need 1 <= synthetic_min_steps <= synthetic_max_steps (got {d.synthetic_min_steps}, "
@@ -616,6 +630,19 @@ def _validate_gpu_features(cfg: DapoConfig) -> None:
                + ". On Hopper (H100/H200, 9.0) use fp8_recipe delayed, tensorwise or blockwise")
 
 
+def _validate_async_rollout(cfg: DapoConfig) -> None:
+    r = cfg.rollout
+    if r.max_staleness > 0:
+        _check(r.placement == "disaggregated", "rollout.max_staleness",
+               f"= {r.max_staleness} overlaps generation with training, which needs engines that keep "
+               "their memory while the policy trains: set rollout.placement=disaggregated (with "
+               "rollout.num_engines), or rollout.max_staleness=0")
+    if r.partial_rollouts:
+        _check(r.engine == "embedded", "rollout.partial_rollouts",
+               "continuing a response on its own random stream is implemented for the embedded "
+               "engine only; set rollout.partial_rollouts=false with rollout.engine=sglang")
+
+
 def _validate_loss_and_correction(cfg: DapoConfig) -> None:
     a = cfg.algo
     if a.clip_ratio_c is not None:
@@ -658,6 +685,8 @@ NUMERIC_RANGES: dict[str, tuple] = {
     "rollout.engine_tp": _GE1, "rollout.engine_num_cpus": _GE1,
     "rollout.sglang_mem_fraction": (lambda v: 0 < v < 1, "must be in (0, 1)"),
     "rollout.weight_bucket_mb": _GE1, "rollout.max_engine_restarts": _GE0, "rollout.hang_timeout_s": _GT0,
+    "rollout.calls_per_engine": (lambda v: v >= 0, "must be >= 0 (0: 1 for embedded, 4 for SGLang)"),
+    "rollout.max_staleness": (lambda v: v >= 0, "must be >= 0 (0: synchronous training)"),
     "data.synthetic_train_size": _GE1, "data.synthetic_eval_size": _GE0,
     "data.synthetic_max_addend": _GE1, "data.synthetic_max_factor": _GE1,
     "data.synthetic_min_steps": _GE1, "data.synthetic_max_steps": _GE1,

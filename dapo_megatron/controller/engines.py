@@ -20,8 +20,17 @@ from dapo_megatron.watchdog import ping_patience
 
 logger = logging.getLogger(__name__)
 
-# Sequences decoded together by one embedded engine call (its KV-cache batch).
+# Sequences decoded together by one embedded engine call (its KV-cache batch). SGLang
+# schedules its own batches, so its calls have no row cap.
 EMBEDDED_BATCH_ROWS = 256
+# rollout.calls_per_engine=0: calls in flight per engine. The embedded engine decodes one
+# call at a time (a second would only wait); SGLang serves many requests at once.
+AUTO_CALLS_PER_ENGINE = {"embedded": 1, "sglang": 4}
+
+
+def calls_per_engine(rollout_cfg) -> int:
+    """Generate calls in flight per engine (rollout.calls_per_engine, 0: by engine kind)."""
+    return rollout_cfg.calls_per_engine or AUTO_CALLS_PER_ENGINE[rollout_cfg.engine]
 
 
 class WeightSource(Protocol):
@@ -45,8 +54,10 @@ class EnginePool:
         _wait_started(engines)
         self.manager = RolloutManager(engines, factory=self._replacement,
                                       max_restarts=cfg.rollout.max_engine_restarts,
-                                      on_replace=self._resync, hang_timeout_s=cfg.rollout.hang_timeout_s)
+                                      on_replace=self._resync, hang_timeout_s=cfg.rollout.hang_timeout_s,
+                                      calls_per_engine=calls_per_engine(cfg.rollout))
         self._round = None
+        self._leftovers: list = []  # of the last aborted round (rollout/partial.py carries them)
 
     @property
     def engines(self) -> list:
@@ -79,11 +90,14 @@ class EnginePool:
         if r.engine == "sglang":
             from dapo_megatron.rollout.sglang_engine import create_sglang_actor
 
-            return create_sglang_actor(self.cfg, self.hf_config, engine_index=index, slot=slot, **placement)
+            return create_sglang_actor(self.cfg, self.hf_config, engine_index=index, slot=slot,
+                                       max_concurrency=4 + calls_per_engine(r), **placement)
         from dapo_megatron.rollout.embedded import create_embedded_actor
 
+        # Room for abort() and a sync's calls beside the generate calls in flight.
         return create_embedded_actor(self.hf_config, num_cpus=slot.resources["CPU"],
-                                     max_batch_size=EMBEDDED_BATCH_ROWS, num_threads=r.engine_num_cpus)
+                                     max_batch_size=EMBEDDED_BATCH_ROWS, num_threads=r.engine_num_cpus,
+                                     max_concurrency=8 + calls_per_engine(r))
 
     # ------------------------------------------------------------------ weights and memory
     def sync_weights(self, version: int, engines: list | None = None) -> dict[str, float]:
@@ -132,11 +146,19 @@ class EnginePool:
         """Take back what release_memory freed: ["weights"] before a sync, ["kv_cache"] after."""
         _on_all(self.engines, "resume_memory", tags)
 
-    def generate_streaming(self, prompts: list[list[int]], params: SamplingParams, tag: str):
-        """Yield ([prompt index], [its n samples]) for each group as it completes."""
-        per_call = max(1, EMBEDDED_BATCH_ROWS // params.n)
-        per_call = min(per_call, max(1, -(-len(prompts) // (2 * len(self.engines)))))
-        self._round = self.manager.submit(prompts, params, tag, prompts_per_call=per_call)
+    def generate_streaming(self, prompts: list[list[int]], params: SamplingParams, tag: str,
+                           resume: list | None = None):
+        """Yield ([prompt index], [its n samples]) for each group as it completes.
+
+        resume[i] (not None): continue those carried responses of prompt i (protocol.Resume);
+        its group then holds their new tokens only."""
+        # Two chunks per call slot, so an early abort saves real work.
+        slots = len(self.engines) * self.manager.calls_per_engine
+        per_call = max(1, -(-len(prompts) // (2 * slots)))
+        if self.cfg.rollout.engine == "embedded":
+            per_call = min(per_call, max(1, EMBEDDED_BATCH_ROWS // params.n))
+        self._leftovers = []
+        self._round = self.manager.submit(prompts, params, tag, prompts_per_call=per_call, resume=resume)
         try:
             for group in self._round:
                 yield [group.prompt_index], [group.samples]
@@ -144,9 +166,16 @@ class EnginePool:
             self._round = None
 
     def abort_all(self) -> None:
-        """Abort the chunks of the current round that are still generating."""
+        """Abort the chunks of the current round that are still generating; what the round
+        generated but did not yield is then `take_leftovers()`."""
         if self._round is not None:
             self._round.abort(wait=True)
+            self._leftovers = self._round.leftovers()
+
+    def take_leftovers(self) -> list:
+        """The last aborted round's unyielded groups (`RolloutRound.leftovers`), once."""
+        out, self._leftovers = self._leftovers, []
+        return out
 
     def shutdown(self) -> None:
         """Let each engine end its own processes first: an SGLang server runs in its own

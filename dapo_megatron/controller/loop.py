@@ -7,6 +7,8 @@
 
 The memory phases are what lets colocated SGLang and Megatron share GPUs; each call is a
 no-op where there is nothing to move (CPU, the embedded engine), but is always made.
+With `rollout.max_staleness` > 0 the next step's rollout is collected while this step
+trains (controller/async_rollout.py); the engines then keep their memory.
 
 `Trainer` owns the Ray actors (policy ranks, rollout engines), the reward scorer, the
 prompt sampler and the metrics; the phases themselves live in their modules.
@@ -28,6 +30,8 @@ import torch
 from dapo_megatron.algo import BatchAssembler
 from dapo_megatron.config import DapoConfig, check_run_paths, dump_config
 from dapo_megatron.controller import checkpoint as ckpt_io
+from dapo_megatron.controller import rollout_state
+from dapo_megatron.controller.async_rollout import BackgroundRollout
 from dapo_megatron.controller.batch import batch_metrics, build_rollout_batch
 from dapo_megatron.controller.engines import EnginePool
 from dapo_megatron.controller.eval_phase import evaluate
@@ -105,6 +109,9 @@ class Trainer:
         self._saved_step = 0  # the step of the newest checkpoint (resumed or written)
         self.generated_samples = 0  # responses the engines generated for training (the budget's count)
         self.generated_tokens = 0
+        self.carried = []  # partial rollouts: groups the next collection continues
+        self._prefetched = None  # async: the next step's rollout, collected during this one
+        self._background = None
 
     # ------------------------------------------------------------------ the run
     def run(self) -> list[dict]:
@@ -178,17 +185,44 @@ class Trainer:
             return True
         return False
 
+    def _collect(self, step: int, train_version: int | None = None):
+        """The rollout of `step` (continuing self.carried); leaves its carried groups."""
+        rollout = collect_train_groups(
+            cfg=self.cfg, step=step, sampler=self.sampler, tokenizer=self.task.tokenizer,
+            engines=self.engines, scorer=self.scorer, assembler=self.assembler,
+            carried=self.carried, train_version=train_version,
+        )
+        self.carried = rollout.carried
+        return rollout
+
+    def _join_background(self) -> None:
+        """Wait for the next step's rollout (the waiting is trainer idle time)."""
+        if self._background is None:
+            return
+        self._prefetched, waited, ran = self._background.join()
+        self._background = None
+        self._trainer_idle += waited
+        self._engine_busy += ran
+
     def train_step(self) -> dict[str, float]:
         """One DAPO step; returns its metrics."""
         cfg, t0 = self.cfg, time.perf_counter()
         crashes_before = self.scorer.crashes
-        rollout = collect_train_groups(
-            cfg=cfg, step=self.step, sampler=self.sampler, tokenizer=self.task.tokenizer,
-            engines=self.engines, scorer=self.scorer, assembler=self.assembler,
-        )
+        overlap = cfg.rollout.max_staleness > 0
+        if self._prefetched is not None:
+            rollout, self._prefetched = self._prefetched, None
+            self._trainer_idle = self._engine_busy = 0.0
+        else:
+            rollout = self._collect(self.step)
+            self._trainer_idle = self._engine_busy = time.perf_counter() - t0
         # The budget counts every response the engines generated, not the groups scored.
         self.generated_samples += rollout.generated.responses
         self.generated_tokens += rollout.generated.tokens
+        budget = cfg.trainer.sample_budget
+        if overlap and self.step < cfg.trainer.max_steps and not (budget and self.generated_samples >= budget):
+            # Trained on at the version this step's update pushes (if it updates at all).
+            version = self.step if rollout.groups else self.engines.weight_version
+            self._background = BackgroundRollout(lambda s=self.step + 1: self._collect(s, version))
         log_examples(rollout.groups, cfg.logging.num_examine, tag=f"step {self.step}")
         metrics = {
             **rollout.stats.as_metrics(), **rollout.metrics(),
@@ -205,9 +239,14 @@ class Trainer:
         else:
             logger.warning("step %d: no group with a learning signal after %d rounds; skipping the update",
                            self.step, rollout.stats.rounds)
+        self._join_background()
         if cfg.eval.every and self.step % cfg.eval.every == 0:
             metrics.update(self.evaluate())
         metrics["time/step"] = time.perf_counter() - t0
+        # Idle: the trainer waiting for rollouts; the engines outside their collections
+        # (eval and weight pushes count as idle: they are not this step's generation).
+        metrics["time/trainer_idle"] = self._trainer_idle
+        metrics["time/engine_idle"] = max(0.0, metrics["time/step"] - self._engine_busy)
         return metrics
 
     def _train_on(self, groups) -> dict[str, float]:
@@ -217,13 +256,18 @@ class Trainer:
         batch = build_rollout_batch(groups, cfg.algo)
         warn_if_no_learning_signal(self.step, batch)
         t1 = time.perf_counter()
-        self.engines.release_memory()
+        overlap = cfg.rollout.max_staleness > 0
+        if not overlap:  # overlapped: the engines generate the next rollout meanwhile
+            self.engines.release_memory()
         self.policy.onload()
         t2 = time.perf_counter()
         train_metrics = self.policy.train(batch)  # actor/*, mismatch/*, correction/*, time/*
         t3 = time.perf_counter()
         if cfg.trainer.offload:
             self.policy.offload()
+        if overlap:
+            # Every rollout is generated under one version: the push waits for the next one.
+            self._join_background()
         sync = self.sync_weights()
         t4 = time.perf_counter()
         return {
@@ -265,6 +309,8 @@ class Trainer:
         tools/convert_hf.py --to-hf: the HF config that ran, the tokenizer, the generation
         config."""
         self.policy.save(path, state)
+        # Carried partials and the prefetched rollout (partial rollouts, async training).
+        rollout_state.write(path, self.carried, self._prefetched)
         carry_hf_files(path, self.hf_config,
                        [self.cfg.model.hf_dir, getattr(self.task.tokenizer, "path", None)])
 
@@ -312,6 +358,7 @@ class Trainer:
         self.generated_tokens = int(state.get("generated_tokens", 0))
         self.sampler.load_state_dict(state["sampler"])
         self.assembler.restore_carried(state.get("carried_groups") or [])
+        self.carried, self._prefetched = rollout_state.read(path)
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])

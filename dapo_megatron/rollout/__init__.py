@@ -7,6 +7,7 @@ sglang_api.py    SGLang's HTTP wire format: launch args, payloads, answers, name
 sglang_engine.py SGLangEngine: one SGLang server per node / TP group, restart on death
 buckets.py       size-bounded weight buckets and strict HF-name loading
 manager.py       dispatch of rounds over engines, streamed groups, abort, engine replacement
+partial.py       partial rollouts: carried groups, continuation requests, stitching, staleness
 """
 
 from dapo_megatron.rollout.embedded import EmbeddedEngine, build_hf_model, create_embedded_actor

@@ -7,7 +7,10 @@ sequences: each distinct prompt of a chunk is prefilled once (left-padded) and i
 cache copied to its n samples, then all rows decode together; finished rows are dropped
 from the batch (and their cache) as they finish, so long tails do not pay for short ones.
 Sampling is ours, in fp32 (dapo_megatron.rollout.sampling), one random stream per
-sequence seeded from (seed, request_id, sample_index).
+sequence seeded from (seed, request_id, sample_index); token t of a response takes the
+stream's t-th uniform. A continued response (protocol.Resume) re-derives its stream by
+drawing the len(prefix) uniforms its prefix used, so "the same stream" means the same
+uniform at the same token position, whichever call or weights drew the earlier tokens.
 
 Runs in-process, or as a Ray actor through ``create_embedded_actor``.
 """
@@ -25,6 +28,7 @@ import torch
 from dapo_megatron.malloc import limit_malloc_retention
 from dapo_megatron.rollout.buckets import StrictLoader
 from dapo_megatron.rollout.protocol import (
+    Resume,
     Sample,
     SamplingParams,
     WeightBucket,
@@ -32,7 +36,7 @@ from dapo_megatron.rollout.protocol import (
     default_request_ids,
 )
 from dapo_megatron.rollout.routing import RouterTap
-from dapo_megatron.rollout.sampling import row_seed, sample_next_tokens
+from dapo_megatron.rollout.sampling import draw_uniforms, row_seed, sample_next_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +68,19 @@ class _Row:
     """Bookkeeping of one sequence being generated."""
 
     __slots__ = ("prompt_index", "sample_index", "request_id", "gen", "tokens", "logprobs", "raw",
-                 "routes")
+                 "routes", "prefix")
 
-    def __init__(self, prompt_index: int, sample_index: int, request_id: str, seed: int):
+    def __init__(self, prompt_index: int, sample_index: int, request_id: str, seed: int,
+                 resume: Resume | None = None):
         self.prompt_index = prompt_index
         self.sample_index = sample_index
         self.request_id = request_id
-        self.gen = torch.Generator().manual_seed(row_seed(seed, request_id, sample_index))
+        stream_id = request_id if resume is None else resume.stream_id
+        self.gen = torch.Generator().manual_seed(row_seed(seed, stream_id, sample_index))
+        # A continuation's prefix: drawn already (one uniform per token, as sample_next_tokens).
+        self.prefix: tuple[int, ...] = () if resume is None else tuple(resume.token_ids)
+        for _ in self.prefix:
+            draw_uniforms([self.gen])
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.raw: list[float] = []
@@ -137,12 +147,19 @@ class EmbeddedEngine:
         prompts: list[list[int]],
         params: SamplingParams,
         request_ids: list[str] | None = None,
+        resume: list[list[Resume] | None] | None = None,
     ) -> list[list[Sample]]:
-        """Sample params.n responses per prompt; result[i][j] is sample j of prompts[i]."""
+        """Sample params.n responses per prompt; result[i][j] is sample j of prompts[i].
+
+        resume[i] (protocol.RolloutEngine.generate): continue those samples of prompt i
+        instead; their Samples hold the new tokens only."""
         if request_ids is None:
             request_ids = default_request_ids(len(prompts))
         if len(request_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request_ids")
+        resume = resume if resume is not None else [None] * len(prompts)
+        if len(resume) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(resume)} resume entries")
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompt {i} ({request_ids[i]}) is empty")
@@ -156,11 +173,12 @@ class EmbeddedEngine:
             raise ValueError("stop_strings need a decoder: pass decode= to EmbeddedEngine")
         with self._lock:
             self._check_usable()
-            rows = [
-                _Row(i, j, request_ids[i], params.seed)
-                for i in range(len(prompts))
-                for j in range(params.n)
-            ]
+            rows = []
+            for i in range(len(prompts)):
+                if resume[i] is None:
+                    rows += [_Row(i, j, request_ids[i], params.seed) for j in range(params.n)]
+                else:
+                    rows += [_Row(i, r.sample_index, request_ids[i], r.seed, r) for r in resume[i]]
             finish: dict[int, str] = {}
             for start in range(0, len(rows), self.max_batch_size):
                 chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
@@ -203,6 +221,10 @@ class EmbeddedEngine:
         for k in chunk:
             if k not in live:
                 finish[k] = "abort"
+        # A continuation whose prefix already used the whole budget has nothing to draw.
+        for k in [k for k in live if len(rows[k].prefix) >= params.max_new_tokens]:
+            finish[k] = "length"
+            live.remove(k)
         if not live:
             return
         tap = self._router_tap
@@ -214,19 +236,24 @@ class EmbeddedEngine:
 
     def _decode_chunk(self, prompts: list[list[int]], rows: list[_Row], live: list[int],
                       params: SamplingParams, finish: dict[int, str]) -> None:
-        # Prefill each distinct prompt once, then copy its cache to its samples.
-        unique: list[int] = []
+        # Prefill each distinct prompt (+ continuation prefix) once, then copy its cache to
+        # its samples.
+        def key(k: int) -> tuple:
+            return rows[k].prompt_index, rows[k].prefix
+
+        unique: list[tuple] = []
         for k in live:
-            if not unique or unique[-1] != rows[k].prompt_index:
-                unique.append(rows[k].prompt_index)
+            if not unique or unique[-1] != key(k):
+                unique.append(key(k))
         slot_of = {p: u for u, p in enumerate(unique)}
-        max_len = max(len(prompts[p]) for p in unique)
+        full = [list(prompts[p]) + list(prefix) for p, prefix in unique]
+        max_len = max(len(ids) for ids in full)
         input_ids = torch.zeros(len(unique), max_len, dtype=torch.long)
         attn = torch.zeros(len(unique), max_len, dtype=torch.long)
-        for u, p in enumerate(unique):
+        for u, ids in enumerate(full):
             # Left padding keeps every row's next token at the same column.
-            input_ids[u, max_len - len(prompts[p]) :] = torch.tensor(prompts[p])
-            attn[u, max_len - len(prompts[p]) :] = 1
+            input_ids[u, max_len - len(ids) :] = torch.tensor(ids)
+            attn[u, max_len - len(ids) :] = 1
         input_ids, attn = input_ids.to(self.device), attn.to(self.device)
         positions = (attn.cumsum(-1) - 1).clamp_(min=0)
         from transformers import DynamicCache
@@ -241,12 +268,12 @@ class EmbeddedEngine:
             logits_to_keep=1,
         )
         tap = self._router_tap
-        if tap.recording:  # prompt positions: the real (right-aligned) columns of each slot
+        if tap.recording:  # prefilled positions: the real (right-aligned) columns of each slot
             routes = tap.take(len(unique), max_len)
             for k in live:
-                p = rows[k].prompt_index
-                rows[k].routes.append(routes[slot_of[p], max_len - len(prompts[p]):])
-        expand = torch.tensor([slot_of[rows[k].prompt_index] for k in live], device=self.device)
+                u = slot_of[key(k)]
+                rows[k].routes.append(routes[u, max_len - len(full[u]):])
+        expand = torch.tensor([slot_of[key(k)] for k in live], device=self.device)
         if len(unique) != len(live) or not torch.equal(expand, torch.arange(len(live), device=self.device)):
             cache.batch_select_indices(expand)
         logits = out.logits[:, -1, :][expand]
@@ -254,7 +281,7 @@ class EmbeddedEngine:
         next_pos = positions[:, -1][expand] + 1
         stop_ids = torch.tensor(params.stop_token_ids or [-1], device=self.device)
 
-        for step in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens - min(len(rows[k].prefix) for k in live)):
             tokens, lps, raws = sample_next_tokens(
                 logits,
                 [rows[k].gen for k in live],
@@ -275,10 +302,10 @@ class EmbeddedEngine:
                     row.raw.append(raw_list[r])
                 if is_stop[r] or self._hit_stop_string(row, params):
                     finish[k] = "stop"
+                elif len(row.prefix) + len(row.tokens) == params.max_new_tokens:
+                    finish[k] = "length"  # a full-length response is finished, aborted or not
                 elif self._is_aborted(row.request_id):
                     finish[k] = "abort"
-                elif step == params.max_new_tokens - 1:
-                    finish[k] = "length"
                 else:
                     keep.append(r)
             if not keep:
@@ -306,7 +333,7 @@ class EmbeddedEngine:
     def _hit_stop_string(self, row: _Row, params: SamplingParams) -> bool:
         if not params.stop_strings:
             return False
-        text = self.decode(row.tokens)
+        text = self.decode(list(row.prefix) + row.tokens)
         return any(s in text for s in params.stop_strings)
 
     def abort(self, request_ids: list[str]) -> None:
@@ -446,6 +473,7 @@ def create_embedded_actor(
     *,
     num_cpus: float = 1,
     num_gpus: float = 0,
+    max_concurrency: int = 8,
     **engine_kwargs: Any,
 ):
     """An EmbeddedEngine as a Ray actor (ray must be initialised).
@@ -457,6 +485,6 @@ def create_embedded_actor(
     import ray
 
     actor_cls = ray.remote(EmbeddedEngine)
-    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=8).remote(
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=max_concurrency).remote(
         hf_config, **engine_kwargs
     )

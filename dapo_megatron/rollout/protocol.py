@@ -113,6 +113,9 @@ class Sample:
     raw_logprobs: [T] temperature-1 untruncated log-probs, or None if not requested.
     routed_experts: [prompt_len + T - 1, layers, top_k] integer tensor of expert ids (module
         doc), or None if not requested or the model has no experts.
+    token_versions: [T] the weight version each token was drawn under, for a response
+        continued over several versions (partial rollouts, rollout/partial.py); None: every
+        token is at weight_version.
     """
 
     token_ids: list[int]
@@ -124,6 +127,7 @@ class Sample:
     weight_version: int = 0
     raw_logprobs: list[float] | None = None
     routed_experts: torch.Tensor | None = None
+    token_versions: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.finish_reason not in FINISH_REASONS:
@@ -147,6 +151,24 @@ def compact_expert_ids(ids: torch.Tensor) -> torch.Tensor:
     return ids.to(torch.uint8 if small else torch.int16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Continue one sample of a request from its partial response (partial rollouts).
+
+    The engine generates sample ``sample_index`` of the request as if ``token_ids`` had
+    already been drawn: the prompt plus ``token_ids`` is the prefix, ``max_new_tokens``
+    counts the whole response (prefix included), and the sample draws from its own random
+    stream, the one of ``(seed, stream_id, sample_index)`` at token position
+    ``len(token_ids)``. With the weights it started under, a continued response therefore
+    equals the uninterrupted one. The returned Sample holds the new tokens only.
+    """
+
+    sample_index: int
+    token_ids: tuple[int, ...]
+    seed: int
+    stream_id: str
+
+
 def default_request_ids(num_prompts: int, prefix: str = "req") -> list[str]:
     """Request ids "req-0" .. for callers that do not name their requests."""
     return [f"{prefix}-{i}" for i in range(num_prompts)]
@@ -163,8 +185,13 @@ class RolloutEngine(Protocol):
         prompts: list[list[int]],
         params: SamplingParams,
         request_ids: list[str] | None = None,
+        resume: list[list[Resume] | None] | None = None,
     ) -> list[list[Sample]]:
-        """Sample params.n responses for each token-id prompt; result[i] has n Samples."""
+        """Sample params.n responses for each token-id prompt; result[i] has n Samples.
+
+        resume[i], when given and not None, replaces prompt i's n fresh samples by the
+        continuations it lists (result[i] then has one Sample per Resume, in its order).
+        Engines that cannot continue a response raise NotImplementedError."""
         ...
 
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:

@@ -276,8 +276,12 @@ class SGLangEngine:
         prompts: list[list[int]],
         params: SamplingParams,
         request_ids: list[str] | None = None,
+        resume: list | None = None,
     ) -> list[list[Sample]]:
         """Sample params.n responses per prompt; restarts the server and retries on death."""
+        if resume is not None and any(r is not None for r in resume):
+            raise NotImplementedError("SGLang engine: continuing partial responses (rollout.partial_rollouts) "
+                                      "is not implemented; the config refuses it")
         request_ids = request_ids or default_request_ids(len(prompts))
         if len(request_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request_ids")
@@ -645,6 +649,7 @@ def create_sglang_actor(
     engine_index: int = 0,
     slot: Any = None,
     num_cpus: float = 1,
+    max_concurrency: int = 4,
     **ray_options: Any,
 ):
     """An SGLangEngine in a Ray actor; cfg is a DapoConfig or an SGLangConfig.
@@ -660,6 +665,6 @@ def create_sglang_actor(
     scfg = cfg if isinstance(cfg, SGLangConfig) else sglang_config_from(cfg, engine_index, slot)
     tied = bool((hf_config or {}).get("tie_word_embeddings", False))
     actor_cls = ray.remote(SGLangEngine)
-    return actor_cls.options(num_cpus=num_cpus, num_gpus=0, max_concurrency=4, **ray_options).remote(
+    return actor_cls.options(num_cpus=num_cpus, num_gpus=0, max_concurrency=max_concurrency, **ray_options).remote(
         scfg, tie_word_embeddings=tied, exit_on_death=True
     )
