@@ -121,7 +121,7 @@ def packed_throughput(args) -> dict:
     return out
 
 
-def _peak_bytes(fn) -> int:
+def peak_bytes(fn) -> int:
     """Peak bytes allocated (above the start) while ``fn`` runs, from profiler events."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -169,7 +169,7 @@ def logprob_memory(batch: int, seq: int, vocab: int) -> dict:
             logits.grad = None
             ctx = torch.enable_grad() if backward else torch.no_grad()
             with ctx:
-                peak = _peak_bytes(make(backward))
+                peak = peak_bytes(make(backward))
             key = f"{name}_{'fwd_bwd' if backward else 'fwd'}_peak_over_logits"
             out[key] = peak / logits_bytes
     return out
@@ -198,8 +198,8 @@ def chunked_memory(tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
         return go
 
     return {"logits_bytes": logits_bytes, "chunk": chunk,
-            "whole_fwd_bwd_peak_over_logits": _peak_bytes(run(False)) / logits_bytes,
-            "chunked_fwd_bwd_peak_over_logits": _peak_bytes(run(True)) / logits_bytes}
+            "whole_fwd_bwd_peak_over_logits": peak_bytes(run(False)) / logits_bytes,
+            "chunked_fwd_bwd_peak_over_logits": peak_bytes(run(True)) / logits_bytes}
 
 
 def main(argv=None) -> int:

@@ -141,6 +141,14 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None
 
 
+def _check_shapes(logits: torch.Tensor, ids: torch.Tensor) -> None:
+    if logits.dim() != 3 or ids.dim() != 2 or logits.shape[:2] != ids.shape:
+        raise ValueError(
+            f"logits must be [batch, seq, vocab_local] and input_ids [batch, seq] with the same "
+            f"batch and seq; got logits {tuple(logits.shape)} and input_ids {tuple(ids.shape)}"
+        )
+
+
 def next_token_logprobs_and_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -158,12 +166,7 @@ def next_token_logprobs_and_entropy(
     Args and returns as ``token_logprobs_and_entropy``, except that ``targets``
     ``[batch, seq]`` are the ids each position predicts and the results are not shifted.
     """
-    if logits.dim() != 3 or targets.dim() != 2 or logits.shape[:2] != targets.shape:
-        raise ValueError(
-            f"logits must be [batch, seq, vocab_local] and input_ids [batch, seq] with the same "
-            f"batch and seq; got logits {tuple(logits.shape)} and input_ids "
-            f"{tuple(targets.shape)}"
-        )
+    _check_shapes(logits, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 to score log-probs, got {temperature}")
     group, tp_rank = _tp_group_and_rank(tp_group)
@@ -220,12 +223,7 @@ def token_logprobs_and_entropy(
         ``input_ids[:, t]`` from the logits at ``t - 1``; position 0 is 0. Both are
         differentiable with respect to ``logits``.
     """
-    if logits.dim() != 3 or input_ids.dim() != 2 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(
-            f"logits must be [batch, seq, vocab_local] and input_ids [batch, seq] with the same "
-            f"batch and seq; got logits {tuple(logits.shape)} and input_ids "
-            f"{tuple(input_ids.shape)}"
-        )
+    _check_shapes(logits, input_ids)
     # Row t predicts token t + 1; the last row's target is a dummy (its result is dropped).
     target = torch.roll(input_ids, shifts=-1, dims=1)
     logprob_next, entropy_next = next_token_logprobs_and_entropy(

@@ -4,30 +4,16 @@ instead of the micro-batch's (measured with the torch profiler's allocation even
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 import torch
 
 torch.set_num_threads(1)
 
 
 def _peak_bytes(fn) -> int:
-    """Peak bytes allocated above the start while ``fn`` runs (CPU allocator events)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak bytes allocated above the start while ``fn`` runs (the bench's measurement)."""
+    from bench.train_bench import peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path, encoding="utf-8") as f:
-        events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0))):
-        live += e["args"]["Bytes"]
-        peak = max(peak, live)
-    return peak
+    return peak_bytes(fn)
 
 
 def _problem(tokens, hidden, vocab, dtype):
