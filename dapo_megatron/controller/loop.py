@@ -295,7 +295,6 @@ class Trainer:
             "generated_samples": self.generated_samples,
             "generated_tokens": self.generated_tokens,
             "sampler": self.sampler.state_dict(),
-            "carried_groups": self.assembler.carried_groups(),  # surplus="carry" only
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -310,7 +309,8 @@ class Trainer:
         config."""
         self.policy.save(path, state)
         # Carried partials and the prefetched rollout (partial rollouts, async training).
-        rollout_state.write(path, self.carried, self._prefetched)
+        # Not in `state`: the policy's common state is loaded weights-only (no dataclasses).
+        rollout_state.write(path, self.carried, self._prefetched, self.assembler.carried_groups())
         carry_hf_files(path, self.hf_config,
                        [self.cfg.model.hf_dir, getattr(self.task.tokenizer, "path", None)])
 
@@ -357,8 +357,8 @@ class Trainer:
         self.generated_samples = int(state.get("generated_samples", 0))
         self.generated_tokens = int(state.get("generated_tokens", 0))
         self.sampler.load_state_dict(state["sampler"])
-        self.assembler.restore_carried(state.get("carried_groups") or [])
-        self.carried, self._prefetched = rollout_state.read(path)
+        self.carried, self._prefetched, surplus = rollout_state.read(path)
+        self.assembler.restore_carried(surplus)
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])

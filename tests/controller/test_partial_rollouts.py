@@ -8,6 +8,7 @@ version it was drawn under. Groups older than the bound are dropped and counted.
 """
 
 import pytest
+import torch
 
 from dapo_megatron.algo import BatchAssembler
 from dapo_megatron.config import ConfigError, load_config
@@ -97,8 +98,8 @@ def test_aborted_responses_are_carried_and_continued_under_new_weights(pool, tmp
     # What a checkpoint keeps of them comes back equal (plain JSON, floats exact).
     path = str(tmp_path)
     rollout_state.write(path, second.carried, second)
-    carried, prefetched = rollout_state.read(path)
-    assert carried == second.carried and prefetched == second
+    carried, prefetched, surplus = rollout_state.read(path)
+    assert carried == second.carried and prefetched == second and surplus == []
     assert [s.logprobs for g in prefetched.groups for s in g.samples] == \
         [s.logprobs for g in second.groups for s in g.samples]
 
@@ -161,3 +162,33 @@ def test_config_refuses_what_cannot_work():
         load_config(None, ["rollout.calls_per_engine=-2"])
     cfg = load_config(None, ["rollout.max_staleness=1", "rollout.placement=disaggregated", "rollout.num_engines=1"])
     assert cfg.rollout.max_staleness == 1
+
+
+def test_surplus_groups_survive_a_checkpoint_that_loads_weights_only(tmp_path):
+    """algo.surplus=carry keeps groups for the next batch. They used to ride in the policy's
+    common checkpoint state, which megatron loads with torch.load(weights_only=True): a
+    non-empty list could not be resumed. They now go to rollout_state.json."""
+    import io
+
+    import megatron.core  # noqa: F401 - registers megatron's safe globals, as a resume does
+
+    from dapo_megatron.algo import Group
+    from dapo_megatron.controller.rollout_phase import ScoredGroup
+
+    carried = _group(3, 0)
+    carried.samples[1].routed_experts = torch.tensor([[[3, 1]], [[0, 2]]], dtype=torch.uint8)  # r3's routes
+    scored = ScoredGroup(carried.payload, carried.prompt_ids, carried.samples, ["a", "b", "c", "d"],
+                         [True, False, False, True], [1.0, -1.0, -1.0, 1.0], [None, "wrong", "wrong", None])
+    surplus = [Group(payload=scored, rewards=torch.tensor([0.75, -1.0, -1.25, 1.0]),
+                     correct=torch.tensor([True, False, False, True]))]
+    buf = io.BytesIO()
+    torch.save({"carried_groups": surplus}, buf)
+    buf.seek(0)
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        torch.load(buf)  # what the old checkpoint layout met on resume
+    rollout_state.write(str(tmp_path), [], None, surplus)
+    _, _, got = rollout_state.read(str(tmp_path))
+    assert len(got) == 1 and got[0].payload.texts == scored.texts
+    assert got[0].payload.samples[1].routed_experts.dtype == torch.uint8
+    assert torch.equal(got[0].payload.samples[1].routed_experts, scored.samples[1].routed_experts)
+    assert torch.equal(got[0].rewards, surplus[0].rewards) and torch.equal(got[0].correct, surplus[0].correct)
