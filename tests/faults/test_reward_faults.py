@@ -59,6 +59,7 @@ def test_worker_crashes_are_in_the_step_metrics(tmp_path, monkeypatch):
     trainer.step, trainer.generated_samples, trainer.generated_tokens = 1, 0, 0
     trainer.engines = types.SimpleNamespace(restarts=0)
     trainer.sampler = trainer.assembler = trainer.task = types.SimpleNamespace(tokenizer=None)
+    trainer.carried, trainer._prefetched, trainer._background = [], None, None  # no partials, no overlap
     with RewardPool(num_workers=1, timeout_s=5.0, score_fn=crash_once) as trainer.scorer:
         first = trainer.train_step()
         second = trainer.train_step()  # the marker exists now: no crash
