@@ -110,7 +110,7 @@ class PolicyTrainer:
         from dapo_megatron.policy.parallel import init_parallel
 
         # Packed rows by default (packing.py); padded rows with trainer.sequence_packing=false.
-        self.sequence_packing = bool(getattr(trainer, "sequence_packing", True))
+        self.sequence_packing = trainer.sequence_packing
         if parallel.cp > 1 and not self.sequence_packing:
             raise ValueError(f"parallel.cp={parallel.cp} splits packed rows: set "
                              "trainer.sequence_packing=true (or use cp=1)")
@@ -203,7 +203,7 @@ class PolicyTrainer:
         from dapo_megatron.policy.chunked_logits import defer_output_layer
         from dapo_megatron.policy.model import unwrap
 
-        bound = int(getattr(self.trainer_cfg, "logits_chunk_mb", 0)) * 2**20
+        bound = self.trainer_cfg.logits_chunk_mb * 2**20
         for chunk in chunks:
             defer_output_layer(unwrap(chunk), bound)
 
@@ -603,7 +603,7 @@ def _routing_replay(hf_config, algo, overrides: dict):
     moe_enable_routing_replay on every router), None for a dense one, where
     ``algo.routing_replay`` other than none is refused."""
     args = _model_args(hf_config)
-    mode = getattr(algo, "routing_replay", "none")
+    mode = algo.routing_replay
     if not args.is_moe:
         if mode != "none":
             raise ValueError(f"algo.routing_replay={mode} replays MoE routing, but the model is "
