@@ -12,6 +12,7 @@ import os
 import ray
 import torch
 
+from dapo_megatron import malloc
 from dapo_megatron.controller.batch import RolloutBatch
 
 
@@ -37,9 +38,7 @@ class PolicyWorker:
 
     def __init__(self, cfg, hf_config: dict, rank: int, world_size: int, master_addr: str, master_port: int):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        from dapo_megatron.malloc import limit_malloc_retention
-
-        limit_malloc_retention()  # weight-sync buckets are built and freed every step
+        malloc.steady_state()  # push_weights lowers the mmap threshold only while it runs
         from dapo_megatron.policy.train import PolicyTrainer
 
         self.cfg = cfg
@@ -86,18 +85,20 @@ class PolicyWorker:
             error = err
         # A failed push (a dead or hung engine) stops this rank's pushing but not its part in
         # the export's TP all-gathers: the other ranks must not be left waiting in one.
-        for bucket in self.trainer.export_weights(r.weight_bucket_mb * 2**20):
-            if error is None:
-                try:
-                    if group is not None:
-                        group.push(bucket)
-                    else:
-                        push_bucket_colocated(engines, bucket, r.engine, r.engine_tp, r.hang_timeout_s,
-                                              tie_word_embeddings=self.tie_word_embeddings)
-                    sent += sum(t.numel() * t.element_size() for _, t in bucket)
-                except Exception as err:  # noqa: BLE001
-                    error = err
-            del bucket
+        # Each bucket's memory goes back to the OS when it is freed (malloc.py).
+        with malloc.returned_to_os():
+            for bucket in self.trainer.export_weights(r.weight_bucket_mb * 2**20):
+                if error is None:
+                    try:
+                        if group is not None:
+                            group.push(bucket)
+                        else:
+                            push_bucket_colocated(engines, bucket, r.engine, r.engine_tp, r.hang_timeout_s,
+                                                  tie_word_embeddings=self.tie_word_embeddings)
+                        sent += sum(t.numel() * t.element_size() for _, t in bucket)
+                    except Exception as err:  # noqa: BLE001
+                        error = err
+                del bucket
         if group is not None:
             group.close()
         if error is not None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from dapo_megatron.malloc import limit_malloc_retention
+from dapo_megatron import malloc
 from dapo_megatron.rollout.buckets import StrictLoader
 from dapo_megatron.rollout.protocol import (
     Resume,
@@ -110,7 +110,7 @@ class EmbeddedEngine:
     ):
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        limit_malloc_retention()  # weight-sync buckets arrive and are freed every step
+        malloc.steady_state()  # a weight-update session lowers the mmap threshold (malloc.py)
         if model is None:
             if hf_config is None:
                 raise ValueError("EmbeddedEngine needs hf_config or model")
@@ -369,6 +369,7 @@ class EmbeddedEngine:
             self._weights_valid = False
             self._pending_version = int(version)
             self._sync_start = time.perf_counter()
+            malloc.bucket_phase()  # the buckets' memory back to the OS as each is freed
 
     def load_weight_bucket(self, bucket: WeightBucket) -> None:
         """Copy one bucket of HF-named tensors into the model (inside a session)."""
@@ -390,7 +391,10 @@ class EmbeddedEngine:
             loader, self._loader = self._loader, None
             if loader is None:
                 raise RuntimeError("end_weight_update without begin_weight_update")
-            loader.finish()
+            try:
+                loader.finish()
+            finally:
+                malloc.steady_state()
             self._weights_valid = True
             self.weight_version = self._pending_version
             seconds = time.perf_counter() - self._sync_start
