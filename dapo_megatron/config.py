@@ -211,8 +211,9 @@ class RolloutConfig:
     calls_per_engine: int = 0
     # Partial rollouts (rollout/partial.py): responses still generating when the batch fills
     # are stopped with their tokens, log-probs and versions and continued first next step
-    # (same random stream, newer weights); the correction weighs each token by its own
-    # engine log-prob. Embedded engine only. Off: they are discarded.
+    # (embedded engine: the same random stream; SGLang: a seed of the continuation's own,
+    # sglang_api.plan_samples), under newer weights; the correction weighs each token by its
+    # own engine log-prob. Off: they are discarded.
     partial_rollouts: bool = False
     # Asynchronous training (controller/async_rollout.py): > 0 generates step t+1 while step
     # t trains (disaggregated placement only) and drops groups whose oldest token is more
@@ -637,10 +638,6 @@ def _validate_async_rollout(cfg: DapoConfig) -> None:
                f"= {r.max_staleness} overlaps generation with training, which needs engines that keep "
                "their memory while the policy trains: set rollout.placement=disaggregated (with "
                "rollout.num_engines), or rollout.max_staleness=0")
-    if r.partial_rollouts:
-        _check(r.engine == "embedded", "rollout.partial_rollouts",
-               "continuing a response on its own random stream is implemented for the embedded "
-               "engine only; set rollout.partial_rollouts=false with rollout.engine=sglang")
 
 
 def _validate_loss_and_correction(cfg: DapoConfig) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, compact_expert_ids
+from dapo_megatron.rollout.protocol import Resume, Sample, SamplingParams, WeightBucket, compact_expert_ids
 from dapo_megatron.rollout.sampling import row_seed
 
 
@@ -148,38 +148,84 @@ def sample_rid(request_id: str, sample_index: int) -> str:
     return f"{request_id}/{sample_index}"
 
 
+@dataclasses.dataclass(frozen=True)
+class PlannedSample:
+    """One SGLang request of a /generate call: one sample of one prompt, fresh or continued."""
+
+    prompt_index: int
+    request_id: str
+    sample_index: int
+    input_ids: list[int]  # the prompt, plus the partial response of a continuation
+    max_new_tokens: int
+    sampling_seed: int
+
+
+def plan_samples(prompts: list[list[int]], params: SamplingParams, request_ids: list[str],
+                 resume: list[list[Resume] | None] | None = None) -> list[PlannedSample]:
+    """The requests of one generate call, in result order: params.n fresh samples per prompt,
+    or, where ``resume[i]`` lists continuations, one per Resume (protocol.RolloutEngine).
+
+    A continuation sends the prompt plus its partial response as the prefix (SGLang's radix
+    cache finds the prompt's KV) with the rest of the token budget. SGLang draws a request's
+    tokens from its ``sampling_seed`` alone, from the first new token on, so the uninterrupted
+    stream cannot be resumed mid-way: a continuation gets a seed of its own, from its stream
+    and the prefix length. It is deterministic per (stream, sample, prefix) but not token-equal
+    to the response that was never interrupted, unlike the embedded engine's.
+    """
+    resume = resume if resume is not None else [None] * len(prompts)
+    if len(resume) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(resume)} resume entries")
+    planned = []
+    for i, (prompt, rid, cont) in enumerate(zip(prompts, request_ids, resume)):
+        if cont is None:
+            planned += [PlannedSample(i, rid, j, list(prompt), params.max_new_tokens,
+                                      row_seed(params.seed, rid, j)) for j in range(params.n)]
+            continue
+        for r in cont:
+            left = params.max_new_tokens - len(r.token_ids)
+            if left < 1:
+                raise ValueError(f"resume of {rid}/{r.sample_index}: its partial response has "
+                                 f"{len(r.token_ids)} tokens, no budget left of max_new_tokens="
+                                 f"{params.max_new_tokens}")
+            seed = row_seed(r.seed, f"{r.stream_id}@{len(r.token_ids)}", r.sample_index)
+            planned.append(PlannedSample(i, rid, r.sample_index, list(prompt) + list(r.token_ids),
+                                         left, seed))
+    return planned
+
+
 def build_generate_payload(
     prompts: list[list[int]],
     params: SamplingParams,
     request_ids: list[str],
+    resume: list[list[Resume] | None] | None = None,
 ) -> dict[str, Any]:
-    """The /generate body: every prompt repeated n times, one rid and seed per sample.
+    """The /generate body: one request per planned sample (plan_samples), each with its own
+    rid and seed.
 
     Samples are sent as separate requests (not SGLang's n) so each has its own rid (abort,
     matching) and sampling_seed; SGLang's radix cache prefills the shared prompt once.
     """
     input_ids, sampling, rids = [], [], []
-    for prompt, rid in zip(prompts, request_ids):
-        for j in range(params.n):
-            sp: dict[str, Any] = {
-                "n": 1,
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-                "top_k": params.top_k,
-                "max_new_tokens": params.max_new_tokens,
-                # Keep the stop string / token in the output: the trainer learns to stop.
-                "no_stop_trim": True,
-                "skip_special_tokens": False,
-                # 31 bits: SGLang hands the seed to torch / CUDA RNG as a plain int.
-                "sampling_seed": row_seed(params.seed, rid, j) & 0x7FFFFFFF,
-            }
-            if params.stop_token_ids:
-                sp["stop_token_ids"] = list(params.stop_token_ids)
-            if params.stop_strings:
-                sp["stop"] = list(params.stop_strings)
-            input_ids.append(list(prompt))
-            sampling.append(sp)
-            rids.append(sample_rid(rid, j))
+    for planned in plan_samples(prompts, params, request_ids, resume):
+        sp: dict[str, Any] = {
+            "n": 1,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "max_new_tokens": planned.max_new_tokens,
+            # Keep the stop string / token in the output: the trainer learns to stop.
+            "no_stop_trim": True,
+            "skip_special_tokens": False,
+            # 31 bits: SGLang hands the seed to torch / CUDA RNG as a plain int.
+            "sampling_seed": planned.sampling_seed & 0x7FFFFFFF,
+        }
+        if params.stop_token_ids:
+            sp["stop_token_ids"] = list(params.stop_token_ids)
+        if params.stop_strings:
+            sp["stop"] = list(params.stop_strings)
+        input_ids.append(planned.input_ids)
+        sampling.append(sp)
+        rids.append(sample_rid(planned.request_id, planned.sample_index))
     body = {
         "input_ids": input_ids,
         "sampling_params": sampling,
@@ -233,66 +279,66 @@ def to_samples(
     weight_version: int,
     original_logprob: bool,
     routed_experts_layout: tuple[int, int] | None = None,
+    resume: list[list[Resume] | None] | None = None,
 ) -> list[list[Sample]]:
-    """Parse /generate's answer (one entry per sample, request order) into Samples.
+    """Parse /generate's answer (one entry per planned sample, plan_samples' order) into
+    Samples, grouped by prompt. A continuation's Sample holds its new tokens only.
     ``routed_experts_layout``: (layers, top_k), needed when the request asked for routed
     experts."""
     if params.return_routed_experts and routed_experts_layout is None:
         raise ValueError("SamplingParams.return_routed_experts needs the model's routed_experts_layout "
                          "(SGLangConfig.routed_experts_layout: (num_hidden_layers, num_experts_per_tok))")
-    expected = len(prompts) * params.n
-    if not isinstance(response, list) or len(response) != expected:
+    planned = plan_samples(prompts, params, request_ids, resume)
+    if not isinstance(response, list) or len(response) != len(planned):
         got = len(response) if isinstance(response, list) else type(response).__name__
-        raise ValueError(f"SGLang /generate returned {got} outputs, expected {expected}")
+        raise ValueError(f"SGLang /generate returned {got} outputs, expected {len(planned)}")
     by_rid = {}
     for k, out in enumerate(response):
         meta = out.get("meta_info", {})
         by_rid[meta.get("id", k)] = out
-    results: list[list[Sample]] = []
-    k = 0
-    for i, rid in enumerate(request_ids):
-        group = []
-        for j in range(params.n):
-            srid = sample_rid(rid, j)
-            # Match by id when SGLang echoes it, by position otherwise.
-            out = by_rid.get(srid, response[k])
-            k += 1
-            meta = out.get("meta_info", {})
-            wants = params.return_logprobs or params.return_raw_logprobs
-            triples = meta.get("output_token_logprobs")
-            if not wants:
-                if "output_ids" not in out:
-                    raise ValueError(f"SGLang response for {srid} has no output_ids")
-                triples = [(None, t, None) for t in out["output_ids"]]
-            elif triples is None:
-                raise ValueError(f"SGLang response for {srid} has no output_token_logprobs")
-            tokens = [int(t[1]) for t in triples]
-            lps = [float(t[0]) for t in triples] if wants else []
-            if "output_ids" in out and list(out["output_ids"]) != tokens:
-                raise ValueError(
-                    f"SGLang response for {srid}: output_ids disagree with output_token_logprobs"
-                )
-            # check_logprob_support guarantees lps is the sampling log-prob; it is also the
-            # raw one when the server reports temperature-1 values or T == 1.
-            raw = lps if params.return_raw_logprobs else None
-            routes = None
-            if params.return_routed_experts and tokens:
-                routes = parse_routed_experts(meta, srid, len(prompts[i]) + len(tokens) - 1,
-                                              routed_experts_layout)
-            group.append(
-                Sample(
-                    token_ids=tokens,
-                    logprobs=lps if params.return_logprobs else [],
-                    finish_reason=_finish_type(meta, srid),
-                    prompt_index=i,
-                    request_id=rid,
-                    sample_index=j,
-                    weight_version=weight_version,
-                    raw_logprobs=raw,
-                    routed_experts=routes,
-                )
+    results: list[list[Sample]] = [[] for _ in prompts]
+    wants = params.return_logprobs or params.return_raw_logprobs
+    for k, plan in enumerate(planned):
+        srid = sample_rid(plan.request_id, plan.sample_index)
+        # Match by id when SGLang echoes it, by position otherwise.
+        out = by_rid.get(srid, response[k])
+        meta = out.get("meta_info", {})
+        triples = meta.get("output_token_logprobs")
+        if not wants:
+            if "output_ids" not in out:
+                raise ValueError(f"SGLang response for {srid} has no output_ids")
+            triples = [(None, t, None) for t in out["output_ids"]]
+        elif triples is None:
+            raise ValueError(f"SGLang response for {srid} has no output_token_logprobs")
+        tokens = [int(t[1]) for t in triples]
+        lps = [float(t[0]) for t in triples] if wants else []
+        if "output_ids" in out and list(out["output_ids"]) != tokens:
+            raise ValueError(
+                f"SGLang response for {srid}: output_ids disagree with output_token_logprobs"
             )
-        results.append(group)
+        if len(tokens) > plan.max_new_tokens:
+            raise ValueError(f"SGLang response for {srid}: {len(tokens)} tokens, more than the "
+                             f"{plan.max_new_tokens} asked for")
+        # check_logprob_support guarantees lps is the sampling log-prob; it is also the
+        # raw one when the server reports temperature-1 values or T == 1.
+        raw = lps if params.return_raw_logprobs else None
+        routes = None
+        if params.return_routed_experts and tokens:
+            routes = parse_routed_experts(meta, srid, len(plan.input_ids) + len(tokens) - 1,
+                                          routed_experts_layout)
+        results[plan.prompt_index].append(
+            Sample(
+                token_ids=tokens,
+                logprobs=lps if params.return_logprobs else [],
+                finish_reason=_finish_type(meta, srid),
+                prompt_index=plan.prompt_index,
+                request_id=plan.request_id,
+                sample_index=plan.sample_index,
+                weight_version=weight_version,
+                raw_logprobs=raw,
+                routed_experts=routes,
+            )
+        )
     return results
 
 

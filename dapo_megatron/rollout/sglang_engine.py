@@ -62,6 +62,7 @@ from dapo_megatron.rollout.sglang_api import (
     launch_command,
     launch_env,
     map_weight_names,
+    plan_samples,
     sample_rid,
     serialize_bucket,
     to_samples,
@@ -278,10 +279,8 @@ class SGLangEngine:
         request_ids: list[str] | None = None,
         resume: list | None = None,
     ) -> list[list[Sample]]:
-        """Sample params.n responses per prompt; restarts the server and retries on death."""
-        if resume is not None and any(r is not None for r in resume):
-            raise NotImplementedError("SGLang engine: continuing partial responses (rollout.partial_rollouts) "
-                                      "is not implemented; the config refuses it")
+        """Sample params.n responses per prompt, or continue the partial responses resume[i]
+        lists (sglang_api.plan_samples); restarts the server and retries on death."""
         request_ids = request_ids or default_request_ids(len(prompts))
         if len(request_ids) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(request_ids)} request_ids")
@@ -296,10 +295,12 @@ class SGLangEngine:
                 "SGLang engine: the last weight update failed part-way, the server holds mixed "
                 "weights; run a full, successful update_weights before generating"
             )
-        payload = build_generate_payload(prompts, params, request_ids)
+        payload = build_generate_payload(prompts, params, request_ids, resume)
         with self._inflight_lock:
             for rid in request_ids:
-                self._inflight[rid] = [sample_rid(rid, j) for j in range(params.n)]
+                self._inflight[rid] = []
+            for planned in plan_samples(prompts, params, request_ids, resume):
+                self._inflight[planned.request_id].append(sample_rid(planned.request_id, planned.sample_index))
         try:
             for attempt in range(self.cfg.max_restarts + 1):
                 version = self.weight_version
@@ -319,7 +320,7 @@ class SGLangEngine:
                 for rid in request_ids:
                     self._inflight.pop(rid, None)
         return to_samples(answer, prompts, params, request_ids, version,
-                          self.cfg.return_original_logprob, self.cfg.routed_experts_layout)
+                          self.cfg.return_original_logprob, self.cfg.routed_experts_layout, resume)
 
     def _unrecoverable(self, err: Exception) -> None:
         """Give up: raise err, or end the Ray actor so its owner replaces it (exit_on_death)."""

@@ -67,6 +67,34 @@ def test_generate_bodies_pass_sglang_admission(params):
     assert "unknown field `seed`" in generate_contract_error(bad)
 
 
+def test_continuation_bodies_pass_sglang_admission():
+    """Partial rollouts: prompt + partial response as the input, the rest of the budget as
+    max_new_tokens, one request per continued sample (sglang_api.plan_samples)."""
+    from sglang.srt.entrypoints.api_contract import generate_contract_error
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingParams
+
+    from dapo_megatron.rollout.protocol import Resume
+
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=9, stop_token_ids=[2], seed=4)
+    resume = [None, [Resume(3, (7, 8), 4, "q"), Resume(0, (), 4, "q")]]
+    body = build_generate_payload([[1, 2, 3], [4]], params, ["p", "q"], resume)
+    assert generate_contract_error(json.loads(json.dumps(body))) is None
+    req = io_parse(GenerateReqInput, body)
+    req.normalize_batch_and_arguments()
+    assert req.batch_size == 4 + 2 and req.rid == ["p/0", "p/1", "p/2", "p/3", "q/3", "q/0"]
+    assert body["input_ids"][4:] == [[4, 7, 8], [4]]
+    budgets = []
+    for sp in body["sampling_params"]:
+        sgl = SGLSamplingParams(**sp)
+        sgl.normalize(CharTokenizer())
+        sgl.verify(100)
+        budgets.append(sgl.max_new_tokens)
+    assert budgets == [9, 9, 9, 9, 7, 9]
+    seeds = [sp["sampling_seed"] for sp in body["sampling_params"]]
+    assert len(set(seeds)) == 6  # a continuation's seed is its own, even with an empty prefix
+
+
 def test_responses_built_from_sglang_types_parse():
     from sglang.api.v1.api_types import GenerateResponse
     from sglang.srt.managers.schedule_batch import FINISH_ABORT, FINISH_LENGTH, FINISH_MATCHED_TOKEN

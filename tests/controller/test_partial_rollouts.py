@@ -151,13 +151,20 @@ def test_the_synchronous_loop_drops_nothing(pool):
     assert len(result.groups) == 5 and result.stale_dropped_groups == 0 and result.carried == []
 
 
-def test_config_refuses_what_cannot_work():
+def test_config_refuses_what_cannot_work(tmp_path):
     with pytest.raises(ConfigError, match="rollout.max_staleness"):
         load_config(None, ["rollout.max_staleness=1"])  # colocated
     with pytest.raises(ConfigError, match="rollout.max_staleness"):
         load_config(None, ["rollout.max_staleness=-1"])
-    with pytest.raises(ConfigError, match="rollout.partial_rollouts"):
-        load_config(None, ["rollout.partial_rollouts=true", "rollout.engine=sglang", "model.hf_dir=/x"])
+    # SGLang continues partial responses too (sglang_api.plan_samples).
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "intermediate_size": 128, "vocab_size": 256,
+        "max_position_embeddings": 32768}))
+    assert load_config(None, ["rollout.partial_rollouts=true", "rollout.engine=sglang",
+                              f"model.hf_dir={tmp_path}"]).rollout.partial_rollouts
     with pytest.raises(ConfigError, match="rollout.calls_per_engine"):
         load_config(None, ["rollout.calls_per_engine=-2"])
     cfg = load_config(None, ["rollout.max_staleness=1", "rollout.placement=disaggregated", "rollout.num_engines=1"])

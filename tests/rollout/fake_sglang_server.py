@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from tests import sglang_cpu  # noqa: E402
 
 VOCAB = 50
-STATE = {"version": 0, "aborted": set(), "running": 0}
+STATE = {"version": 0, "aborted": set(), "live": set(), "running": 0}
 LOCK = threading.Lock()
 
 
@@ -42,6 +42,20 @@ def log(args, event):
 
 
 def generate(args, body):
+    """As SGLang, a rid is known from its request's arrival until it finishes: an abort
+    reaches it while queued or running (tokenizer_manager.py, abort_request looks it up in
+    rid_to_state) and is forgotten with it, so a later request may reuse the rid."""
+    with LOCK:
+        STATE["live"].update(body["rid"])
+    try:
+        return _generate(args, body)
+    finally:
+        with LOCK:
+            STATE["live"].difference_update(body["rid"])
+            STATE["aborted"].difference_update(body["rid"])
+
+
+def _generate(args, body):
     outs = []
     for ids, sp, rid in zip(body["input_ids"], body["sampling_params"], body["rid"]):
         tokens, reason = [], {"type": "length", "length": sp["max_new_tokens"]}
@@ -259,7 +273,8 @@ def make_handler(args, weights):
                 event["rid"] = body.get("rid")
                 log(args, event)
                 with LOCK:
-                    STATE["aborted"].add(body.get("rid"))
+                    if body.get("rid") in STATE["live"]:
+                        STATE["aborted"].add(body.get("rid"))
                 self.reply(None)
             elif self.path in ("/begin_weight_update", "/end_weight_update",
                                "/update_weights_from_tensor", "/update_weights_from_distributed",

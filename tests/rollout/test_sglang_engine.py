@@ -316,6 +316,54 @@ def test_abort_in_flight_request(fake):
     assert all(s.finish_reason == "abort" and len(s.token_ids) < 2000 for g in result["out"] for s in g)
 
 
+def test_aborted_samples_continue_from_their_partial_responses(fake):
+    """Partial rollouts on SGLang: aborted samples come back with their tokens; continuing them
+    sends prompt + partial response with the rest of the budget, under the sample's own rid
+    and a seed of the continuation's own; stitched, each response is its partial tokens
+    followed by what the fake server's rule (restated here) gives for that prefix and seed."""
+    from dapo_megatron.rollout.partial import stitch
+    from dapo_megatron.rollout.protocol import Resume
+    from dapo_megatron.rollout.sampling import row_seed
+
+    engine, log = fake(step_delay=0.02)
+    params = SamplingParams(n=2, max_new_tokens=400, seed=5)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(out=engine.generate([[1, 2]], params, ["g"])))
+    thread.start()
+    time.sleep(1.0)
+    engine.abort(["g"])
+    thread.join(timeout=60)
+    first = result["out"][0]
+    assert [s.finish_reason for s in first] == ["abort", "abort"]
+    # The fake serves its requests one after another: the second may not have started.
+    assert 0 < len(first[0].token_ids) < 400 and len(first[1].token_ids) < 400
+
+    engine.begin_weight_update(1)  # newer weights for the continuation
+    engine.load_weight_bucket([("w", torch.ones(4))])
+    engine.end_weight_update()
+    resume = [[Resume(s.sample_index, tuple(s.token_ids), 5, "g") for s in reversed(first)]]
+    cont = engine.generate([[1, 2]], params, ["g"], resume=resume)[0]
+    assert [s.sample_index for s in cont] == [1, 0]  # one Sample per Resume, in its order
+    posted = [e for e in read_log(log) if e["path"] == "/generate"][-1]["body"]
+    assert posted["rid"] == ["g/1", "g/0"]
+    for r, ids, sp, got in zip(resume[0], posted["input_ids"], posted["sampling_params"], cont):
+        assert ids == [1, 2] + list(r.token_ids)
+        assert sp["max_new_tokens"] == 400 - len(r.token_ids)
+        seed = row_seed(5, f"g@{len(r.token_ids)}", r.sample_index) & 0x7FFFFFFF
+        assert sp["sampling_seed"] == seed != row_seed(5, "g", r.sample_index) & 0x7FFFFFFF
+        want, reason = fake_tokens(ids, seed, 1, 400 - len(r.token_ids))
+        assert got.token_ids == want and got.finish_reason == reason == "length"
+        assert got.weight_version == 1
+    full = stitch(first, cont)
+    assert all(len(s.token_ids) == 400 for s in full)
+    for before, after in zip(first, full):
+        assert after.token_ids[: len(before.token_ids)] == before.token_ids
+        assert after.token_versions == [0] * len(before.token_ids) + [1] * (400 - len(before.token_ids))
+    with pytest.raises(ValueError, match="no budget left"):
+        engine.generate([[1]], SamplingParams(n=1, max_new_tokens=3), ["h"],
+                        resume=[[Resume(0, (4, 5, 6), 0, "h")]])
+
+
 def test_dead_server_is_restarted_weights_restored_and_batch_retried(fake, tmp_path):
     weights = [("w", torch.ones(4))]
     engine, log = fake(provider=lambda: ([weights], 9))
