@@ -11,9 +11,9 @@ as right-padded rows (one group of rows per length class, longest under twice th
 shortest; a sequence alone in its class is a slice of the row, not a copy) and runs
 torch's fused causal ``scaled_dot_product_attention`` once per group: on CPU that kernel
 skips the masked half of the scores and keeps no ``[rows, heads, L, L]`` probabilities
-for backward, where the parent's baddbmm, mask, softmax and bmm materialise them (it made
-the attention a third of a packed train step's time, issue 18). The packed tokens come
-back with one index. Only the attention sees the group padding; every other layer runs on
+for backward, where the parent's baddbmm, mask, softmax and bmm materialise them (about
+a quarter of a packed train step's CPU time went there, issue 18). The packed tokens
+come back with one index. Only the attention sees the group padding; every other layer runs on
 packed tokens. Without ``packed_seq_params`` it is the parent unchanged (padded rows keep
 megatron's attention and their dense mask).
 """
