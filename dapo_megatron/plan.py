@@ -75,6 +75,7 @@ Weight sync per step: every engine receives the whole model as bf16 HF tensors (
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -381,28 +382,33 @@ def _divisors(n: int) -> list[int]:
 def suggest_layout(cfg: DapoConfig, args: ModelArgs, current: Layout, nodes: int, gpus_per_node: int,
                    gpu_mem: float, overhead: float, max_nodes_factor: int = 64) -> Optional[Suggestion]:
     """The fitting layout nearest to `current` (TP kept within a node), searching this node count
-    first, then twice as many nodes, and so on up to `max_nodes_factor` times as many."""
+    first, then twice as many nodes, and so on up to `max_nodes_factor` times as many.
+
+    CP (1, 2, 4, 8; packed rows only, the trainer refuses cp > 1 on padded rows) is searched
+    like TP, PP and EP: each doubling or halving is one step. At equal steps the layout that
+    changes cp least wins: CP divides only the activations (and its attention has not yet
+    run on a GPU here, README "Context parallelism"), where PP and TP also divide the weights."""
     tps = _divisors(gpus_per_node)
     pps = _divisors(args.num_layers)
     eps = _divisors(args.num_experts) if args.num_experts else [1]
+    cps = sorted({current.cp, 1, 2, 4, 8}) if cfg.trainer.sequence_packing else [current.cp]
     recomputes = sorted({current.recompute, True})
 
     def distance(lay: Layout) -> tuple:
         steps = sum(abs(math.log2(new / old)) for new, old in
-                    ((lay.tp, current.tp), (lay.pp, current.pp), (lay.ep, current.ep)))
-        return (steps + (lay.recompute != current.recompute), lay.tp * lay.pp, lay.ep)
+                    ((lay.tp, current.tp), (lay.pp, current.pp), (lay.ep, current.ep),
+                     (lay.cp, current.cp)))
+        return (steps + (lay.recompute != current.recompute), abs(math.log2(lay.cp / current.cp)),
+                lay.tp * lay.pp, lay.ep)
 
     n = nodes
     while n <= nodes * max_nodes_factor:
         found = []
-        for t in tps:
-            for p in pps:
-                for e in eps:
-                    for rc in recomputes:
-                        lay = Layout(t, p, e, current.cp, rc)
-                        _, _, _, tpk, rpk, fits = _evaluate(cfg, args, lay, n, gpus_per_node, gpu_mem, overhead)
-                        if fits:
-                            found.append((distance(lay), lay, tpk, rpk))
+        for t, p, e, c, rc in itertools.product(tps, pps, eps, cps, recomputes):
+            lay = Layout(t, p, e, c, rc)
+            _, _, _, tpk, rpk, fits = _evaluate(cfg, args, lay, n, gpus_per_node, gpu_mem, overhead)
+            if fits:
+                found.append((distance(lay), lay, tpk, rpk))
         if found:
             _, lay, tpk, rpk = min(found, key=lambda x: (x[0], max(x[2], x[3])))
             return Suggestion(lay, n, tpk, rpk)
@@ -546,10 +552,10 @@ def format_report(report: PlanReport) -> str:
         out.append(f"nearest layout that fits ({where}): {sg.layout} (training peak {sg.train_peak / GIB:.1f}, "
                    f"rollout peak {sg.rollout_peak / GIB:.1f} GiB)")
         out.append(f"  overrides: parallel.tp={sg.layout.tp} parallel.pp={sg.layout.pp} parallel.ep={sg.layout.ep} "
-                   f"model.recompute_activations={str(sg.layout.recompute).lower()}"
+                   f"parallel.cp={sg.layout.cp} model.recompute_activations={str(sg.layout.recompute).lower()}"
                    + (f" parallel.nodes={sg.nodes}" if sg.nodes != report.nodes else ""))
     elif not report.fits:
-        out.append("no tp/pp/ep layout fits within 64x the nodes: lower trainer.max_tokens_per_microbatch or "
+        out.append("no tp/pp/ep/cp layout fits within 64x the nodes: lower trainer.max_tokens_per_microbatch or "
                    "rollout.sglang_mem_fraction, or raise rollout.engine_tp")
     return "\n".join(line for line in out if line)
 

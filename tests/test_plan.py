@@ -139,9 +139,9 @@ def test_moe_example_expert_split_by_hand():
 
 
 def test_moe_on_too_few_nodes_suggests_more():
-    report = plan(_cfg(MOE, nodes=16), nodes=8, gpus_per_node=8)
+    report = plan(_cfg(MOE, nodes=16), nodes=4, gpus_per_node=8)
     assert not report.fits
-    assert report.suggestion is not None and report.suggestion.nodes > 8
+    assert report.suggestion is not None and report.suggestion.nodes > 4
     text = format_report(report)
     assert "DOES NOT FIT" in text and f"needs {report.suggestion.nodes} nodes" in text
 
@@ -183,10 +183,34 @@ def test_suggested_layout_really_fits():
     assert not report.fits and report.suggestion is not None
     lay: Layout = report.suggestion.layout
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep = lay.tp, lay.pp, lay.ep
-    cfg.model.recompute_activations = lay.recompute
+    cfg.parallel.cp, cfg.model.recompute_activations = lay.cp, lay.recompute
     again = plan(cfg, nodes=report.suggestion.nodes, gpus_per_node=8)
     assert again.fits and not again.errors
     assert again.train_peak == pytest.approx(report.suggestion.train_peak)
+
+
+def test_suggestion_searches_context_parallelism_on_packed_rows_only():
+    """235B at 262,144 tokens per micro-batch: only CP=2 fits on the same 16 nodes in one
+    step (the activations halve; TP, PP and EP do not get there in one). Padded rows cannot
+    be split over CP ranks, so without packing no cp > 1 is suggested."""
+    cfg = _cfg(MOE, "trainer.max_tokens_per_microbatch=262144", nodes=16)
+    report = plan(cfg, nodes=16, gpus_per_node=8)
+    assert not report.fits and report.layout.cp == 1
+    sg = report.suggestion
+    assert (sg.layout.tp, sg.layout.pp, sg.layout.ep, sg.layout.cp, sg.nodes) == (4, 2, 16, 2, 16)
+    assert "parallel.cp=2" in format_report(report)
+    cfg.parallel.cp = 2
+    again = plan(cfg, nodes=16, gpus_per_node=8)
+    assert again.fits and again.train_peak == pytest.approx(sg.train_peak)
+    padded = plan(_cfg(MOE, "trainer.max_tokens_per_microbatch=262144",
+                       "trainer.sequence_packing=false", nodes=16), nodes=16, gpus_per_node=8)
+    assert padded.suggestion is None or padded.suggestion.layout.cp == 1
+    # The example itself on 8 nodes: ep 8 and cp 2 fit there; padded rows need 16 nodes.
+    on8 = plan(_cfg(MOE, nodes=16), nodes=8, gpus_per_node=8).suggestion
+    assert (on8.layout.ep, on8.layout.cp, on8.nodes) == (8, 2, 8)
+    on8 = plan(_cfg(MOE, "trainer.sequence_packing=false", nodes=16), nodes=8,
+               gpus_per_node=8).suggestion
+    assert (on8.layout.ep, on8.layout.cp, on8.nodes) == (16, 1, 16)
 
 
 def test_smaller_gpus_do_not_fit():

@@ -73,9 +73,14 @@ def _trainer(hf, *, tp=1, pp=1, ep=1, budget=48, packing=True):
     from dapo_megatron.policy.train import PolicyTrainer
 
     cfg, state = hf
+    # Adam's first update is lr * g / (|g| + eps): it multiplies a gradient's rounding
+    # difference by up to lr / eps (1e5 at the default eps 1e-8, on near-zero gradients).
+    # eps = lr bounds that factor by 1, so updated weights within 1e-5 mean gradients
+    # within 1e-5, whatever the two paths' attention kernels round differently.
     return PolicyTrainer(
         cfg, parallel=ParallelConfig(tp=tp, pp=pp, ep=ep),
-        optim=OptimizerConfig(lr=1e-3, warmup_steps=1, weight_decay=0.1), algo=AlgoConfig(),
+        optim=OptimizerConfig(lr=1e-3, warmup_steps=1, weight_decay=0.1, adam_eps=1e-3),
+        algo=AlgoConfig(),
         trainer=TrainerConfig(train_batch_size=2, mini_batch_size=1, max_tokens_per_microbatch=budget,
                               max_steps=10, seed=0, sequence_packing=packing),
         hf_state_dict=state)
@@ -155,12 +160,16 @@ def test_packed_attention_row_layout_by_hand():
     from dapo_megatron.policy.packed_attention import _row_layout
 
     # Lengths 3, 2, 4, 1 at starts 0, 3, 5, 9. Longest first, a group takes lengths over
-    # half its longest: {4, 3}, then {2} (2 * 2 is not > 4), then {1}.
-    groups, to_packed = _row_layout([0, 3, 5, 9, 10])
-    assert [g.tolist() for g in groups] == [[[5, 0], [6, 1], [7, 2], [8, 2]], [[3], [4]], [[9]]]
-    # Sequence 0 is column 1 of group 0 (flat c * 2 + 1), sequence 2 column 0; sequence 1
-    # follows group 0's 4 * 2 entries, sequence 3 group 1's 2.
-    assert to_packed.tolist() == [1, 3, 5, 8, 9, 0, 2, 4, 6, 10]
+    # half its longest: {4, 3}, then {2} (2 * 2 is not > 4), then {1}; a sequence alone
+    # in its group is a slice (start, end) of the row.
+    groups, to_packed = _row_layout((0, 3, 5, 9, 10))
+    assert groups[0].tolist() == [[5, 6, 7, 8], [0, 1, 2, 2]] and groups[1:] == [(3, 5), (9, 10)]
+    # Group 0's output is [2, 4] flattened: sequence 2 at 0..3, sequence 0 at 4..6 (7 is
+    # padding); sequence 1 follows at 8, 9, sequence 3 at 10.
+    assert to_packed.tolist() == [4, 5, 6, 8, 9, 0, 1, 2, 3, 10]
     values = torch.arange(10.0)
-    rows = torch.cat([values.index_select(0, g.reshape(-1)) for g in groups])
+    rows = torch.cat([values[g[0]:g[1]] if isinstance(g, tuple)
+                      else values.index_select(0, g.reshape(-1)) for g in groups])
     assert torch.equal(rows.index_select(0, to_packed), values)  # the round trip
+    # Sequences alone in their groups, longest first as in the row: no index at all.
+    assert _row_layout((0, 4, 6)) == ([(0, 4), (4, 6)], None)
