@@ -45,7 +45,7 @@ def _worker(rank, world_size, hf_dir, layout, engine_dtype, prompts, seed):
     out = {"tokens": int(batch.response_mask.sum())}
     for mode in ("none", "r3"):
         trainer.algo = dataclasses.replace(trainer.algo, routing_replay=mode)
-        _, metrics = trainer._prepare(batch)
+        _, metrics, _ = trainer._prepare(batch)
         out[mode] = {k: v for k, v in metrics.items() if k.startswith(("routing/", "mismatch/"))}
     destroy_parallel()
     return out

@@ -5,8 +5,9 @@ rank is given the same whole ``PolicyBatch``; the trainer picks its data-paralle
 
 One ``train_step(batch)``:
   1. ``_prepare``, the one place that decides what the update compares against: pi_old
-     recomputed by the current policy (forward only), the train/inference mismatch against
-     the engine's log-probs (``mismatch/*``), pi_old replaced by the engine's when
+     recomputed by the current policy (forward only; skipped when the engine's log-probs
+     are pi_old and uncorrected, the first update's forward then giving the mismatch), the
+     train/inference mismatch against the engine's log-probs (``mismatch/*``), pi_old replaced by the engine's when
      ``rollout.old_logprobs=engine``, the rollout correction's per-token weights folded into
      the advantages (``algo.rollout_correction``), and the frozen reference's log-probs
      when ``algo.kl_coef > 0`` (reference.py); for a MoE model the experts the update
@@ -339,29 +340,37 @@ class PolicyTrainer:
         """
         self._enter()
         micro, _ = self._micro_batches(batch)
-        shape = tuple(batch.input_ids.shape)
-        out = torch.zeros((2,) + shape, dtype=torch.float32, device=self.device)
 
         def loss_func(mb, logits):
             lp, ent = micro_logprobs(mb, logits, vocab_size=self.vocab_size,
                                      temperature=self.temperature)
             return logits.new_zeros(()), {"rows": mb.rows, "lp": lp, "ent": ent}
 
-        for record in self._run(micro, loss_func, forward_only=True, model=model):
+        records = self._run(micro, loss_func, forward_only=True, model=model)
+        lp, ent = self._assemble(records, batch)
+        return (lp, ent) if with_entropy else lp
+
+    def _assemble(self, records: list[dict], batch: PolicyBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row ``lp`` / ``ent`` of micro-batch records (last pipeline stage, this DP rank's
+        rows) -> fp32 CPU ``[batch, seq]`` log-probs and entropy on every rank. Collective."""
+        shape = tuple(batch.input_ids.shape)
+        out = torch.zeros((2,) + shape, dtype=torch.float32, device=self.device)
+        for record in records:
             if not record["rows"]:
                 continue
             rows = torch.as_tensor(record["rows"], device=self.device)
             n, width = len(rows), record["lp"].shape[1]  # filler rows come after the real
             width = min(width, shape[1])
             out[0, rows, :width] = record["lp"][:n, :width].float()
-            out[1, rows, :width] = record["ent"][:n, :width].float()
+            if record.get("ent") is not None:
+                out[1, rows, :width] = record["ent"][:n, :width].float()
         ps = _ps()
         if ps.is_pipeline_last_stage() and self.dp_size > 1:
             dist.all_reduce(out, group=ps.get_data_parallel_group())  # rows are disjoint
         out = broadcast_from_last_pipeline_stage(out, out.shape, device=self.device)
         valid = torch.arange(shape[1])[None, :] < batch.seq_lens[:, None]
         out = out.cpu() * valid
-        return (out[0], out[1]) if with_entropy else out[0]
+        return out[0], out[1]
 
     # ----- training ----------------------------------------------------------------------
 
@@ -376,7 +385,7 @@ class PolicyTrainer:
             dist.all_reduce(local, group=_ps().get_data_parallel_group())
         return float(local[0]), float(local[1])
 
-    def _loss_func(self, scale_tokens, scale_seqs, grad_multiplier, mb: MicroBatch, logits):
+    def _loss_func(self, scale_tokens, scale_seqs, grad_multiplier, capture, mb: MicroBatch, logits):
         algo = self.algo
         lp, ent = micro_logprobs(mb, logits, vocab_size=self.vocab_size,
                                  temperature=self.temperature, with_entropy=True)
@@ -397,9 +406,14 @@ class PolicyTrainer:
             count = mask.sum().clamp(min=1)
             metrics["entropy"] = (ent * mask).sum() / count
             metrics["logprob_mean"] = (lp.detach() * mask).sum() / count
+            if capture:  # popped before the reduction (_train_mini_batch)
+                metrics["_capture"] = {"rows": mb.rows, "lp": lp.detach()}
         return loss * grad_multiplier, metrics
 
-    def _train_mini_batch(self, batch: PolicyBatch) -> tuple[dict, object, dict]:
+    def _train_mini_batch(self, batch: PolicyBatch, capture: bool = False):
+        """One optimizer update on ``batch``. Returns the reduced metrics, the optimizer's
+        result, the layout, and with ``capture`` the ``[batch, seq]`` log-probs of the
+        update's own forward (the weights before the update), else None."""
         micro, plan = self._micro_batches(batch)
         scale_tokens, scale_seqs = self._global_counts(micro)
         for chunk in self.model:
@@ -408,14 +422,16 @@ class PolicyTrainer:
         # Under CP the schedule multiplies the loss by cp (schedules.py,
         # forward_step_calc_loss) and DDP divides by dp * cp: the two cancel.
         loss_func = partial(self._loss_func, max(scale_tokens, 1.0), max(scale_seqs, 1.0),
-                            float(len(micro) * self.dp_size))
+                            float(len(micro) * self.dp_size), capture)
         records = self._run(micro, loss_func, forward_only=False)
+        captured = [r.pop("_capture") for r in records if "_capture" in r]
+        pre_update = self._assemble(captured, batch)[0] if capture else None
         result = optimizer_step(self.optimizer, self.scheduler, lr_override=self._lr_override)
         layout = {"real_tokens": sum(plan.real_tokens), "padded_tokens": sum(plan.padded_tokens),
                   "num_microbatches": plan.num_microbatches}
-        return _reduce_metrics(records, self.device), result, layout
+        return _reduce_metrics(records, self.device), result, layout, pre_update
 
-    def _prepare(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float]]:
+    def _prepare(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float], bool]:
         """What the update compares against, decided here only.
 
         pi_old: ``batch.old_logprobs`` if given, else recomputed by the policy. With the
@@ -423,7 +439,13 @@ class PolicyTrainer:
         (``mismatch/*``); then ``rollout.old_logprobs=engine`` swaps pi_old for the engine's,
         and ``algo.rollout_correction`` multiplies each token's advantage by its correction
         weight (``correction/*``). The reference's log-probs are added when the KL term is on.
-        Returns the batch to train on and the metrics of these steps.
+
+        When the engine's log-probs are pi_old and nothing else needs the policy's (no
+        correction, no routing pass), the old-log-prob pass is skipped: the first update's
+        forward runs on the same weights, so ``train_step`` measures the mismatch there, on
+        that update's tokens.
+        Returns the batch to train on, the metrics of these steps, and whether the mismatch
+        is left to the first update.
         """
         algo, metrics = self.algo, {}
         old, engine, mask = batch.old_logprobs, batch.engine_logprobs, batch.response_mask
@@ -436,6 +458,12 @@ class PolicyTrainer:
             if old is None:
                 old = computed
                 metrics["time/old_logprobs"] = time.perf_counter() - t0
+        elif old is None and engine is not None and self.old_logprobs_source == "engine" \
+                and algo.rollout_correction == "none":
+            prepared = PolicyBatch(batch.input_ids, batch.seq_lens, mask, batch.advantages,
+                                   old_logprobs=engine, engine_logprobs=engine,
+                                   ref_logprobs=batch.ref_logprobs)
+            return self._add_reference(prepared, metrics), metrics, True
         elif old is None:
             t0 = time.perf_counter()
             old = self.compute_logprobs(batch)
@@ -457,12 +485,16 @@ class PolicyTrainer:
         prepared = PolicyBatch(batch.input_ids, batch.seq_lens, mask, advantages,
                                old_logprobs=old, engine_logprobs=engine,
                                ref_logprobs=batch.ref_logprobs, routed_experts=routes)
+        return self._add_reference(prepared, metrics), metrics, False
+
+    def _add_reference(self, prepared: PolicyBatch, metrics: dict) -> PolicyBatch:
+        """The frozen reference's log-probs, when the KL term is on and they are not given."""
         if prepared.ref_logprobs is None and self.reference is not None:
             t0 = time.perf_counter()
             with self.reference.onloaded() as model:  # on the experts the update uses
                 prepared.ref_logprobs = self.compute_logprobs(prepared, model=model)
             metrics["time/ref_logprobs"] = time.perf_counter() - t0
-        return prepared, metrics
+        return prepared
 
     def _old_logprob_pass(self, batch: PolicyBatch):
         """The old-log-prob pass of a MoE model under ``algo.routing_replay``: r3 replays the
@@ -497,18 +529,25 @@ class PolicyTrainer:
         the updates); grad_norm (mean of finite norms), grad_norm_max, lr (of the last
         update), skipped_steps (non-finite gradient norm), tokens, padded_tokens,
         padding_waste, microbatches (per DP rank, max), seconds, tokens_per_s; and from
-        ``_prepare`` ``mismatch/*`` and ``correction/*`` (with engine log-probs),
+        ``_prepare`` ``mismatch/*`` and ``correction/*`` (with engine log-probs; with
+        the engine's as pi_old, ``mismatch/*`` covers the first update's tokens),
         ``routing/*`` (with the engine's routed experts) and ``time/old_logprobs``,
         ``time/ref_logprobs``.
         """
         self._enter()
         start = time.perf_counter()
-        batch, prepare_metrics = self._prepare(batch)
+        batch, prepare_metrics, mismatch_on_first = self._prepare(batch)
         metrics: dict[str, float] = {}
         per_update, results, real, padded, n_micro = [], [], 0, 0, 0
         num_updates = 1 if single_update else min(self.num_mini_batches, max(1, batch.size))
-        for rows in split_mini_batches(batch.size, num_updates):
-            reduced, result, layout = self._train_mini_batch(batch.select(rows))
+        for k, rows in enumerate(split_mini_batches(batch.size, num_updates)):
+            mini = batch.select(rows)
+            capture = mismatch_on_first and k == 0
+            reduced, result, layout, pre_update = self._train_mini_batch(mini, capture=capture)
+            if capture:
+                band = dict(high=self.algo.correction_high, low=self.algo.correction_low)
+                prepare_metrics.update({f"mismatch/{name}": v for name, v in mismatch_metrics(
+                    pre_update, mini.engine_logprobs, mini.response_mask, **band).items()})
             per_update.append(reduced)
             results.append(result)
             real += layout["real_tokens"]

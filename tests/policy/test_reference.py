@@ -37,7 +37,8 @@ def _worker(rank, world_size):
         batch.engine_logprobs = perturb(initial, batch.response_mask)
         with trainer.reference.onloaded() as model:
             out[f"{name}_ref_before"] = trainer.compute_logprobs(batch, model=model)
-        prepared, metrics = trainer._prepare(batch)
+        prepared, metrics, deferred = trainer._prepare(batch)
+        out[f"{name}_deferred"] = deferred
         weights = correction_weights(initial, batch.engine_logprobs, batch.response_mask,
                                      "token-mask", high=2.0)
         out[f"{name}_adv_diff"] = float((prepared.advantages - batch.advantages[:, None] * weights)
@@ -60,6 +61,34 @@ def _worker(rank, world_size):
         out[f"{name}_moved"] = float((trainer.compute_logprobs(batch) - initial).abs().max())
         with trainer.reference.onloaded() as model:
             out[f"{name}_ref_after"] = trainer.compute_logprobs(batch, model=model)
+        destroy_parallel()
+
+    # rollout.old_logprobs=engine (no correction): no old-log-prob pass; the mismatch comes
+    # from the first update's forward, on its rows, and the update is the one a batch with
+    # pi_old = the engine's log-probs given makes.
+    from dapo_megatron.config import RolloutConfig
+    from dapo_megatron.policy.microbatch import split_mini_batches
+
+    for name, tp, pp in (("dp2", 1, 1), ("pp2", 1, 2)):
+        batch = tiny_batch()
+        probe = make_trainer(hf, tp=tp, pp=pp)
+        initial = probe.compute_logprobs(batch)
+        destroy_parallel()
+        engine = perturb(initial, batch.response_mask, seed=2)
+        batch.engine_logprobs = engine
+        trainer = make_trainer(hf, tp=tp, pp=pp, rollout=RolloutConfig(old_logprobs="engine"))
+        metrics = trainer.train_step(batch)
+        first = split_mini_batches(batch.size, 2)[0]
+        ref = mismatch_metrics(initial[first], engine[first], batch.response_mask[first])
+        out[f"{name}_engine_mismatch"] = ({k: metrics[f"mismatch/{k}"] for k in ref}, ref)
+        out[f"{name}_engine_pass"] = "time/old_logprobs" in metrics
+        skipped = full_weights(trainer)
+        destroy_parallel()
+        given = tiny_batch()
+        given.engine_logprobs, given.old_logprobs = engine, engine.clone()
+        trainer = make_trainer(hf, tp=tp, pp=pp, rollout=RolloutConfig(old_logprobs="engine"))
+        trainer.train_step(given)
+        out[f"{name}_engine_weight_diff"] = max_diff(skipped, full_weights(trainer))
         destroy_parallel()
 
     # The variants whose normaliser is global (GSPO's sequence mean, Dr. GRPO's constant)
@@ -103,6 +132,18 @@ def test_prepare_computes_pi_old_mismatch_and_correction_on_the_ranks(results):
         assert results[f"{name}_mismatch"] == results[f"{name}_mismatch_ref"]
         masked_frac, weight_mean = results[f"{name}_correction"]
         assert 0 < masked_frac < 1 and weight_mean == pytest.approx(1 - masked_frac)
+
+
+@pytest.mark.dist
+def test_engine_pi_old_skips_the_old_logprob_pass(results):
+    for name in ("dp2", "pp2"):
+        assert not results[f"{name}_deferred"]  # a correction needs the policy's pass
+        got, ref = results[f"{name}_engine_mismatch"]
+        assert not results[f"{name}_engine_pass"]
+        assert got["token_outside_frac"] == ref["token_outside_frac"] > 0
+        for key, value in ref.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        assert results[f"{name}_engine_weight_diff"] == 0.0
 
 
 @pytest.mark.dist

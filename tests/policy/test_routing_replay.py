@@ -174,7 +174,7 @@ def _replay_worker(rank, world_size, layout, hf_dir, packing=True):
         out[f"noisy_{mode}"] = used.compare(
             trainer, noisy, noisy.routed_experts,
             lambda: holder.update(prep=trainer._prepare(noisy)))
-        prepared, metrics = holder["prep"]
+        prepared, metrics, _ = holder["prep"]
         out[f"noisy_{mode}_metrics"] = metrics
         out[f"noisy_{mode}_gap"] = _gap(prepared.old_logprobs, noisy)
     # A train step replays in its forward-backward too (the metrics come from _prepare).
@@ -236,7 +236,7 @@ def _r2_worker(rank, world_size, hf_dir):
     free = dataclasses.replace(batch, routed_experts=None)
     counts = used.compare(trainer, batch, batch.routed_experts,
                           lambda: holder.update(prep=trainer._prepare(batch)))
-    prepared, metrics = holder["prep"]
+    prepared, metrics, _ = holder["prep"]
     routes = prepared.routed_experts
     real = torch.arange(routes.shape[1])[None, :] < batch.seq_lens[:, None]
     out["complete"] = bool((routes[real] >= 0).all()) and bool((routes[~real] == -1).all())

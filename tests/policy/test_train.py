@@ -49,7 +49,7 @@ def tiny_batch(seed: int = 0, n: int = 16, min_len: int = 6, max_len: int = 24):
 
 
 def make_trainer(hf, *, tp=1, pp=1, ep=1, budget=4096, mini_batches=2, lr=1e-2, seed=0,
-                 **algo):
+                 rollout=None, **algo):
     from dapo_megatron.config import AlgoConfig, OptimizerConfig, ParallelConfig, TrainerConfig
     from dapo_megatron.policy.train import PolicyTrainer
 
@@ -60,7 +60,7 @@ def make_trainer(hf, *, tp=1, pp=1, ep=1, budget=4096, mini_batches=2, lr=1e-2, 
         algo=AlgoConfig(**algo),
         trainer=TrainerConfig(train_batch_size=mini_batches, mini_batch_size=1,
                               max_tokens_per_microbatch=budget, max_steps=10, seed=seed),
-        hf_state_dict=state)
+        rollout=rollout, hf_state_dict=state)
 
 
 def with_old_logprobs(trainer, batch, seed=1):
