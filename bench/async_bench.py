@@ -6,6 +6,8 @@ Two settings of `examples/tiny_cpu.yaml`, the same number of steps and seeds eac
     async   rollout.placement=disaggregated rollout.num_engines=1 rollout.max_staleness=1:
             generation of step t+1 overlaps training of step t (controller/async_rollout.py)
     async_tis  async with algo.rollout_correction=token-tis (run with --settings)
+    async_engine  async with rollout.old_logprobs=engine: pi_old is the behaviour policy's
+            log-probs, no old-log-prob pass on the ranks (run with --settings)
 
 Every run is the real trainer (one subprocess each, run one after another). Reported per
 run: wall-clock seconds per step (mean of time/step over steps without an evaluation, and
@@ -34,6 +36,10 @@ SETTINGS = {
     # engine's log-probs, algo/correction.py).
     "async_tis": ["rollout.placement=disaggregated", "rollout.num_engines=1", "rollout.max_staleness=1",
                   "algo.rollout_correction=token-tis"],
+    # The same with the engine's log-probs as pi_old (PPO's clip around the behaviour policy):
+    # no old-log-prob pass on the ranks, so training is shorter than the overlapped generation.
+    "async_engine": ["rollout.placement=disaggregated", "rollout.num_engines=1", "rollout.max_staleness=1",
+                     "rollout.old_logprobs=engine"],
 }
 
 

@@ -47,6 +47,8 @@ class PolicyWorker:
         self.trainer = PolicyTrainer.from_config(
             cfg, hf_config, rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
         )
+        self._update_group = None  # disaggregated sync: kept from push to push (_weight_group)
+        self._update_groups_opened = 0
 
     def ready(self) -> bool:
         return True
@@ -72,15 +74,14 @@ class PolicyWorker:
         import time
 
         from dapo_megatron.convert.export import sources_anything
-        from dapo_megatron.rollout.weight_sync import WeightUpdateGroup, push_bucket_colocated
+        from dapo_megatron.rollout.weight_sync import push_bucket_colocated
 
         r = self.cfg.rollout
         start, sent = time.perf_counter(), 0
         group, error = None, None
         try:
             if r.placement == "disaggregated" and sources_anything(self.trainer.model):
-                backend = "nccl" if torch.cuda.is_available() else "gloo"
-                group = WeightUpdateGroup(engines, backend, f"weights-v{version}-rank{self.rank}", r.hang_timeout_s)
+                group = self._weight_group(engines)
         except Exception as err:  # noqa: BLE001 - reported after the collective export below
             error = err
         # A failed push (a dead or hung engine) stops this rank's pushing but not its part in
@@ -99,11 +100,30 @@ class PolicyWorker:
                     except Exception as err:  # noqa: BLE001
                         error = err
                 del bucket
-        if group is not None:
-            group.close()
         if error is not None:
+            self._drop_weight_group()  # a failed push may leave the group mid-broadcast
             raise error
         return {"bytes": float(sent), "seconds": time.perf_counter() - start}
+
+    def _weight_group(self, engines: list):
+        """The weight-update group with exactly these engines: the one of the last push, or a
+        new one (opening a group is a rendezvous, 0.2-1 s on CPU: once, not every step).
+        A replaced engine is another actor, so the group is rebuilt with it."""
+        from dapo_megatron.rollout.weight_sync import WeightUpdateGroup
+
+        if self._update_group is not None and self._update_group.engines == list(engines):
+            return self._update_group
+        self._drop_weight_group()
+        self._update_groups_opened += 1
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self._update_group = WeightUpdateGroup(
+            engines, backend, f"weights-rank{self.rank}-{self._update_groups_opened}", self.cfg.rollout.hang_timeout_s)
+        return self._update_group
+
+    def _drop_weight_group(self) -> None:
+        if self._update_group is not None:
+            group, self._update_group = self._update_group, None
+            group.close()
 
     def onload(self) -> None:
         self.trainer.onload()
