@@ -37,6 +37,7 @@ from dapo_megatron.rollout.protocol import (
 )
 from dapo_megatron.rollout.routing import RouterTap
 from dapo_megatron.rollout.sampling import draw_uniforms, row_seed, sample_next_tokens
+from dapo_megatron.rollout.slot_decoder import SlotForward, decode_rows, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +141,10 @@ class EmbeddedEngine:
         self._groups: dict[str, Any] = {}  # weight-update process groups by name
         # Routed experts of MoE models, recorded when a request asks (rollout/routing.py).
         self._router_tap = RouterTap(self.model)
+        # Slot decoding (rollout/slot_decoder.py: preallocated KV, continuous refill) where
+        # the model family allows; False: the HF-forward chunk loop below.
+        self.slot_decoding = unsupported_reason(self.model) is None
+        self._slot_forward: SlotForward | None = None
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -180,9 +185,12 @@ class EmbeddedEngine:
                 else:
                     rows += [_Row(i, r.sample_index, request_ids[i], r.seed, r) for r in resume[i]]
             finish: dict[int, str] = {}
-            for start in range(0, len(rows), self.max_batch_size):
-                chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
-                self._generate_chunk(prompts, rows, chunk, params, finish)
+            if self.slot_decoding:
+                self._generate_slots(prompts, rows, params, finish)
+            else:
+                for start in range(0, len(rows), self.max_batch_size):
+                    chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
+                    self._generate_chunk(prompts, rows, chunk, params, finish)
             results: list[list[Sample]] = [[] for _ in prompts]
             for k, row in enumerate(rows):
                 results[row.prompt_index].append(
@@ -207,6 +215,19 @@ class EmbeddedEngine:
     def _is_aborted(self, request_id: str) -> bool:
         with self._abort_lock:
             return request_id in self._aborted
+
+    @torch.no_grad()
+    def _generate_slots(self, prompts: list[list[int]], rows: list[_Row], params: SamplingParams,
+                        finish: dict[int, str]) -> None:
+        tap = self._router_tap
+        tap.enable(params.return_routed_experts and tap.is_moe)
+        try:
+            if self._slot_forward is None:
+                self._slot_forward = SlotForward(self.model)
+            decode_rows(self._slot_forward, prompts, rows, params, finish, self.max_batch_size,
+                        self._is_aborted, self._hit_stop_string, tap)
+        finally:
+            tap.enable(False)
 
     @torch.no_grad()
     def _generate_chunk(
@@ -448,6 +469,7 @@ class EmbeddedEngine:
     def shutdown(self) -> None:
         self._closed = True
         self.model = None
+        self._slot_forward = None
 
     def _check_open(self) -> None:
         if self._closed:
