@@ -151,7 +151,7 @@ def test_abort_stops_in_flight_request():
 
 def test_abort_stops_only_the_named_request_within_one_decode_step():
     # An abort that arrives during the forward pass that computes the logits of token m
-    # (its lm_head call: one per sampling step, whichever decoding path) stops the request
+    # (its final-norm call: one per sampling step, whichever decoding path) stops the request
     # after that token: m tokens exactly; the other request of the same call runs to its
     # length limit, and an unaborted run of the call gives the same tokens.
     engine = make_engine(max_batch_size=8)
@@ -164,7 +164,7 @@ def test_abort_stops_only_the_named_request_within_one_decode_step():
         if len(calls) == 5:
             engine.abort(["drop"])  # as if it came from another thread during this pass
 
-    engine.model.lm_head.register_forward_pre_hook(abort_at_fifth)
+    engine.model.model.norm.register_forward_pre_hook(abort_at_fifth)
     keep, drop = engine.generate(PROMPTS[:2], params, ["keep", "drop"])
     assert [s.finish_reason for s in drop] == ["abort", "abort"]
     assert [len(s.token_ids) for s in drop] == [5, 5]

@@ -70,11 +70,11 @@ def test_refilled_slots_give_the_hf_path_responses(model_type):
 
 
 def test_batch_stays_full_while_requests_wait():
-    # One lm_head call per step; its batch is the number of occupied slots. With 15 rows
+    # One final-norm call per step; its batch is the number of occupied slots. With 15 rows
     # for 4 slots, every step runs 4 rows until fewer than 4 are left unfinished.
     engine = _engine(max_batch_size=4)
     batches = []
-    engine.model.lm_head.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
+    engine.model.model.norm.register_forward_pre_hook(lambda _, args: batches.append(args[0].shape[0]))
     params = SamplingParams(n=3, max_new_tokens=14, stop_token_ids=STOPS, seed=3)
     out = engine.generate(PROMPTS, params)
     lengths = sorted(len(s.token_ids) for g in out for s in g)
