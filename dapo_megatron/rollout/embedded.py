@@ -2,10 +2,12 @@
 
 The model is built with transformers from an HF config (Llama, Qwen2, Qwen3, Qwen3-MoE,
 ... anything AutoModelForCausalLM knows), so its parameter names are the HF names the
-weight export produces. Generation runs in chunks of at most ``max_batch_size``
-sequences: each distinct prompt of a chunk is prefilled once (left-padded) and its KV
-cache copied to its n samples, then all rows decode together; finished rows are dropped
-from the batch (and their cache) as they finish, so long tails do not pay for short ones.
+weight export produces. Llama-family models decode through ``max_batch_size`` slots of a
+preallocated KV buffer, each prompt prefilled once for its samples, finished rows refilled
+from the queue (rollout/slot_decoder.py). Other families run in chunks of at most
+``max_batch_size`` sequences through the HF forward: each distinct prompt of a chunk is
+prefilled once (left-padded) and its KV cache copied to its n samples, then all rows
+decode together; finished rows are dropped from the batch (and their cache).
 Sampling is ours, in fp32 (dapo_megatron.rollout.sampling), one random stream per
 sequence seeded from (seed, request_id, sample_index); token t of a response takes the
 stream's t-th uniform. A continued response (protocol.Resume) re-derives its stream by
