@@ -448,6 +448,7 @@ class EmbeddedEngine:
     def release_memory(self) -> None:
         """Move weights off the accelerator for the train phase (a no-op on CPU)."""
         with self._lock:
+            self._slot_forward = None  # its weight copies/views follow the weights
             if self.device.type != "cpu" and not self._released:
                 self.model.to("cpu")
                 torch.cuda.empty_cache()

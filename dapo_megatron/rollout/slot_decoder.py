@@ -57,32 +57,35 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 
 class _Proj:
-    """One or several nn.Linear of the same input run as one matmul: ``x @ weight_t``.
+    """nn.Linear layers of one input run together; ``__call__`` returns their outputs.
 
-    weight_t ``[in, sum(out)]``: on CPU a contiguous transposed copy (MKL's small-batch
-    sgemm runs faster on it than on the transposed view F.linear uses: measured 15-30% on
-    the bench's decode shapes); elsewhere the transposed view of the (concatenated) weight.
+    On CPU their weights are one contiguous transposed copy ``[in, sum(out)]`` and the
+    call is one matmul: MKL's small-batch sgemm runs faster on it than on the transposed
+    view F.linear uses (11% of a bench generate), and one matmul beats several. Elsewhere
+    each runs on its own transposed view (no copy of the weights in accelerator memory).
     """
 
     def __init__(self, linears: list[torch.nn.Linear]):
-        weight = torch.cat([lin.weight for lin in linears]) if len(linears) > 1 else linears[0].weight
-        self.weight_t = weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
-        has_bias = linears[0].bias is not None
-        self.bias = torch.cat([lin.bias for lin in linears]) if has_bias else None
         self.sizes = [lin.weight.shape[0] for lin in linears]
+        on_cpu = linears[0].weight.device.type == "cpu"
+        parts = [(torch.cat([lin.weight for lin in linears]),
+                  torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None)
+                 ] if on_cpu else [(lin.weight, lin.bias) for lin in linears]
+        self.parts = [(w.t().contiguous() if on_cpu else w.t(), b) for w, b in parts]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = x.reshape(-1, x.shape[-1])
-        out = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        outs = [(flat @ w if b is None else torch.addmm(b, flat, w)).view(*x.shape[:-1], -1)
+                for w, b in self.parts]
+        return list(outs[0].split(self.sizes, dim=-1)) if len(outs) < len(self.sizes) else outs
 
 
 class SlotForward:
     """Prefill and one-token steps of an HF Llama-family causal LM over a SlotKVCache.
 
-    The q/k/v projections of a layer run as one matmul, and so do a dense MLP's gate and up
-    projections (_Proj, built in ``refresh`` and rebuilt whenever a source parameter was
-    replaced or written in place since, e.g. by a weight sync).
+    The projections run through _Proj (on CPU: q/k/v as one matmul, a dense MLP's gate and
+    up as another), built in ``refresh`` and rebuilt whenever a source parameter was
+    replaced or written in place since, e.g. by a weight sync.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -129,8 +132,7 @@ class SlotForward:
     def _qkv(self, i: int, x: torch.Tensor, cos, sin):
         """x [B, T, hidden] -> q [B, heads, T, D], k, v [B, kv_heads, T, D] (rotary applied)."""
         attn = self.layers[i].self_attn
-        qkv = self._proj[i]["qkv"]
-        q, k, v = qkv(x).split(qkv.sizes, dim=-1)
+        q, k, v = self._proj[i]["qkv"](x)
         shape = (*x.shape[:-1], -1, self.head_dim)
         q, k = q.view(shape), k.view(shape)
         if hasattr(attn, "q_norm"):
@@ -145,8 +147,8 @@ class SlotForward:
         proj = self._proj[i]
         if "gate_up" not in proj:  # MoE or other block: the model's own module
             return h + layer.mlp(x)
-        gate, up = proj["gate_up"](x).split(proj["gate_up"].sizes, dim=-1)
-        return h + proj["down"](layer.mlp.act_fn(gate) * up)
+        gate, up = proj["gate_up"](x)
+        return h + proj["down"](layer.mlp.act_fn(gate) * up)[0]
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +167,7 @@ class SlotForward:
             vs.append(v)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
                                                enable_gqa=True)
-            h = h + self._proj[i]["o"](o.transpose(1, 2).reshape(n, t, -1))
+            h = h + self._proj[i]["o"](o.transpose(1, 2).reshape(n, t, -1))[0]
             h = self._mlp(i, h)
         return torch.stack(ks), torch.stack(vs)
 
@@ -190,10 +192,10 @@ class SlotForward:
                                    keys.reshape(-1, self.head_dim, span), alpha=attn.scaling)
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             o = torch.bmm(weights, values.reshape(-1, span, self.head_dim)).view(a, 1, -1)
-            h = h + self._proj[i]["o"](o)
+            h = h + self._proj[i]["o"](o)[0]
             h = self._mlp(i, h)
         cache.end_step()
-        return self._lm_head(self.base.norm(h))[:, 0]
+        return self._lm_head(self.base.norm(h))[0][:, 0]
 
 
 # Rows sampled together: sampling's fp64 temporaries ([rows, vocab]) stay under 512 KiB, below
