@@ -13,12 +13,13 @@ every step is the same forward of one token per slot and yields the logits every
 samples from. Each sequence keeps its own random stream (embedded._Row.gen), so which
 slot or step it runs in never changes its draws.
 
-The forward is the HF model's own modules (norms, projections, rotary embedding, MLP or
-MoE block, lm head) called in the order the HF decoder layer calls them
+The forward follows the HF decoder layer op for op
 (transformers/models/qwen3/modeling_qwen3.py, Qwen3DecoderLayer.forward and
-Qwen3Attention.forward; Llama and Qwen2 are the same without q_norm/k_norm); only the
-attention against the buffer is ours. Families outside ``SUPPORTED`` use the engine's
-HF-forward path (embedded.EmbeddedEngine._generate_chunk).
+Qwen3Attention.forward; Llama and Qwen2 are the same without q_norm/k_norm): the model's
+own embedding, norms, rotary embedding and rotary application, activation and MoE block;
+its linear layers' weights as one matmul per input (_Proj); only the attention against
+the buffer is ours. Families outside ``SUPPORTED`` use the engine's HF-forward path
+(embedded.EmbeddedEngine._generate_chunk).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class _Proj:
 
     On CPU their weights are one contiguous transposed copy ``[in, sum(out)]`` and the
     call is one matmul: MKL's small-batch sgemm runs faster on it than on the transposed
-    view F.linear uses (11% of a bench generate), and one matmul beats several. Elsewhere
-    each runs on its own transposed view (no copy of the weights in accelerator memory).
+    view F.linear uses (bench/rollout_bench.py: 11% less CPU time per generate, measured
+    side by side in one process). Elsewhere each runs on its own transposed view (no copy
+    of the weights in accelerator memory).
     """
 
     def __init__(self, linears: list[torch.nn.Linear]):
