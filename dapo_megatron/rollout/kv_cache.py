@@ -10,6 +10,8 @@ step costs one in-place write per layer.
 
 The buffer starts zeroed: attention masks the columns at and past a slot's length, and a
 masked column must still hold a finite number (0 * NaN would poison the weighted sum).
+Its columns grow on demand (doubling, up to ``max_len``), so a call whose responses stop
+early never holds the worst case of prompt + max_new_tokens for every slot.
 """
 
 from __future__ import annotations
@@ -24,17 +26,36 @@ class SlotKVCache:
     """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.k = torch.zeros((layers, slots, kv_heads, head_dim, max_len), dtype=dtype, device=device)
-        self.v = torch.zeros((layers, slots, kv_heads, max_len, head_dim), dtype=dtype, device=device)
-        self.length = torch.zeros(slots, dtype=torch.long, device=device)
+                 dtype: torch.dtype, device: torch.device, initial_len: int | None = None):
         self.max_len = max_len
+        cols = min(max_len, initial_len or max_len)
+        self.k = torch.zeros((layers, slots, kv_heads, head_dim, cols), dtype=dtype, device=device)
+        self.v = torch.zeros((layers, slots, kv_heads, cols, head_dim), dtype=dtype, device=device)
+        self.length = torch.zeros(slots, dtype=torch.long, device=device)
         self._step: tuple | None = None
+
+    @property
+    def columns(self) -> int:
+        return self.k.shape[-1]
+
+    def _reserve(self, cols: int) -> None:
+        """Make room for positions [0, cols)."""
+        if cols <= self.columns:
+            return
+        if cols > self.max_len:
+            raise ValueError(f"SlotKVCache: {cols} positions asked, max_len is {self.max_len}")
+        new = min(self.max_len, max(cols, 2 * self.columns))
+        k = self.k.new_zeros((*self.k.shape[:-1], new))
+        v = self.v.new_zeros((*self.v.shape[:3], new, self.v.shape[-1]))
+        k[..., : self.columns] = self.k
+        v[:, :, :, : self.columns] = self.v
+        self.k, self.v = k, v
 
     def fill(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Give ``slot`` a new sequence whose first positions have keys/values
         ``k, v [layers, kv_heads, positions, head_dim]`` (positions may be 0)."""
         n = k.shape[2]
+        self._reserve(n)
         if n:
             self.k[:, slot, :, :, :n] = k.transpose(-1, -2)
             self.v[:, slot, :, :n] = v
@@ -54,6 +75,7 @@ class SlotKVCache:
         after."""
         cols = self.length[:active]
         span = int(cols.max()) + 1
+        self._reserve(span)
         self._step = (torch.arange(active, device=cols.device), cols, span)
         valid = torch.arange(span, device=cols.device) <= cols[:, None]
         mask = torch.zeros(valid.shape, dtype=dtype, device=cols.device)

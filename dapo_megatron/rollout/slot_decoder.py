@@ -126,10 +126,10 @@ class SlotForward:
             self._lm_head = _Proj([self.model.lm_head])
         self._fingerprint = fingerprint
 
-    def new_cache(self, slots: int, max_len: int) -> SlotKVCache:
+    def new_cache(self, slots: int, max_len: int, initial_len: int | None = None) -> SlotKVCache:
         weight = self.model.get_output_embeddings().weight
         return SlotKVCache(len(self.layers), slots, self.kv_heads, max_len, self.head_dim,
-                           weight.dtype, weight.device)
+                           weight.dtype, weight.device, initial_len)
 
     def _qkv(self, i: int, x: torch.Tensor, cos, sin):
         """x [B, T, hidden] -> q [B, heads, T, D], k, v [B, kv_heads, T, D] (rotary applied)."""
@@ -244,8 +244,9 @@ def decode_rows(
     left: dict[tuple, int] = {}
     for k in waiting:
         left[key(k)] = left.get(key(k), 0) + 1
+    longest = max(len(prompts[r.prompt_index]) + len(r.prefix) for r in rows)
     max_len = max(len(prompts[r.prompt_index]) for r in rows) + params.max_new_tokens
-    cache = forward.new_cache(slots, max_len)
+    cache = forward.new_cache(slots, max_len, initial_len=longest + 64)
     prefilled: dict[tuple, tuple] = {}
     slot_row: list[int] = []  # row in slot s, for s in [0, A)
     next_token = torch.zeros(slots, dtype=torch.long, device=device)

@@ -145,3 +145,14 @@ def test_other_families_use_the_hf_path():
     assert not engine.slot_decoding
     out = engine.generate(PROMPTS[:2], SamplingParams(n=2, max_new_tokens=4, seed=0))
     assert [len(s.token_ids) for g in out for s in g] == [4] * 4
+
+
+def test_responses_longer_than_the_first_buffer_match_the_hf_path():
+    # The KV buffer starts at the longest prompt + 64 columns and grows while rows run on.
+    engine = _engine(max_batch_size=3)
+    params = SamplingParams(n=2, max_new_tokens=90, seed=8)  # no stop: every row runs 90
+    slots, hf = _both(engine, PROMPTS[:4], params)
+    _assert_same(slots, hf)
+    longest_prompt = max(len(p) for p in PROMPTS[:4])
+    assert any(len(PROMPTS[i]) + len(s.token_ids) > longest_prompt + 64
+               for i, g in enumerate(slots) for s in g), "no row outgrew the first buffer"
