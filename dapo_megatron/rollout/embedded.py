@@ -2,10 +2,12 @@
 
 The model is built with transformers from an HF config (Llama, Qwen2, Qwen3, Qwen3-MoE,
 ... anything AutoModelForCausalLM knows), so its parameter names are the HF names the
-weight export produces. Generation runs in chunks of at most ``max_batch_size``
-sequences: each distinct prompt of a chunk is prefilled once (left-padded) and its KV
-cache copied to its n samples, then all rows decode together; finished rows are dropped
-from the batch (and their cache) as they finish, so long tails do not pay for short ones.
+weight export produces. Llama-family models decode through ``max_batch_size`` slots of a
+preallocated KV buffer, each prompt prefilled once for its samples, finished rows refilled
+from the queue (rollout/slot_decoder.py). Other families run in chunks of at most
+``max_batch_size`` sequences through the HF forward: each distinct prompt of a chunk is
+prefilled once (left-padded) and its KV cache copied to its n samples, then all rows
+decode together; finished rows are dropped from the batch (and their cache).
 Sampling is ours, in fp32 (dapo_megatron.rollout.sampling), one random stream per
 sequence seeded from (seed, request_id, sample_index); token t of a response takes the
 stream's t-th uniform. A continued response (protocol.Resume) re-derives its stream by
@@ -37,6 +39,7 @@ from dapo_megatron.rollout.protocol import (
 )
 from dapo_megatron.rollout.routing import RouterTap
 from dapo_megatron.rollout.sampling import draw_uniforms, row_seed, sample_next_tokens
+from dapo_megatron.rollout.slot_decoder import SlotForward, decode_rows, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +143,10 @@ class EmbeddedEngine:
         self._groups: dict[str, Any] = {}  # weight-update process groups by name
         # Routed experts of MoE models, recorded when a request asks (rollout/routing.py).
         self._router_tap = RouterTap(self.model)
+        # Slot decoding (rollout/slot_decoder.py: preallocated KV, continuous refill) where
+        # the model family allows; False: the HF-forward chunk loop below.
+        self.slot_decoding = unsupported_reason(self.model) is None
+        self._slot_forward: SlotForward | None = None
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -180,9 +187,12 @@ class EmbeddedEngine:
                 else:
                     rows += [_Row(i, r.sample_index, request_ids[i], r.seed, r) for r in resume[i]]
             finish: dict[int, str] = {}
-            for start in range(0, len(rows), self.max_batch_size):
-                chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
-                self._generate_chunk(prompts, rows, chunk, params, finish)
+            if self.slot_decoding:
+                self._generate_slots(prompts, rows, params, finish)
+            else:
+                for start in range(0, len(rows), self.max_batch_size):
+                    chunk = list(range(start, min(start + self.max_batch_size, len(rows))))
+                    self._generate_chunk(prompts, rows, chunk, params, finish)
             results: list[list[Sample]] = [[] for _ in prompts]
             for k, row in enumerate(rows):
                 results[row.prompt_index].append(
@@ -207,6 +217,19 @@ class EmbeddedEngine:
     def _is_aborted(self, request_id: str) -> bool:
         with self._abort_lock:
             return request_id in self._aborted
+
+    @torch.no_grad()
+    def _generate_slots(self, prompts: list[list[int]], rows: list[_Row], params: SamplingParams,
+                        finish: dict[int, str]) -> None:
+        tap = self._router_tap
+        tap.enable(params.return_routed_experts and tap.is_moe)
+        try:
+            if self._slot_forward is None:
+                self._slot_forward = SlotForward(self.model)
+            decode_rows(self._slot_forward, prompts, rows, params, finish, self.max_batch_size,
+                        self._is_aborted, self._hit_stop_string, tap)
+        finally:
+            tap.enable(False)
 
     @torch.no_grad()
     def _generate_chunk(
@@ -429,6 +452,7 @@ class EmbeddedEngine:
     def release_memory(self) -> None:
         """Move weights off the accelerator for the train phase (a no-op on CPU)."""
         with self._lock:
+            self._slot_forward = None  # its weight copies/views follow the weights
             if self.device.type != "cpu" and not self._released:
                 self.model.to("cpu")
                 torch.cuda.empty_cache()
@@ -452,6 +476,7 @@ class EmbeddedEngine:
     def shutdown(self) -> None:
         self._closed = True
         self.model = None
+        self._slot_forward = None
 
     def _check_open(self) -> None:
         if self._closed:

@@ -150,21 +150,21 @@ def test_abort_stops_in_flight_request():
 
 
 def test_abort_stops_only_the_named_request_within_one_decode_step():
-    # An abort that arrives during forward pass m (1 = the prefill) stops the request after
-    # the token sampled from that pass: m tokens exactly; the other request of the same call
-    # runs to its length limit, and an unaborted run of the call gives the same tokens.
+    # An abort that arrives during the forward pass that computes the logits of token m
+    # (its final-norm call: one per sampling step, whichever decoding path) stops the request
+    # after that token: m tokens exactly; the other request of the same call runs to its
+    # length limit, and an unaborted run of the call gives the same tokens.
     engine = make_engine(max_batch_size=8)
     params = SamplingParams(n=2, max_new_tokens=12, seed=0)
     reference = engine.generate(PROMPTS[:2], params, ["keep", "drop"])
-    forward, calls = engine.model.forward, []
+    calls = []
 
-    def forward_then_abort(*args, **kwargs):
+    def abort_at_fifth(*_):
         calls.append(1)
         if len(calls) == 5:
             engine.abort(["drop"])  # as if it came from another thread during this pass
-        return forward(*args, **kwargs)
 
-    engine.model.forward = forward_then_abort
+    engine.model.model.norm.register_forward_pre_hook(abort_at_fifth)
     keep, drop = engine.generate(PROMPTS[:2], params, ["keep", "drop"])
     assert [s.finish_reason for s in drop] == ["abort", "abort"]
     assert [len(s.token_ids) for s in drop] == [5, 5]

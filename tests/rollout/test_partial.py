@@ -181,7 +181,8 @@ def test_round_abort_stops_requests_within_one_decode_step():
     instead of finishing their call; the calls queued behind them never start a forward."""
     engine = _engine(max_batch_size=64)
     forwards, at_abort = [], []
-    engine.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    # The final norm runs once per sampling step, in either decoding path of the engine.
+    engine.model.model.norm.register_forward_pre_hook(lambda *_: forwards.append(1))
     params = SamplingParams(n=2, max_new_tokens=100, seed=0)  # no stop token: 100-token calls
     manager = RolloutManager([engine], calls_per_engine=2)
     prompts = [PROMPTS[i % 4] for i in range(8)]
