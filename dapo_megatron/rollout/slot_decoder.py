@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from dapo_megatron import malloc
 from dapo_megatron.rollout.kv_cache import SlotKVCache
 from dapo_megatron.rollout.protocol import SamplingParams
 from dapo_megatron.rollout.routing import RouterTap
@@ -200,11 +201,11 @@ class SlotForward:
         return self._lm_head(self.base.norm(h))[0][:, 0]
 
 
-# Rows sampled together: sampling's fp64 temporaries ([rows, vocab]) stay under 512 KiB, below
-# the mmap threshold the engine sets (malloc.limit_malloc_retention: 1 MiB), so they reuse
-# heap memory instead of page-faulting fresh mappings at every step. Rows are independent
-# (one stream each, row-wise maths), so the split changes no result.
-_SAMPLE_BYTES = 1 << 19
+# Rows sampled together: sampling's fp64 temporaries ([rows, vocab]) stay under half the
+# steady-state mmap threshold (malloc.STEADY_THRESHOLD), so they reuse heap memory instead of
+# page-faulting fresh mappings at every step. Rows are independent (one stream each, row-wise
+# maths), so the split changes no result.
+_SAMPLE_BYTES = malloc.STEADY_THRESHOLD // 2
 
 
 def _sample(logits: torch.Tensor, gens: list[torch.Generator], params: SamplingParams):
