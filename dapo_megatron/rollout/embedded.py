@@ -39,7 +39,7 @@ from dapo_megatron.rollout.protocol import (
 )
 from dapo_megatron.rollout.routing import RouterTap
 from dapo_megatron.rollout.sampling import draw_uniforms, row_seed, sample_next_tokens
-from dapo_megatron.rollout.slot_decoder import SlotForward, decode_rows, unsupported_reason
+from dapo_megatron.rollout.slot_decoder import SlotForward, decode_rows, take_token, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -318,19 +318,13 @@ class EmbeddedEngine:
             raw_list = raws.tolist() if raws is not None else None
             keep: list[int] = []
             for r, k in enumerate(live):
-                row = rows[k]
-                row.tokens.append(tok_list[r])
-                row.logprobs.append(lp_list[r])
-                if raw_list is not None:
-                    row.raw.append(raw_list[r])
-                if is_stop[r] or self._hit_stop_string(row, params):
-                    finish[k] = "stop"
-                elif len(row.prefix) + len(row.tokens) == params.max_new_tokens:
-                    finish[k] = "length"  # a full-length response is finished, aborted or not
-                elif self._is_aborted(row.request_id):
-                    finish[k] = "abort"
-                else:
+                raw = None if raw_list is None else raw_list[r]
+                done = take_token(rows[k], tok_list[r], lp_list[r], raw, is_stop[r], params,
+                                  self._hit_stop_string, self._is_aborted)
+                if done is None:
                     keep.append(r)
+                else:
+                    finish[k] = done
             if not keep:
                 return
             if len(keep) != len(live):

@@ -218,6 +218,25 @@ def _sample(logits: torch.Tensor, gens: list[torch.Generator], params: SamplingP
             torch.cat(raws) if params.return_raw_logprobs else None)
 
 
+def take_token(row: Row, token: int, logprob: float, raw: float | None, is_stop: bool,
+               params: SamplingParams, hit_stop_string: Callable[[Row, SamplingParams], bool],
+               is_aborted: Callable[[str], bool]) -> str | None:
+    """Append one sampled token to ``row``; return how it finished the row ("stop", "length",
+    "abort"), or None while it goes on. Both decoding loops (this one and
+    EmbeddedEngine._generate_chunk) decide here."""
+    row.tokens.append(token)
+    row.logprobs.append(logprob)
+    if raw is not None:
+        row.raw.append(raw)
+    if is_stop or hit_stop_string(row, params):
+        return "stop"
+    if len(row.prefix) + len(row.tokens) == params.max_new_tokens:
+        return "length"  # a full-length response is finished, aborted or not
+    if is_aborted(row.request_id):
+        return "abort"
+    return None
+
+
 def decode_rows(
     forward: SlotForward,
     prompts: list[list[int]],
@@ -334,19 +353,11 @@ def decode_rows(
         next_token[:a] = tokens
         free: list[int] = []
         for s, k in enumerate(slot_row):
-            row = live[s]
-            row.tokens.append(tok_list[s])
-            row.logprobs.append(lp_list[s])
-            if raw_list is not None:
-                row.raw.append(raw_list[s])
-            if is_stop[s] or hit_stop_string(row, params):
-                finish[k] = "stop"
-            elif len(row.prefix) + len(row.tokens) == params.max_new_tokens:
-                finish[k] = "length"  # a full-length response is finished, aborted or not
-            elif is_aborted(row.request_id):
-                finish[k] = "abort"
-            else:
-                continue
-            free.append(s)
+            raw = None if raw_list is None else raw_list[s]
+            done = take_token(live[s], tok_list[s], lp_list[s], raw, is_stop[s], params,
+                              hit_stop_string, is_aborted)
+            if done is not None:
+                finish[k] = done
+                free.append(s)
         if free:
             admit(free)
