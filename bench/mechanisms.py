@@ -357,8 +357,10 @@ def summarize(path: str, plot_dir: str) -> str:
 def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
     """What RL starts from: the config's warm start on the whole held-out split, `samples`
     responses per problem at the eval temperature, by chain length n: accuracy, truncated
-    share, and how many problems' groups are mixed (0 < #correct < samples), the only groups
-    that carry a gradient (DAPO sec. 3.2)."""
+    share, how many problems' groups are mixed (0 < #correct < samples), the only groups
+    that carry a gradient (DAPO sec. 3.2), and the response lengths: their mean and the spread
+    within a group (std over a problem's samples, averaged over problems), which is what the
+    token-level loss and the overlong shaping act on."""
     from dapo_megatron.config import load_config
     from dapo_megatron.controller.task import load_task
     from dapo_megatron.reward import compute_score
@@ -381,16 +383,21 @@ def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
     for ex, group in zip(task.eval, groups):
         hits = [compute_score(tok.decode(g.token_ids), ex.ground_truth).correct for g in group]
         cut = [g.finish_reason == "length" for g in group]
-        by_n.setdefault(ex.metadata["solution"].count("\n"), []).append((hits, cut))
-    lines = [f"{config}: {cfg.model.hf_dir}, {len(task.eval)} held-out problems x {samples} samples",
-             "| n | problems | accuracy % | truncated % | mixed groups |", "|---|---|---|---|---|"]
+        lengths = [len(g.token_ids) for g in group]
+        by_n.setdefault(ex.metadata["solution"].count("\n"), []).append((hits, cut, lengths))
+    lines = [f"{config}: {cfg.model.hf_dir}, {len(task.eval)} held-out problems x {samples} samples, "
+             f"max_response_length {cfg.algo.max_response_length}",
+             "| n | problems | accuracy % | truncated % | mixed groups | length mean | length std within a group |",
+             "|---|---|---|---|---|---|---|"]
     for n in sorted(by_n) + ["all"]:
         rows = by_n[n] if n != "all" else [x for v in by_n.values() for x in v]
-        hits = [h for hs, _ in rows for h in hs]
-        cut = [c for _, cs in rows for c in cs]
-        mixed = sum(0 < sum(hs) < samples for hs, _ in rows)
+        hits = [h for hs, _, _ in rows for h in hs]
+        cut = [c for _, cs, _ in rows for c in cs]
+        mixed = sum(0 < sum(hs) < samples for hs, _, _ in rows)
+        lens = [x for _, _, ls in rows for x in ls]
+        spread = sum(_stats([float(x) for x in ls])[1] for _, _, ls in rows) / len(rows)
         lines.append(f"| {n} | {len(rows)} | {100 * sum(hits) / len(hits):.1f} | {100 * sum(cut) / len(cut):.1f} "
-                     f"| {mixed} |")
+                     f"| {mixed} | {sum(lens) / len(lens):.1f} | {spread:.1f} |")
     return "\n".join(lines)
 
 
