@@ -26,7 +26,7 @@ dynamic sampling at dyn_off's budget is the dapo run of that seed up to the step
 has generated as many responses (the trainer's stopping rule, `_budget_spent` in
 controller/loop.py): `equal_samples_rows` cuts it there instead of training it again.
 
-    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 32 --out runs/mech/results.jsonl
+    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 16 --out runs/mech/results.jsonl
     python bench/mechanisms.py --groups cumulative --seeds 3 --steps 16 --out runs/mech/results.jsonl
     python bench/mechanisms.py --summarize runs/mech/results.jsonl --plots docs/
     python bench/mechanisms.py --warm-start-report   # what RL starts from, by chain length
