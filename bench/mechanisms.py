@@ -44,6 +44,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.ablation import PAPER
 from bench.ablation import settings as cumulative_settings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,6 +278,35 @@ def check_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def cumulative_table(rows: list[dict]) -> str:
+    """The paper's Table 1 on this task: each cumulative setting's held-out accuracy (mean of
+    the last two evaluations) and its paired difference from naive GRPO, beside the paper's."""
+    by = {(r["setting"], r["seed"]): r for r in rows}
+    out = ["| setting | seeds | held-out avg@4, step 0 | held-out avg@4, last 2 evals | minus GRPO, per seed "
+           "| minus GRPO, mean ± std | entropy (last 5) | truncated %, all steps | paper (AIME avg@32) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(vals, fmt="{:.1f}"):
+        m, sd = _stats(vals)
+        return f"{fmt.format(m)} ± {fmt.replace('+', '').format(sd)}"
+
+    for name, paper in PAPER.items():
+        n = "cum_" + name.lstrip("+")
+        seeds = sorted(s for (k, s) in by if k == n)
+        if not seeds:
+            continue
+        rs = [by[(n, s)] for s in seeds]
+        diffs = [100 * (by[(n, s)]["accuracy_last2"] - by[("cum_grpo", s)]["accuracy_last2"])
+                 for s in seeds if ("cum_grpo", s) in by]
+        per_seed, mean_sd = ("", "") if n == "cum_grpo" or not diffs else (
+            ", ".join(f"{d:+.1f}" for d in diffs), ms(diffs, "{:+.1f}"))
+        out.append(f"| {name} | {len(rs)} | {ms([100 * r['initial_accuracy'] for r in rs])} "
+                   f"| {ms([100 * r['accuracy_last2'] for r in rs])} | {per_seed} | {mean_sd} "
+                   f"| {ms([r['entropy_last5'] for r in rs], '{:.3f}')} "
+                   f"| {ms([100 * r['truncated_all'] for r in rs])} | {paper} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 SAMPLES_X = "eval/avg@k by samples"  # the panel whose x axis is the responses generated so far
 PANELS = (("eval/avg@k", "held-out avg@4"), ("actor/entropy", "entropy (train batch)"),
           ("response/length_mean", "response length, mean"), ("response/length_max", "response length, max"),
@@ -346,6 +376,9 @@ def summarize(path: str, plot_dir: str) -> str:
     rows += equal_samples_rows(rows)
     text = tables(rows) + "\n### paired differences (bold: the figure the 3-of-4 goal is judged on)\n\n" + \
         check_table(rows)
+    cumulative = cumulative_table(rows)
+    if cumulative:
+        text += "\n\n### cumulative (Table 1): held-out accuracy against naive GRPO, paired by seed\n\n" + cumulative
     with open(os.path.splitext(path)[0] + "_tables.md", "w") as f:
         f.write(text + "\n")
     os.makedirs(plot_dir, exist_ok=True)
