@@ -26,7 +26,7 @@ dynamic sampling at dyn_off's budget is the dapo run of that seed up to the step
 has generated as many responses (the trainer's stopping rule, `_budget_spent` in
 controller/loop.py): `equal_samples_rows` cuts it there instead of training it again.
 
-    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 32 --out runs/mech/results.jsonl
+    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 16 --out runs/mech/results.jsonl
     python bench/mechanisms.py --groups cumulative --seeds 3 --steps 16 --out runs/mech/results.jsonl
     python bench/mechanisms.py --summarize runs/mech/results.jsonl --plots docs/
     python bench/mechanisms.py --warm-start-report   # what RL starts from, by chain length
@@ -44,6 +44,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.ablation import PAPER
 from bench.ablation import settings as cumulative_settings  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -277,6 +278,35 @@ def check_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def cumulative_table(rows: list[dict]) -> str:
+    """The paper's Table 1 on this task: each cumulative setting's held-out accuracy (mean of
+    the last two evaluations) and its paired difference from naive GRPO, beside the paper's."""
+    by = {(r["setting"], r["seed"]): r for r in rows}
+    out = ["| setting | seeds | held-out avg@4, step 0 | held-out avg@4, last 2 evals | minus GRPO, per seed "
+           "| minus GRPO, mean ± std | entropy (last 5) | truncated %, all steps | paper (AIME avg@32) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(vals, fmt="{:.1f}"):
+        m, sd = _stats(vals)
+        return f"{fmt.format(m)} ± {fmt.replace('+', '').format(sd)}"
+
+    for name, paper in PAPER.items():
+        n = "cum_" + name.lstrip("+")
+        seeds = sorted(s for (k, s) in by if k == n)
+        if not seeds:
+            continue
+        rs = [by[(n, s)] for s in seeds]
+        diffs = [100 * (by[(n, s)]["accuracy_last2"] - by[("cum_grpo", s)]["accuracy_last2"])
+                 for s in seeds if ("cum_grpo", s) in by]
+        per_seed, mean_sd = ("", "") if n == "cum_grpo" or not diffs else (
+            ", ".join(f"{d:+.1f}" for d in diffs), ms(diffs, "{:+.1f}"))
+        out.append(f"| {name} | {len(rs)} | {ms([100 * r['initial_accuracy'] for r in rs])} "
+                   f"| {ms([100 * r['accuracy_last2'] for r in rs])} | {per_seed} | {mean_sd} "
+                   f"| {ms([r['entropy_last5'] for r in rs], '{:.3f}')} "
+                   f"| {ms([100 * r['truncated_all'] for r in rs])} | {paper} |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 SAMPLES_X = "eval/avg@k by samples"  # the panel whose x axis is the responses generated so far
 PANELS = (("eval/avg@k", "held-out avg@4"), ("actor/entropy", "entropy (train batch)"),
           ("response/length_mean", "response length, mean"), ("response/length_max", "response length, max"),
@@ -346,6 +376,9 @@ def summarize(path: str, plot_dir: str) -> str:
     rows += equal_samples_rows(rows)
     text = tables(rows) + "\n### paired differences (bold: the figure the 3-of-4 goal is judged on)\n\n" + \
         check_table(rows)
+    cumulative = cumulative_table(rows)
+    if cumulative:
+        text += "\n\n### cumulative (Table 1): held-out accuracy against naive GRPO, paired by seed\n\n" + cumulative
     with open(os.path.splitext(path)[0] + "_tables.md", "w") as f:
         f.write(text + "\n")
     os.makedirs(plot_dir, exist_ok=True)
@@ -357,8 +390,10 @@ def summarize(path: str, plot_dir: str) -> str:
 def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
     """What RL starts from: the config's warm start on the whole held-out split, `samples`
     responses per problem at the eval temperature, by chain length n: accuracy, truncated
-    share, and how many problems' groups are mixed (0 < #correct < samples), the only groups
-    that carry a gradient (DAPO sec. 3.2)."""
+    share, how many problems' groups are mixed (0 < #correct < samples), the only groups
+    that carry a gradient (DAPO sec. 3.2), and the response lengths: their mean and the spread
+    within a group (std over a problem's samples, averaged over problems), which is what the
+    token-level loss and the overlong shaping act on."""
     from dapo_megatron.config import load_config
     from dapo_megatron.controller.task import load_task
     from dapo_megatron.reward import compute_score
@@ -381,16 +416,21 @@ def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
     for ex, group in zip(task.eval, groups):
         hits = [compute_score(tok.decode(g.token_ids), ex.ground_truth).correct for g in group]
         cut = [g.finish_reason == "length" for g in group]
-        by_n.setdefault(ex.metadata["solution"].count("\n"), []).append((hits, cut))
-    lines = [f"{config}: {cfg.model.hf_dir}, {len(task.eval)} held-out problems x {samples} samples",
-             "| n | problems | accuracy % | truncated % | mixed groups |", "|---|---|---|---|---|"]
+        lengths = [len(g.token_ids) for g in group]
+        by_n.setdefault(ex.metadata["solution"].count("\n"), []).append((hits, cut, lengths))
+    lines = [f"{config}: {cfg.model.hf_dir}, {len(task.eval)} held-out problems x {samples} samples, "
+             f"max_response_length {cfg.algo.max_response_length}",
+             "| n | problems | accuracy % | truncated % | mixed groups | length mean | length std within a group |",
+             "|---|---|---|---|---|---|---|"]
     for n in sorted(by_n) + ["all"]:
         rows = by_n[n] if n != "all" else [x for v in by_n.values() for x in v]
-        hits = [h for hs, _ in rows for h in hs]
-        cut = [c for _, cs in rows for c in cs]
-        mixed = sum(0 < sum(hs) < samples for hs, _ in rows)
+        hits = [h for hs, _, _ in rows for h in hs]
+        cut = [c for _, cs, _ in rows for c in cs]
+        mixed = sum(0 < sum(hs) < samples for hs, _, _ in rows)
+        lens = [x for _, _, ls in rows for x in ls]
+        spread = sum(_stats([float(x) for x in ls])[1] for _, _, ls in rows) / len(rows)
         lines.append(f"| {n} | {len(rows)} | {100 * sum(hits) / len(hits):.1f} | {100 * sum(cut) / len(cut):.1f} "
-                     f"| {mixed} |")
+                     f"| {mixed} | {sum(lens) / len(lens):.1f} | {spread:.1f} |")
     return "\n".join(lines)
 
 
