@@ -122,6 +122,7 @@ class SlotForward:
         fingerprint = tuple((p.data_ptr(), p._version) for lin in linears for p in lin.parameters())
         if fingerprint == self._fingerprint:
             return
+        self._proj, self._lm_head = [], None  # the old copies go before the new are built
         with torch.no_grad():
             self._proj = [{name: _Proj(lins) for name, lins in g.items()} for g in groups]
             self._lm_head = _Proj([self.model.lm_head])
