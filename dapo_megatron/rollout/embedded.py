@@ -39,7 +39,13 @@ from dapo_megatron.rollout.protocol import (
 )
 from dapo_megatron.rollout.routing import RouterTap
 from dapo_megatron.rollout.sampling import draw_uniforms, row_seed, sample_next_tokens
-from dapo_megatron.rollout.slot_decoder import SlotForward, decode_rows, take_token, unsupported_reason
+from dapo_megatron.rollout.slot_decoder import (
+    SlotForward,
+    decode_rows,
+    finished_before_start,
+    take_token,
+    unsupported_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -240,14 +246,13 @@ class EmbeddedEngine:
         params: SamplingParams,
         finish: dict[int, str],
     ) -> None:
-        live = [k for k in chunk if not self._is_aborted(rows[k].request_id)]
+        live = []
         for k in chunk:
-            if k not in live:
-                finish[k] = "abort"
-        # A continuation whose prefix already used the whole budget has nothing to draw.
-        for k in [k for k in live if len(rows[k].prefix) >= params.max_new_tokens]:
-            finish[k] = "length"
-            live.remove(k)
+            done = finished_before_start(rows[k], params, self._is_aborted)
+            if done is None:
+                live.append(k)
+            else:
+                finish[k] = done
         if not live:
             return
         tap = self._router_tap

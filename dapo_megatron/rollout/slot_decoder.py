@@ -219,6 +219,18 @@ def _sample(logits: torch.Tensor, gens: list[torch.Generator], params: SamplingP
             torch.cat(raws) if params.return_raw_logprobs else None)
 
 
+def finished_before_start(row: Row, params: SamplingParams,
+                          is_aborted: Callable[[str], bool]) -> str | None:
+    """How a row ends before it draws a token: "abort" when its request was aborted, "length"
+    for a continuation whose prefix already used the whole budget; None when it runs. Both
+    decoding loops (this one and EmbeddedEngine._generate_chunk) decide here."""
+    if is_aborted(row.request_id):
+        return "abort"
+    if len(row.prefix) >= params.max_new_tokens:
+        return "length"
+    return None
+
+
 def take_token(row: Row, token: int, logprob: float, raw: float | None, is_stop: bool,
                params: SamplingParams, hit_stop_string: Callable[[Row, SamplingParams], bool],
                is_aborted: Callable[[str], bool]) -> str | None:
@@ -280,10 +292,9 @@ def decode_rows(
             k = waiting.popleft()
             row = rows[k]
             left[key(k)] -= 1
-            if is_aborted(row.request_id):
-                finish[k] = "abort"
-            elif len(row.prefix) >= params.max_new_tokens:
-                finish[k] = "length"  # a continuation whose prefix used the whole budget
+            done = finished_before_start(row, params, is_aborted)
+            if done is not None:
+                finish[k] = done
             else:
                 if free:
                     s = free.pop(0)
