@@ -56,7 +56,10 @@ class ModelConfig:
     norm_topk_prob: bool = True  # MoE: renormalise the top-k router weights
     init_std: float = 0.02  # std of the random initialisation (from scratch)
     # Numerics: "auto" is bf16 on GPU and fp32 on CPU. FP8 goes through Transformer Engine.
-    params_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # fp64 (CPU, embedded engine): policy and engine in double precision, to check that two
+    # numerical paths agree below fp32's own rounding (a decode step against a KV cache and a
+    # full-sequence forward differ by ~1e-5 in fp32 log-probs).
+    params_dtype: Literal["auto", "fp32", "bf16", "fp16", "fp64"] = "auto"
     # FP8 training through Transformer Engine (GPU); null: off
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
     # Transformer Engine FP8 scaling recipe
@@ -363,6 +366,7 @@ class DapoConfig:
         _validate(self)
         if check_layout:
             _validate_cp_device(self)
+            _validate_fp64_device(self)
             # The model's shape against the layout, lengths and engines: one place.
             from dapo_megatron.resolve import resolve
 
@@ -530,6 +534,16 @@ def _validate(cfg: DapoConfig) -> None:
                "context parallelism splits packed rows; set trainer.sequence_packing=true")
     _check(m.params_dtype != "fp16", "model.params_dtype",
            "fp16 needs dynamic loss scaling, which this trainer does not run; use bf16 (GPU) or fp32")
+    if m.params_dtype == "fp64":
+        # megatron-core's distributed optimizer casts gradients with .float()
+        # (optimizer/distrib_optimizer.py, copy_group_grads); its plain optimizer keeps the
+        # parameters' dtype. SGLang and Transformer Engine serve no fp64.
+        _check(not p.use_distributed_optimizer, "model.params_dtype",
+               "fp64 needs parallel.use_distributed_optimizer=false (megatron-core's "
+               "distributed optimizer keeps fp32 gradients)")
+        _check(r.engine == "embedded", "model.params_dtype",
+               f"fp64 runs on the embedded engine only; rollout.engine={r.engine} has no fp64")
+        _check(m.fp8 is None, "model.params_dtype", "fp64 and model.fp8 exclude each other")
     if m.hf_dir is None and m.hf_config is None and m.architecture in ("qwen3_moe", "mixtral"):
         _check(m.num_experts > 0, "model.num_experts", f"must be > 0 for architecture {m.architecture}")
         _check(0 < m.num_experts_per_tok <= m.num_experts, "model.num_experts_per_tok",
@@ -610,6 +624,14 @@ def _validate_cp_device(cfg: DapoConfig) -> None:
                "parallel.cp", f"parallel.cp={p.cp} needs Transformer Engine's context-parallel "
                "attention on GPUs; megatron's local (CPU) attention cannot attend across "
                "ranks. Use parallel.cp=1 on CPU")
+
+
+def _validate_fp64_device(cfg: DapoConfig) -> None:
+    """A run's start only, like _validate_cp_device."""
+    if cfg.model.params_dtype == "fp64":
+        _check(cfg.trainer.device == "cpu" or visible_compute_capability() is None,
+               "model.params_dtype", "fp64 is a CPU mode (numerics checks); on GPUs use bf16 "
+               "or fp32, or set trainer.device=cpu")
 
 
 def _validate_gpu_features(cfg: DapoConfig) -> None:

@@ -11,6 +11,7 @@ _BY_NAME = {
     "fp32": torch.float32, "float32": torch.float32,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
+    "fp64": torch.float64, "float64": torch.float64,
 }
 
 
@@ -34,3 +35,9 @@ def params_dtype(name: str | torch.dtype | None, on_gpu: bool) -> torch.dtype:
     if name is None or name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
     return to_torch(name)
+
+
+def engine_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """The embedded (CPU) engine's dtype for `model.params_dtype`: the policy's, at least
+    fp32 (bf16 policies sample from fp32 copies of their weights; fp64 stays fp64)."""
+    return torch.promote_types(params_dtype(name, on_gpu=False), torch.float32)

@@ -108,6 +108,9 @@ def test_override_errors_name_key():
         (["reward.timeout_s=0"], "reward.timeout_s"),
         (["optimizer.min_lr=1.0"], "optimizer.min_lr"),
         (["model.fp8=e4m3", "model.params_dtype=fp32"], "model.fp8"),
+        (["model.params_dtype=fp64"], "use_distributed_optimizer=false"),
+        (["model.params_dtype=fp64", "parallel.use_distributed_optimizer=false", "rollout.engine=sglang"],
+         "model.params_dtype"),
     ],
 )
 def test_cross_field_checks(overrides, key):

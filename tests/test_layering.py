@@ -35,8 +35,8 @@ ALLOWED = {
     "launch": {"config"},
     "config_doc": {"config"},
     "convert_hf": {"convert", "dtypes", "malloc", "policy", "ports"},
-    "controller": {"algo", "config", "convert", "data", "malloc", "policy", "ports", "resolve", "reward", "rollout",
-                   "watchdog"},
+    "controller": {"algo", "config", "convert", "data", "dtypes", "malloc", "policy", "ports", "resolve", "reward",
+                   "rollout", "watchdog"},
     "eval": {"controller"},
     "cli": {"config", "controller", "eval", "plan"},
 }

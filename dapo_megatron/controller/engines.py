@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from dapo_megatron import dtypes
 from dapo_megatron.resolve import EngineSlot, engine_layout
 from dapo_megatron.rollout.manager import RolloutManager, call_engine
 from dapo_megatron.rollout.protocol import SamplingParams
@@ -97,6 +98,7 @@ class EnginePool:
         # Room for abort() and a sync's calls beside the generate calls in flight.
         return create_embedded_actor(self.hf_config, num_cpus=slot.resources["CPU"],
                                      max_batch_size=EMBEDDED_BATCH_ROWS, num_threads=r.engine_num_cpus,
+                                     dtype=dtypes.engine_dtype(self.cfg.model.params_dtype),
                                      max_concurrency=8 + calls_per_engine(r))
 
     # ------------------------------------------------------------------ weights and memory

@@ -82,7 +82,10 @@ def _cuda_tensor_type_names():
         if dtype is None and not kwargs:
             name = original(self)
             if self.device.type == "cpu" and name.startswith("torch.") and "cuda" not in name:
-                return "torch.cuda." + name[len("torch."):]
+                # fp64 parameters (model.params_dtype=fp64, a CPU mode) take the fp32 path:
+                # the optimizer keeps them as their own main params and the CPU fallbacks of
+                # the fused kernels are dtype-generic.
+                return "torch.cuda." + name[len("torch."):].replace("DoubleTensor", "FloatTensor").replace("Double", "Float")
             return name
         return original(self, dtype, non_blocking, **kwargs)
 

@@ -4,8 +4,8 @@ Megatron's output layer leaves each tensor-parallel (TP) rank holding a contiguo
 of the (padded) vocabulary: logits ``[batch, seq, vocab_padded / tp]``. The functions here
 compute, per position, ``log p(token)`` and the entropy of the full distribution without
 ever gathering the full vocabulary on one rank: the softmax statistics (max, sum of exps,
-the target's logit) are combined with two TP all-reduces, in fp32, whatever the logits'
-dtype. Vocabulary entries at or beyond the tokenizer's ``vocab_size`` (Megatron pads the
+the target's logit) are combined with two TP all-reduces, in fp32 (fp64 for fp64 logits),
+whatever the logits' dtype. Vocabulary entries at or beyond the tokenizer's ``vocab_size`` (Megatron pads the
 embedding to a multiple of ``make_vocab_size_divisible_by * tp``) are excluded.
 
 Memory: the forward pass streams over row chunks, so besides the logits (kept for the
@@ -67,22 +67,23 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         n_rows = logits.shape[0]
         local = logits[:, :valid_local]  # view: padded-vocab columns never enter the maths
         device = logits.device
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
 
         # Pass 1: the row max over the real vocabulary, across TP ranks.
-        row_max = torch.full((n_rows,), float("-inf"), dtype=torch.float32, device=device)
+        row_max = torch.full((n_rows,), float("-inf"), dtype=acc, device=device)
         if valid_local > 0:
             for r0 in range(0, n_rows, chunk_rows):
-                row_max[r0:r0 + chunk_rows] = local[r0:r0 + chunk_rows].max(dim=-1).values.float()
+                row_max[r0:r0 + chunk_rows] = local[r0:r0 + chunk_rows].max(dim=-1).values.to(acc)
         row_max.mul_(inv_temp)  # max(z / T) = max(z) / T for T > 0
         if group is not None:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
 
         # Pass 2: sum exp(z - max), sum exp(z - max) * (z - max) and the target's logit.
-        stats = torch.zeros((3, n_rows), dtype=torch.float32, device=device)
+        stats = torch.zeros((3, n_rows), dtype=acc, device=device)
         if valid_local > 0:
             for r0 in range(0, n_rows, chunk_rows):
                 r1 = min(r0 + chunk_rows, n_rows)
-                shifted = local[r0:r1].to(torch.float32, copy=True).mul_(inv_temp)
+                shifted = local[r0:r1].to(acc, copy=True).mul_(inv_temp)
                 shifted.sub_(row_max[r0:r1, None])
                 exp = shifted.exp()
                 stats[0, r0:r1] = exp.sum(dim=-1)
@@ -93,7 +94,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         on_this_rank = (local_target >= 0) & (local_target < valid_local)
         safe_target = torch.where(on_this_rank, local_target, torch.zeros_like(local_target))
         if valid_local > 0:
-            picked = logits.gather(1, safe_target[:, None]).squeeze(1).float() * inv_temp
+            picked = logits.gather(1, safe_target[:, None]).squeeze(1).to(acc) * inv_temp
             stats[2] = torch.where(on_this_rank, picked, torch.zeros_like(picked))
         if group is not None:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
@@ -125,7 +126,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         if valid > 0:
             for r0 in range(0, n_rows, chunk_rows):
                 rows = slice(r0, min(r0 + chunk_rows, n_rows))
-                z = logits[rows, :valid].to(torch.float32, copy=True).mul_(inv_temp)
+                z = logits[rows, :valid].to(lse.dtype, copy=True).mul_(inv_temp)
                 if use_h:
                     p = (z - lse[rows, None]).exp_()
                     # In place on z: -g_lp - g_H * (z - E_p[z]), then times p.

@@ -131,10 +131,12 @@ class PolicyTrainer:
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else \
             torch.device("cpu")
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, average_in_collective=False,
-            use_distributed_optimizer=parallel.use_distributed_optimizer)
         self.params_dtype = _resolve_dtype(params_dtype, self.on_gpu)
+        # Gradients reduce in fp32, or in fp64 for fp64 params (the optimizer assigns the
+        # buffer to param.grad, which must have the parameter's dtype).
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=self.params_dtype != torch.float64, overlap_grad_reduce=False,
+            average_in_collective=False, use_distributed_optimizer=parallel.use_distributed_optimizer)
         overrides = dict(model_overrides)
         overrides.setdefault("sequence_parallel", parallel.sequence_parallel and self.on_gpu)
         is_moe = bool(_model_args(hf_config).is_moe)

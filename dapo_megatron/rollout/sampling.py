@@ -85,8 +85,8 @@ def sample_next_tokens(
     """One decoding step for a batch.
 
     logits: [B, V]; generators: B per-row streams.
-    Returns tokens [B] int64, logprobs [B] fp32 under q, and raw logprobs [B] fp32
-    (temperature 1, untruncated) when want_raw else None.
+    Returns tokens [B] int64, logprobs [B] fp32 under q, and raw logprobs [B] (temperature 1,
+    untruncated; fp32, fp64 for fp64 logits) when want_raw else None.
     """
     logprobs = truncated_logprobs(logits, temperature, top_k, top_p)
     # The streams are CPU generators (portable, cheap); only B uniforms cross to the device.
@@ -94,5 +94,6 @@ def sample_next_tokens(
     tokens, chosen = sample_from_logprobs(logprobs, uniforms)
     raw = None
     if want_raw:
-        raw = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        raw = torch.log_softmax(wide, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, chosen, raw

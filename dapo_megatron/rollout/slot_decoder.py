@@ -194,7 +194,8 @@ class SlotForward:
             span = keys.shape[-1]
             scores = torch.baddbmm(mask, q.reshape(-1, groups, self.head_dim),
                                    keys.reshape(-1, self.head_dim, span), alpha=attn.scaling)
-            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            wide = torch.promote_types(q.dtype, torch.float32)
+            weights = torch.softmax(scores, dim=-1, dtype=wide).to(q.dtype)
             o = torch.bmm(weights, values.reshape(-1, span, self.head_dim)).view(a, 1, -1)
             h = h + self._proj[i]["o"](o)[0]
             h = self._mlp(i, h)

@@ -119,19 +119,28 @@ def test_tp2_step1_equals_single_rank(single_rank_run, tmp_path, placement):
 
 
 @pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
-def test_pp2_train_sync_generate_logprobs_match_engine(tmp_path, placement):
-    """PP=2 (two stages in two Ray actors, each pushing its own layers to the engine): after a
-    train step and a weight sync, the engine's log-probs of its own samples equal the
-    Megatron policy's. A from-scratch 2-layer model has no correct answers, so the filter is
-    off; the soft overlong term still gives the groups different rewards (random lengths),
-    so step 1 really changes the weights."""
-    records, _ = _train(str(tmp_path / "pp2"), "model.hf_dir=null", "model.num_layers=2", "model.hidden_size=64",
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.pp=2"])
+def test_train_sync_generate_logprobs_match_engine_in_fp64(tmp_path, layout, placement):
+    """TP=2 (each rank pushes its all-gathered share) and PP=2 (two stages in two Ray actors,
+    each pushing its own layers): after a train step and a weight sync, the engine's
+    log-probs of its own samples equal the Megatron policy's within 1e-5, at every token.
+
+    In fp64 (model.params_dtype=fp64, policy and engine): in fp32 a one-token decode against
+    the KV cache and the policy's full-sequence forward differ by up to ~2e-5 on unlikely
+    tokens (HF's own decode and full forward do too), which would hide a wrong bucket no
+    better than a 5e-5 bound. What is left here is the fp32 storage of the log-probs
+    (~1 ulp at |log p| ~ 10). A from-scratch 2-layer model has no correct answers, so the
+    filter is off; the soft overlong term still gives the groups different rewards (random
+    lengths), so step 1 really changes the weights."""
+    records, _ = _train(str(tmp_path / "run"), "model.hf_dir=null", "model.num_layers=2", "model.hidden_size=64",
                         "model.intermediate_size=128", "algo.dynamic_sampling=false", "trainer.max_steps=2",
-                        "eval.every=0", "checkpoint.save_every=0", "parallel.pp=2", "parallel.gpus_per_node=2",
-                        f"rollout.placement={placement}")
+                        "eval.every=0", "checkpoint.save_every=0", layout, "parallel.gpus_per_node=2",
+                        f"rollout.placement={placement}", "rollout.weight_bucket_mb=1",
+                        "model.params_dtype=fp64", "parallel.use_distributed_optimizer=false")
     for step in (1, 2):
         assert records[step]["mismatch/logprob_abs_diff_max"] < 1e-5
         assert records[step]["actor/grad_norm"] > 0
+    assert records[2]["sync/bytes"] > 0
 
 
 def test_sigkill_resume_matches_uninterrupted(single_rank_run, tmp_path):
