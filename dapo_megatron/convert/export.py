@@ -115,7 +115,7 @@ def _plan(model, local, dtype):
 def export_hf_weights(
     model_chunks,
     *,
-    bucket_bytes: int = 512 * 1024**2,
+    bucket_bytes: int,
     dst: int | None = 0,
     dtype: torch.dtype | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:

@@ -43,7 +43,6 @@ class SGLangConfig:
         reads a request's sampling_seed only in that mode
         (srt/sampling/sampling_batch_info.py, from_schedule_batch); without it the seeds
         are ignored and a resumed run does not regenerate the same samples.
-    bucket_bytes: upper bound of one update_weights_from_tensor request's tensors.
     launch_cmd: replaces `python -m sglang.launch_server ...` entirely (custom launchers,
         tests); "{port}" in it is replaced by the chosen port.
     routed_experts_layout: (num_hidden_layers, num_experts_per_tok) of a MoE model whose
@@ -63,7 +62,6 @@ class SGLangConfig:
     dtype: str = "auto"
     return_original_logprob: bool = False
     deterministic_inference: bool = True
-    bucket_bytes: int = 512 * 2**20
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 3600.0
     max_restarts: int = 2

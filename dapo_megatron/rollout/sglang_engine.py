@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from dapo_megatron.dtypes import name_of
 from dapo_megatron.ports import free_port
-from dapo_megatron.rollout.buckets import bucket_nbytes, rebucket
+from dapo_megatron.rollout.buckets import bucket_nbytes
 from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, default_request_ids
 from dapo_megatron.rollout.reaper import spawn_reaper
 from dapo_megatron.rollout.sglang_api import (
@@ -410,7 +410,8 @@ class SGLangEngine:
         self._sync_stats[2] += 1
 
     def update_weights(self, buckets: Iterable[WeightBucket], version: int) -> None:
-        """Push HF-named host copies in buckets of <= cfg.bucket_bytes, one session.
+        """Push HF-named host copies, one request per bucket as given (the policy's export
+        cuts them at rollout.weight_bucket_mb), one session.
 
         Serialized here, by value (see serialize_bucket): correct from any process but it
         copies the weights through HTTP. Colocated on GPUs, a policy rank serializes its
@@ -420,7 +421,7 @@ class SGLangEngine:
         mapped = (map_weight_names(b, self.tie_word_embeddings, self.rename) for b in buckets)
         payloads = (
             (serialize_bucket(bucket, self.cfg.tp_size), bucket_nbytes(bucket))
-            for bucket in rebucket(mapped, self.cfg.bucket_bytes)
+            for bucket in mapped if bucket  # a tied lm_head alone maps to nothing
         )
         self.update_weights_serialized(payloads, version)
 
@@ -503,7 +504,7 @@ class SGLangEngine:
         mapped = (map_weight_names(b, self.tie_word_embeddings, self.rename) for b in buckets)
         self.begin_weight_update()
         try:
-            for bucket, last in _with_last(rebucket(mapped, self.cfg.bucket_bytes)):
+            for bucket, last in _with_last(b for b in mapped if b):
                 self._post_distributed_bucket(bucket, last, version, broadcast, group_name)
         except BaseException:
             self._abandon_session()
@@ -626,7 +627,6 @@ def sglang_config_from(cfg: Any, engine_index: int = 0, slot: Any = None) -> SGL
         random_seed=cfg.trainer.seed + engine_index,
         deterministic_inference=r.sglang_deterministic,
         dtype=dtype,
-        bucket_bytes=r.weight_bucket_mb * 2**20,
         # A Ray actor without GPUs may see no devices; base_gpu_id indexes the node's GPUs.
         env={"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(par.gpus_per_node))},
         routed_experts_layout=_routed_experts_layout(cfg),

@@ -162,7 +162,7 @@ def _expert_tp_worker(rank, world, dirs):
                 marked += 1
         load_hf_state_dict(chunks, read_hf_dir(d))
         got = {}
-        for bucket in export_hf_weights(chunks, dst=0):
+        for bucket in export_hf_weights(chunks, bucket_bytes=1 << 20, dst=0):
             got.update({n: t.clone().numpy() for n, t in bucket})
         sharded = model.sharded_state_dict()
         apply_factories(sharded)

@@ -126,8 +126,8 @@ class Recorder:
         return {"success": True, "message": "ok"}
 
 
-def recorded_engine(tp_size=2, bucket_bytes=64):
-    engine = SGLangEngine(SGLangConfig(tp_size=tp_size, bucket_bytes=bucket_bytes), start=False)
+def recorded_engine(tp_size=2):
+    engine = SGLangEngine(SGLangConfig(tp_size=tp_size), start=False)
     engine._call = engine._request = Recorder()
     return engine, engine._call
 
@@ -183,9 +183,9 @@ def test_control_bodies_parse_into_sglang_io_structs():
 def served(tmp_path):
     engines = []
 
-    def make(tp_size=1, bucket_bytes=1 << 20):
+    def make(tp_size=1):
         log = tmp_path / f"events{len(engines)}.jsonl"
-        cfg = SGLangConfig(tp_size=tp_size, bucket_bytes=bucket_bytes, startup_timeout_s=120,
+        cfg = SGLangConfig(tp_size=tp_size, startup_timeout_s=120,
                            request_timeout_s=60,
                            launch_cmd=(sys.executable, str(ROOT / "tests/rollout/fake_sglang_server.py"),
                                        "--port", "{port}", "--log", str(log), "--tp-size", str(tp_size)))
@@ -203,10 +203,11 @@ def events(log):
 
 
 def test_weight_updates_pass_sglang_session_guard(served):
-    engine, log = served(tp_size=2, bucket_bytes=200)
+    engine, log = served(tp_size=2)
     weights = [(f"w{i}", torch.randn(30 + i)) for i in range(5)]
-    engine.update_weights([weights], version=6)
-    engine.update_weights_from_distributed([weights], 7, broadcast=lambda bucket: None)
+    buckets = [weights[:2], weights[2:4], weights[4:]]  # as the policy's export cut them
+    engine.update_weights(buckets, version=6)
+    engine.update_weights_from_distributed(buckets, 7, broadcast=lambda bucket: None)
     posted = [e for e in events(log) if e["path"].startswith("/update_weights_from")]
     assert len(posted) > 2 and all(e["status"] == 200 for e in posted)
     assert [n for e in posted if "names" in e for n in e["names"]] == [n for n, _ in weights]
@@ -273,12 +274,12 @@ def open_in_fresh_processes(bodies, tp_size):
 
 
 def test_each_tp_rank_opens_its_own_payload_in_another_process_tree():
-    engine, rec = recorded_engine(tp_size=2, bucket_bytes=40)
+    engine, rec = recorded_engine(tp_size=2)
     weights = [("model.embed_tokens.weight", torch.randn(3, 4)),
                ("model.norm.weight", torch.randn(4, dtype=torch.bfloat16))]
-    engine.update_weights([weights], version=1)
+    engine.update_weights([weights[:1], weights[1:]], version=1)
     bodies = [body for _, path, body in rec.calls if path == "/update_weights_from_tensor"]
-    assert len(bodies) == 2  # 40-byte buckets: one tensor each
+    assert len(bodies) == 2  # one request per bucket
     per_rank = open_in_fresh_processes(bodies, 2)
     assert per_rank[0] == per_rank[1]
     got = per_rank[0]

@@ -173,12 +173,12 @@ def fake(tmp_path):
         pytest.skip(sglang_cpu.load())
     engines = []
 
-    def make(step_delay=0.0, die=False, provider=None, tp_size=1, bucket_bytes=1 << 20):
+    def make(step_delay=0.0, die=False, provider=None, tp_size=1):
         log, marker = tmp_path / "events.jsonl", tmp_path / "die"
         if die:
             marker.write_text("x")
         cfg = SGLangConfig(
-            tp_size=tp_size, bucket_bytes=bucket_bytes, startup_timeout_s=120, request_timeout_s=60,
+            tp_size=tp_size, startup_timeout_s=120, request_timeout_s=60,
             launch_cmd=fake_launch_cmd(log, marker, step_delay, tp_size),
         )
         engine = SGLangEngine(cfg, weights_provider=provider)
@@ -199,7 +199,7 @@ def expected_for(prompts, params, rids, version):
 
 
 def test_fake_server_generate_sync_release_resume(fake):
-    engine, log = fake(tp_size=2, bucket_bytes=3000)
+    engine, log = fake(tp_size=2)
     prompts, rids = [[1, 2, 3], [9]], ["x", "y"]
     params = SamplingParams(n=2, max_new_tokens=6, stop_token_ids=[11, 23], seed=1)
     out = engine.generate(prompts, params, rids)
@@ -215,7 +215,8 @@ def test_fake_server_generate_sync_release_resume(fake):
     assert [n for e in syncs for n in e["names"]] == [n for n, _ in weights]
     assert [e["flush_cache"] for e in syncs] == [False] * (len(syncs) - 1) + [True]
     assert all(e["ranks"] == 2 and e["weight_version"] == "5" for e in syncs)
-    assert len(syncs) > 2  # re-bucketed to <= 3000 bytes
+    # One request per bucket as the policy cut it (rollout.weight_bucket_mb, one place).
+    assert [e["names"] for e in syncs] == [[n for n, _ in weights[:3]], [n for n, _ in weights[3:]]]
     assert all(e["status"] == 200 and e["load_format"] == "flattened_bucket" for e in syncs)
     paths = [e["path"] for e in read_log(log) if "weight" in e["path"]]
     assert paths == ["/begin_weight_update"] + ["/update_weights_from_tensor"] * len(syncs) + [
@@ -246,12 +247,15 @@ def test_fake_server_generate_sync_release_resume(fake):
 
 
 def test_distributed_sync_posts_metadata_while_trainer_broadcasts(fake):
-    engine, log = fake(bucket_bytes=450)  # a (400 B) | b (100 B) + c (48 B)
+    engine, log = fake()
     engine.init_weights_update_group("10.0.0.1", 29600, rank_offset=1, world_size=3, group_name="g")
     weights = [("a", torch.zeros(100)), ("b", torch.zeros(50, dtype=torch.bfloat16)),
                ("c", torch.zeros(3, 4))]
     broadcasts = []
-    engine.update_weights_from_distributed([weights], 8, broadcasts.append, group_name="g")
+    # Buckets as the policy cut them; a tied lm_head alone maps to nothing and is skipped.
+    buckets = [weights[:1], [("lm_head.weight", torch.zeros(2))], weights[1:]]
+    engine.tie_word_embeddings = True
+    engine.update_weights_from_distributed(buckets, 8, broadcasts.append, group_name="g")
     events = read_log(log)
     init = [e for e in events if e["path"] == "/init_weights_update_group"][0]["body"]
     assert init == {"master_address": "10.0.0.1", "master_port": 29600, "rank_offset": 1,
@@ -289,7 +293,7 @@ def test_owner_serialized_buckets_are_posted_per_rank_in_one_session(fake):
 
 
 def test_failed_sync_blocks_generation_until_a_full_sync(fake):
-    engine, _ = fake(bucket_bytes=16)
+    engine, _ = fake()
     with pytest.raises(ValueError, match="Unknown weight name: reject"):
         engine.update_weights([[("w", torch.ones(4)), ("reject", torch.ones(4))]], version=2)
     assert engine.weight_version == 0
