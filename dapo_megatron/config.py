@@ -196,7 +196,9 @@ class RolloutConfig:
     # SGLang honours per-sample seeds only with --enable-deterministic-inference (0.5.23,
     # srt/sampling/sampling_batch_info.py); false trades resume reproducibility for speed.
     sglang_deterministic: bool = True
-    weight_bucket_mb: int = 512  # the weight sync's bucket size: the policy's export cuts buckets of it; engines take them as sent
+    # the weight sync's bucket size: the policy's export cuts its buckets (policy_worker.py,
+    # the one reader); engines send each bucket on as it came
+    weight_bucket_mb: int = 512
     # colocated: engines share the training GPUs (memory released/resumed around training,
     # weights as CUDA IPC handles); disaggregated: engines on GPUs of their own, weights
     # broadcast over a weight-update group (NCCL; gloo on CPU).

@@ -85,7 +85,7 @@ def _cuda_tensor_type_names():
                 # fp64 parameters (model.params_dtype=fp64, a CPU mode) take the fp32 path:
                 # the optimizer keeps them as their own main params and the CPU fallbacks of
                 # the fused kernels are dtype-generic.
-                return "torch.cuda." + name[len("torch."):].replace("DoubleTensor", "FloatTensor").replace("Double", "Float")
+                return "torch.cuda." + name[len("torch."):].replace("Double", "Float")
             return name
         return original(self, dtype, non_blocking, **kwargs)
 

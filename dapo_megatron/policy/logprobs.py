@@ -5,8 +5,9 @@ of the (padded) vocabulary: logits ``[batch, seq, vocab_padded / tp]``. The func
 compute, per position, ``log p(token)`` and the entropy of the full distribution without
 ever gathering the full vocabulary on one rank: the softmax statistics (max, sum of exps,
 the target's logit) are combined with two TP all-reduces, in fp32 (fp64 for fp64 logits),
-whatever the logits' dtype. Vocabulary entries at or beyond the tokenizer's ``vocab_size`` (Megatron pads the
-embedding to a multiple of ``make_vocab_size_divisible_by * tp``) are excluded.
+whatever the logits' dtype. Vocabulary entries at or beyond the tokenizer's ``vocab_size``
+(Megatron pads the embedding to a multiple of ``make_vocab_size_divisible_by * tp``) are
+excluded.
 
 Memory: the forward pass streams over row chunks, so besides the logits (kept for the
 backward) it allocates only chunk-sized fp32 temporaries and a few ``[tokens]`` vectors;
