@@ -74,7 +74,11 @@ MECHANISMS: dict[str, dict[str, list[str]]] = {
     "loss": {"dapo": [], "seq_mean": ["algo.loss_agg=seq-mean-token-mean"]},
     "overlong": {"dapo": [], "no_shaping": ["algo.soft_overlong=false"],
                  "overlong_filter": ["algo.soft_overlong=false", "algo.overlong_filter=true"]},
-    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": []},
+    "dynamic": {"dapo": [], "dyn_off": ["algo.dynamic_sampling=false"], "dapo_equal_samples": [],
+                # Added after the second study's seed-1 runs (not in its rule): both switches off,
+                # paired with no_shaping, shows what dynamic sampling does without the soft
+                # overlong term, whose length-only rewards give uniform groups an advantage.
+                "dyn_off_no_shaping": ["algo.dynamic_sampling=false", "algo.soft_overlong=false"]},
     "cumulative": {"cum_" + name.lstrip("+"): over for name, over in cumulative_settings().items()},
 }
 DERIVED = {"dapo_equal_samples"}  # cut from other runs' records (equal_samples_rows), not run
@@ -272,6 +276,10 @@ CHECKS = (
      "accuracy_last2", 100, "{:+.1f}", False),
     ("dynamic sampling (Fig. 6)", "held-out accuracy (last eval) at equal generated samples", "dapo_equal_samples",
      "dyn_off", "final_accuracy", 100, "{:+.1f}", False),
+    ("dynamic sampling, no shaping (post hoc)", "held-out accuracy (mean of evals) higher at equal steps, both "
+     "without soft punishment", "no_shaping", "dyn_off_no_shaping", "accuracy_evals_mean", 100, "{:+.1f}", False),
+    ("dynamic sampling, no shaping (post hoc)", "mean length (last quarter): what the soft term does to uniform "
+     "groups", "dyn_off_no_shaping", "dyn_off", "length_mean_lastq", 1, "{:+.2f}", False),
 ) + tuple(
     ("cumulative (Table 1)", f"held-out accuracy (last 2 evals) of {n} above naive GRPO", n, "cum_grpo",
      "accuracy_last2", 100, "{:+.1f}", False)
