@@ -26,9 +26,15 @@ dynamic sampling at dyn_off's budget is the dapo run of that seed up to the step
 has generated as many responses (the trainer's stopping rule, `_budget_spent` in
 controller/loop.py): `equal_samples_rows` cuts it there instead of training it again.
 
-    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 16 --out runs/mech/results.jsonl
-    python bench/mechanisms.py --groups cumulative --seeds 3 --steps 16 --out runs/mech/results.jsonl
-    python bench/mechanisms.py --summarize runs/mech/results.jsonl --plots docs/
+`--set KEY=VALUE` adds a config change shared by every run of a study (recorded in each
+record's "common"); `--jobs 2` runs two at once. The second study (runs/mech2/RULE.txt):
+
+    S="--set algo.group_size=4 --set trainer.train_batch_size=16 --set trainer.mini_batch_size=2 --set algo.overlong_buffer=24"
+    python bench/mechanisms.py --groups clip,loss,overlong,dynamic --seeds 3 --steps 100 --eval-every 10 \
+        --eval-prompts 200 --jobs 2 $S --out runs/mech2/results.jsonl
+    python bench/mechanisms.py --groups cumulative --seeds 3 --steps 100 --eval-every 10 \
+        --eval-prompts 200 --jobs 2 $S --out runs/mech2/results.jsonl
+    python bench/mechanisms.py --summarize runs/mech2/results.jsonl --plots docs/
     python bench/mechanisms.py --warm-start-report   # what RL starts from, by chain length
 """
 
