@@ -40,3 +40,27 @@ def test_cumulative_table_hand_worked():
 
 def test_cumulative_table_empty_without_cumulative_records():
     assert mechanisms.cumulative_table([_rec("dapo", 1, 0.3, 0.4)]) == ""
+
+
+def test_summary_last_quarter_evals_mean_and_dropped_share_hand_worked():
+    # 20 train steps: entropy = step / 100, so the last quarter (steps 16-20) averages 0.18;
+    # evals at steps 0, 10, 20 of 0.30, 0.40, 0.50: the mean after step 0 is 0.45;
+    # dynamic sampling examined 10 groups per step and kept 8 on even steps, 10 on odd ones:
+    # dropped share = 1 - (10 * 8 + 10 * 10) / (20 * 10) = 0.1.
+    curve = [{"step": 0, "eval/avg@k": 0.30, "eval/truncated_frac": 0.1, "eval/length_mean": 30.0}]
+    for s in range(1, 21):
+        c = {"step": s, "actor/entropy": s / 100, "response/length_mean": 30.0 + s,
+             "response/truncated_frac": 0.2 if s <= 4 else 0.0,
+             "dynamic_sampling/generated": 10.0, "dynamic_sampling/kept": 8.0 if s % 2 == 0 else 10.0}
+        if s % 10 == 0:
+            c.update({"eval/avg@k": 0.30 + s / 100, "eval/truncated_frac": 0.0, "eval/length_mean": 30.0})
+        curve.append(c)
+    got = mechanisms.summary(curve)
+    assert abs(got["entropy_lastq"] - 0.18) < 1e-12
+    assert abs(got["length_mean_lastq"] - 48.0) < 1e-12
+    assert abs(got["accuracy_evals_mean"] - 0.45) < 1e-12
+    assert abs(got["truncated_all"] - 0.04) < 1e-12  # 4 steps of 0.2 over 20
+    assert abs(got["dropped_group_share"] - 0.1) < 1e-12
+    # A run whose steps record no dynamic-sampling counts has no dropped share.
+    assert mechanisms.summary([{k: v for k, v in c.items() if not k.startswith("dynamic")}
+                               for c in curve])["dropped_group_share"] is None
