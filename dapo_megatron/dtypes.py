@@ -37,7 +37,13 @@ def params_dtype(name: str | torch.dtype | None, on_gpu: bool) -> torch.dtype:
     return to_torch(name)
 
 
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """The precision sums, softmaxes and ratios are computed in: fp32 for half-precision (or
+    integer) inputs, which lose too much there; the input's own for fp32 and fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def engine_dtype(name: str | torch.dtype | None) -> torch.dtype:
     """The embedded (CPU) engine's dtype for `model.params_dtype`: the policy's, at least
     fp32 (bf16 policies sample from fp32 copies of their weights; fp64 stays fp64)."""
-    return torch.promote_types(params_dtype(name, on_gpu=False), torch.float32)
+    return at_least_fp32(params_dtype(name, on_gpu=False))

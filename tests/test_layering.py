@@ -25,7 +25,7 @@ ALLOWED = {
     "malloc": set(),
     "ports": set(),
     "watchdog": set(),
-    "algo": set(),
+    "algo": {"dtypes"},
     "reward": set(),
     "data": {"reward"},
     "convert": {"dtypes"},

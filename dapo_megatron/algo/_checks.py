@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dapo_megatron.dtypes import at_least_fp32
+
 
 def check_same_shape(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
     """Raise ValueError naming every tensor whose shape differs from ``reference``."""
@@ -23,4 +25,4 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     """At least float32: ratios and sums of half-precision log-probs lose too much."""
-    return torch.promote_types(tensor.dtype, torch.float32)
+    return at_least_fp32(tensor.dtype)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import compute_dtype
+
 
 def group_advantages(
     rewards: torch.Tensor, eps: float = 1e-6, *, unbiased: bool = True,
@@ -39,7 +41,7 @@ def group_advantages(
         raise ValueError(f"rewards must be [num_groups, G], got shape {tuple(rewards.shape)}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))
+    rewards = rewards.to(compute_dtype(rewards))
     if rewards.shape[1] == 0:
         return rewards.clone()
     advantages = rewards - rewards.mean(dim=-1, keepdim=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import compute_dtype
+
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy H = -sum_v p_v log p_v of softmax(logits) over the last dimension.
@@ -18,7 +20,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """
     if logits.dim() == 0:
         raise ValueError("logits must have a vocabulary dimension, got a 0-d tensor")
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(compute_dtype(logits))
     log_probs = torch.log_softmax(logits, dim=-1)
     probs = log_probs.exp()
     # p log p -> 0 as p -> 0, but 0 * (-inf) is NaN for masked entries: zero log p there

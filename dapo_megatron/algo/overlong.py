@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import compute_dtype
+
 
 def overlong_penalty(
     lengths: torch.Tensor, max_len: int, cache_len: int, factor: float = 1.0,
@@ -37,7 +39,7 @@ def overlong_penalty(
         raise ValueError(
             f"cache_len (L_cache) must satisfy 0 <= cache_len < max_len={max_len}, got {cache_len}"
         )
-    lengths = lengths.to(torch.promote_types(lengths.dtype, torch.float32))
+    lengths = lengths.to(compute_dtype(lengths))
     soft_start = max_len - cache_len
     # max(cache_len, 1) only guards the division; with cache_len 0 the band is empty.
     in_band = (soft_start - lengths) / max(cache_len, 1)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from dapo_megatron import dtypes
+
 __all__ = [
     "next_token_logprobs_and_entropy",
     "token_logprobs_and_entropy",
@@ -68,7 +70,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         n_rows = logits.shape[0]
         local = logits[:, :valid_local]  # view: padded-vocab columns never enter the maths
         device = logits.device
-        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
+        acc = dtypes.at_least_fp32(logits.dtype)  # fp32, or fp64 for fp64 logits
 
         # Pass 1: the row max over the real vocabulary, across TP ranks.
         row_max = torch.full((n_rows,), float("-inf"), dtype=acc, device=device)

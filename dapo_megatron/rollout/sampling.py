@@ -21,6 +21,8 @@ import hashlib
 
 import torch
 
+from dapo_megatron import dtypes
+
 
 def row_seed(seed: int, request_id: str, sample_index: int) -> int:
     """A 63-bit seed for one sequence's stream, stable across processes and batchings."""
@@ -94,6 +96,6 @@ def sample_next_tokens(
     tokens, chosen = sample_from_logprobs(logprobs, uniforms)
     raw = None
     if want_raw:
-        wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        wide = logits.to(dtypes.at_least_fp32(logits.dtype))
         raw = torch.log_softmax(wide, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return tokens, chosen, raw

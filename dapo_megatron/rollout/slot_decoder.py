@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from dapo_megatron import malloc
+from dapo_megatron import dtypes, malloc
 from dapo_megatron.rollout.kv_cache import SlotKVCache
 from dapo_megatron.rollout.protocol import SamplingParams
 from dapo_megatron.rollout.routing import RouterTap
@@ -194,8 +194,7 @@ class SlotForward:
             span = keys.shape[-1]
             scores = torch.baddbmm(mask, q.reshape(-1, groups, self.head_dim),
                                    keys.reshape(-1, self.head_dim, span), alpha=attn.scaling)
-            wide = torch.promote_types(q.dtype, torch.float32)
-            weights = torch.softmax(scores, dim=-1, dtype=wide).to(q.dtype)
+            weights = torch.softmax(scores, dim=-1, dtype=dtypes.at_least_fp32(q.dtype)).to(q.dtype)
             o = torch.bmm(weights, values.reshape(-1, span, self.head_dim)).view(a, 1, -1)
             h = h + self._proj[i]["o"](o)[0]
             h = self._mlp(i, h)
