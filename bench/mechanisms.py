@@ -163,6 +163,9 @@ def summary(curve: list[dict]) -> dict:
         "truncated_lastq": mean(lastq, "response/truncated_frac"),
         "train_accuracy_lastq": mean(lastq, "train/accuracy"),
         "length_mean_all": mean(train, "response/length_mean"),
+        # The first 10 steps: while the warm start's rambles are still there (they are gone
+        # from every setting by about step 25; third study, runs/mech3/RULE.txt).
+        "length_mean_first10": mean(train[:10], "response/length_mean"),
         # Held-out accuracy over every evaluation after step 0: the area under the curve of
         # Fig. 6 (reaching an accuracy in fewer steps raises it), less noisy than one or two evals.
         "accuracy_evals_mean": mean(evals[1:], "eval/avg@k"),
@@ -254,6 +257,8 @@ CHECKS = (
      "accuracy_evals_mean", 100, "{:+.1f}", False),
     ("token-level loss (Fig. 4)", "mean length (last quarter) higher under seq-mean", "seq_mean", "dapo",
      "length_mean_lastq", 1, "{:+.2f}", True),
+    ("token-level loss (Fig. 4)", "mean length (steps 1-10) higher under seq-mean", "seq_mean", "dapo",
+     "length_mean_first10", 1, "{:+.2f}", False),
     ("token-level loss (Fig. 4)", "max length (last quarter) higher under seq-mean", "seq_mean", "dapo",
      "length_max_lastq", 1, "{:+.1f}", False),
     ("token-level loss (Fig. 4)", "entropy (last quarter) higher under seq-mean", "seq_mean", "dapo",

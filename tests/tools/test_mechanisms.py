@@ -58,6 +58,8 @@ def test_summary_last_quarter_evals_mean_and_dropped_share_hand_worked():
     got = mechanisms.summary(curve)
     assert abs(got["entropy_lastq"] - 0.18) < 1e-12
     assert abs(got["length_mean_lastq"] - 48.0) < 1e-12
+    assert abs(got["length_mean_first10"] - 35.5) < 1e-12  # steps 1-10: 31 ... 40
+    assert abs(got["entropy_all"] - 0.105) < 1e-12  # steps 1-20
     assert abs(got["accuracy_evals_mean"] - 0.45) < 1e-12
     assert abs(got["truncated_all"] - 0.04) < 1e-12  # 4 steps of 0.2 over 20
     assert abs(got["dropped_group_share"] - 0.1) < 1e-12
