@@ -5,8 +5,10 @@ rank is given the same whole ``PolicyBatch``; the trainer picks its data-paralle
 
 One ``train_step(batch)``:
   1. ``_prepare``, the one place that decides what the update compares against: pi_old
-     recomputed by the current policy (forward only; skipped when the engine's log-probs
-     are pi_old and uncorrected, the first update's forward then giving the mismatch), the
+     recomputed by the current policy (forward only, for the rows after the first update's:
+     that update runs on the same weights and takes its own log-probs; skipped when the
+     engine's log-probs are pi_old and uncorrected, the first update's forward then giving
+     the mismatch), the
      train/inference mismatch against the engine's log-probs (``mismatch/*``), pi_old replaced by the engine's when
      ``rollout.old_logprobs=engine``, the rollout correction's per-token weights folded into
      the advantages (``algo.rollout_correction``), and the frozen reference's log-probs
@@ -387,18 +389,22 @@ class PolicyTrainer:
             dist.all_reduce(local, group=_ps().get_data_parallel_group())
         return float(local[0]), float(local[1])
 
-    def _loss_func(self, scale_tokens, scale_seqs, grad_multiplier, capture, mb: MicroBatch, logits):
+    def _loss_func(self, scale_tokens, scale_seqs, grad_multiplier, capture, own_old,
+                   mb: MicroBatch, logits):
         algo = self.algo
         lp, ent = micro_logprobs(mb, logits, vocab_size=self.vocab_size,
                                  temperature=self.temperature, with_entropy=True)
         mask = mb.response_mask.to(logits.device)
+        # ``own_old``: this update runs on the weights pi_old was to be computed with, so its
+        # own log-probs are pi_old (the ratio is exactly 1).
+        old = lp.detach() if own_old else mb.old_logprobs.to(logits.device)
         ref = None if mb.ref_logprobs is None else mb.ref_logprobs.to(logits.device)
         scales = dict(loss_scale_tokens=scale_tokens, loss_scale_seqs=scale_seqs,
                       norm_len=self.norm_len)
         eps_low, eps_high = ((algo.gspo_eps_low, algo.gspo_eps_high) if algo.loss == "gspo"
                              else (algo.eps_low, algo.eps_high))
         loss, metrics = policy_loss(
-            lp, mb.old_logprobs.to(logits.device), mb.advantages.to(logits.device), mask,
+            lp, old, mb.advantages.to(logits.device), mask,
             eps_low=eps_low, eps_high=eps_high, agg=self.loss_agg,
             clip_ratio_c=algo.clip_ratio_c, ref_logprobs=ref, kl_coef=algo.kl_coef,
             kl_kind=algo.kl_estimator, loss_type=algo.loss, **scales)
@@ -412,10 +418,11 @@ class PolicyTrainer:
                 metrics["_capture"] = {"rows": mb.rows, "lp": lp.detach()}
         return loss * grad_multiplier, metrics
 
-    def _train_mini_batch(self, batch: PolicyBatch, capture: bool = False):
+    def _train_mini_batch(self, batch: PolicyBatch, capture: bool = False, own_old: bool = False):
         """One optimizer update on ``batch``. Returns the reduced metrics, the optimizer's
         result, the layout, and with ``capture`` the ``[batch, seq]`` log-probs of the
-        update's own forward (the weights before the update), else None."""
+        update's own forward (the weights before the update), else None. With ``own_old``
+        those log-probs are also pi_old (``batch.old_logprobs`` is not read)."""
         micro, plan = self._micro_batches(batch)
         scale_tokens, scale_seqs = self._global_counts(micro)
         for chunk in self.model:
@@ -424,7 +431,7 @@ class PolicyTrainer:
         # Under CP the schedule multiplies the loss by cp (schedules.py,
         # forward_step_calc_loss) and DDP divides by dp * cp: the two cancel.
         loss_func = partial(self._loss_func, max(scale_tokens, 1.0), max(scale_seqs, 1.0),
-                            float(len(micro) * self.dp_size), capture)
+                            float(len(micro) * self.dp_size), capture, own_old)
         records = self._run(micro, loss_func, forward_only=False)
         captured = [r.pop("_capture") for r in records if "_capture" in r]
         pre_update = self._assemble(captured, batch)[0] if capture else None
@@ -433,7 +440,8 @@ class PolicyTrainer:
                   "num_microbatches": plan.num_microbatches}
         return _reduce_metrics(records, self.device), result, layout, pre_update
 
-    def _prepare(self, batch: PolicyBatch) -> tuple[PolicyBatch, dict[str, float], bool]:
+    def _prepare(self, batch: PolicyBatch, first: slice | None = None
+                 ) -> tuple[PolicyBatch, dict[str, float], str | None]:
         """What the update compares against, decided here only.
 
         pi_old: ``batch.old_logprobs`` if given, else recomputed by the policy. With the
@@ -442,12 +450,17 @@ class PolicyTrainer:
         and ``algo.rollout_correction`` multiplies each token's advantage by its correction
         weight (``correction/*``). The reference's log-probs are added when the KL term is on.
 
-        When the engine's log-probs are pi_old and nothing else needs the policy's (no
-        correction, no routing pass), the old-log-prob pass is skipped: the first update's
-        forward runs on the same weights, so ``train_step`` measures the mismatch there, on
-        that update's tokens.
-        Returns the batch to train on, the metrics of these steps, and whether the mismatch
-        is left to the first update.
+        The first update's forward runs on the weights the old-log-prob pass would, so when
+        nothing needs the policy's pi_old before it (no correction, no routing pass), part of
+        the pass is left to that forward:
+        - the engine's log-probs are pi_old: the pass is skipped, and ``train_step`` measures
+          the mismatch on the first update's rows (returns "mismatch");
+        - the policy's: with ``first`` (the first update's rows), the pass covers only the
+          other rows; the first update takes its own log-probs as pi_old (the ratio is
+          exactly 1, as on-policy PPO's first update has it), and ``train_step`` fills them
+          in and measures the mismatch on every row after that update (returns "pi_old").
+        Returns the batch to train on, the metrics of these steps, and what is left to the
+        first update (None: nothing).
         """
         algo, metrics = self.algo, {}
         old, engine, mask = batch.old_logprobs, batch.engine_logprobs, batch.response_mask
@@ -465,7 +478,20 @@ class PolicyTrainer:
             prepared = PolicyBatch(batch.input_ids, batch.seq_lens, mask, batch.advantages,
                                    old_logprobs=engine, engine_logprobs=engine,
                                    ref_logprobs=batch.ref_logprobs)
-            return self._add_reference(prepared, metrics), metrics, True
+            return self._add_reference(prepared, metrics), metrics, "mismatch"
+        elif old is None and algo.rollout_correction == "none" and first is not None:
+            t0 = time.perf_counter()
+            old = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+            later = torch.ones(batch.size, dtype=torch.bool)
+            later[first] = False
+            if later.any():
+                rows = later.nonzero().squeeze(1)
+                old[rows] = self.compute_logprobs(batch.select(rows.tolist()))
+            metrics["time/old_logprobs"] = time.perf_counter() - t0
+            prepared = PolicyBatch(batch.input_ids, batch.seq_lens, mask, batch.advantages,
+                                   old_logprobs=old, engine_logprobs=engine,
+                                   ref_logprobs=batch.ref_logprobs)
+            return self._add_reference(prepared, metrics), metrics, "pi_old"
         elif old is None:
             t0 = time.perf_counter()
             old = self.compute_logprobs(batch)
@@ -487,7 +513,7 @@ class PolicyTrainer:
         prepared = PolicyBatch(batch.input_ids, batch.seq_lens, mask, advantages,
                                old_logprobs=old, engine_logprobs=engine,
                                ref_logprobs=batch.ref_logprobs, routed_experts=routes)
-        return self._add_reference(prepared, metrics), metrics, False
+        return self._add_reference(prepared, metrics), metrics, None
 
     def _add_reference(self, prepared: PolicyBatch, metrics: dict) -> PolicyBatch:
         """The frozen reference's log-probs, when the KL term is on and they are not given."""
@@ -538,18 +564,27 @@ class PolicyTrainer:
         """
         self._enter()
         start = time.perf_counter()
-        batch, prepare_metrics, mismatch_on_first = self._prepare(batch)
+        num_updates = 1 if single_update else min(self.num_mini_batches, max(1, batch.size))
+        updates = split_mini_batches(batch.size, num_updates)
+        batch, prepare_metrics, deferred = self._prepare(batch, first=updates[0])
         metrics: dict[str, float] = {}
         per_update, results, real, padded, n_micro = [], [], 0, 0, 0
-        num_updates = 1 if single_update else min(self.num_mini_batches, max(1, batch.size))
-        for k, rows in enumerate(split_mini_batches(batch.size, num_updates)):
+        for k, rows in enumerate(updates):
             mini = batch.select(rows)
-            capture = mismatch_on_first and k == 0
-            reduced, result, layout, pre_update = self._train_mini_batch(mini, capture=capture)
+            capture = deferred is not None and k == 0
+            reduced, result, layout, pre_update = self._train_mini_batch(
+                mini, capture=capture, own_old=capture and deferred == "pi_old")
             if capture:
-                band = dict(high=self.algo.correction_high, low=self.algo.correction_low)
-                prepare_metrics.update({f"mismatch/{name}": v for name, v in mismatch_metrics(
-                    pre_update, mini.engine_logprobs, mini.response_mask, **band).items()})
+                if deferred == "pi_old":
+                    batch.old_logprobs[rows] = pre_update
+                    measured = batch  # every row's pi_old is known now
+                else:
+                    measured = dataclasses.replace(mini, old_logprobs=pre_update)
+                if measured.engine_logprobs is not None:
+                    band = dict(high=self.algo.correction_high, low=self.algo.correction_low)
+                    prepare_metrics.update({f"mismatch/{name}": v for name, v in mismatch_metrics(
+                        measured.old_logprobs, measured.engine_logprobs, measured.response_mask,
+                        **band).items()})
             per_update.append(reduced)
             results.append(result)
             real += layout["real_tokens"]

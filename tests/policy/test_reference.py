@@ -91,6 +91,39 @@ def _worker(rank, world_size):
         out[f"{name}_engine_weight_diff"] = max_diff(skipped, full_weights(trainer))
         destroy_parallel()
 
+    # rollout.old_logprobs=policy (the default), no correction: the first update runs on the
+    # weights the pass would, so it takes its own log-probs as pi_old and the pass scores
+    # only the second update's rows; with one update there is no pass. The update equals the
+    # one a batch with the whole pass precomputed makes, and mismatch/* covers every row.
+    for name, tp, pp in (("dp2", 1, 1), ("pp2", 1, 2)):
+        batch = tiny_batch()
+        probe = make_trainer(hf, tp=tp, pp=pp)
+        initial = probe.compute_logprobs(batch)
+        destroy_parallel()
+        engine = perturb(initial, batch.response_mask, seed=3)
+        batch.engine_logprobs = engine
+        trainer = make_trainer(hf, tp=tp, pp=pp)
+        scored = []
+        pass_fn = trainer.compute_logprobs
+        trainer.compute_logprobs = lambda b, **kw: scored.append(b.size) or pass_fn(b, **kw)
+        metrics = trainer.train_step(batch)
+        ref = mismatch_metrics(initial, engine, batch.response_mask)
+        out[f"{name}_own_mismatch"] = ({k: metrics[f"mismatch/{k}"] for k in ref}, ref)
+        out[f"{name}_own_scored"] = (list(scored), split_mini_batches(batch.size, 2)[1])
+        out[f"{name}_own_clip"] = metrics["actor/clip_frac_low"] + metrics["actor/clip_frac_high"]
+        scored.clear()
+        trainer.train_step(tiny_batch(seed=5), single_update=True)
+        out[f"{name}_own_single_scored"] = list(scored)
+        own = full_weights(trainer)
+        destroy_parallel()
+        given = tiny_batch()
+        given.engine_logprobs, given.old_logprobs = engine, initial.clone()
+        trainer = make_trainer(hf, tp=tp, pp=pp)
+        trainer.train_step(given)
+        trainer.train_step(tiny_batch(seed=5), single_update=True)
+        out[f"{name}_own_weight_diff"] = max_diff(own, full_weights(trainer))
+        destroy_parallel()
+
     # The variants whose normaliser is global (GSPO's sequence mean, Dr. GRPO's constant)
     # with a correction on: DP=2 x 4 micro-batches updates the weights as DP=1 x 1 (TP=2) does.
     for loss in ("gspo", "drgrpo"):
@@ -144,6 +177,20 @@ def test_engine_pi_old_skips_the_old_logprob_pass(results):
         for key, value in ref.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
         assert results[f"{name}_engine_weight_diff"] == 0.0
+
+
+@pytest.mark.dist
+def test_first_update_is_its_own_pi_old_and_the_pass_scores_the_rest(results):
+    for name in ("dp2", "pp2"):
+        scored, second = results[f"{name}_own_scored"]
+        assert scored == [second.stop - second.start]  # one pass, the second update's rows
+        assert results[f"{name}_own_single_scored"] == []  # one update: no pass
+        got, ref = results[f"{name}_own_mismatch"]
+        assert got["token_outside_frac"] == ref["token_outside_frac"] > 0
+        for key, value in ref.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        assert results[f"{name}_own_clip"] > 0  # lr 1e-2: the second update clips
+        assert results[f"{name}_own_weight_diff"] < 1e-6  # measured: 0.0 (the same forward)
 
 
 @pytest.mark.dist
