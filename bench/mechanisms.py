@@ -35,6 +35,11 @@ record's "common"); `--jobs 2` runs two at once. The second study (runs/mech2/RU
     python bench/mechanisms.py --groups cumulative --seeds 3 --steps 100 --eval-every 10 \
         --eval-prompts 200 --jobs 2 $S --out runs/mech2/results.jsonl
     python bench/mechanisms.py --summarize runs/mech2/results.jsonl --plots docs/
+
+The third study (runs/mech3/RULE.txt: the two misses over an early window, seeds 4-6):
+
+    python bench/mechanisms.py --groups clip,loss --only dapo,sym_clip,seq_mean --first-seed 4 \
+        --seeds 3 --steps 50 --eval-every 10 --eval-prompts 200 --jobs 2 $S --out runs/mech3/results.jsonl
     python bench/mechanisms.py --warm-start-report   # what RL starts from, by chain length
 """
 
