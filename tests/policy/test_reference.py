@@ -24,6 +24,18 @@ def perturb(lp, mask, seed=0):
     return lp + noise * mask
 
 
+def _with_engine_logprobs(hf, tp, pp, seed):
+    """``tiny_batch()`` with engine log-probs perturbed (``perturb``) from the initial policy's
+    under (tp, pp), and those initial log-probs."""
+    from dapo_megatron.policy.parallel import destroy_parallel
+
+    batch = tiny_batch()
+    initial = make_trainer(hf, tp=tp, pp=pp).compute_logprobs(batch)
+    destroy_parallel()
+    batch.engine_logprobs = perturb(initial, batch.response_mask, seed=seed)
+    return batch, initial
+
+
 def _worker(rank, world_size):
     from dapo_megatron.algo import correction_weights, mismatch_metrics
     from dapo_megatron.policy.parallel import destroy_parallel
@@ -70,12 +82,8 @@ def _worker(rank, world_size):
     from dapo_megatron.policy.microbatch import split_mini_batches
 
     for name, tp, pp in (("dp2", 1, 1), ("pp2", 1, 2)):
-        batch = tiny_batch()
-        probe = make_trainer(hf, tp=tp, pp=pp)
-        initial = probe.compute_logprobs(batch)
-        destroy_parallel()
-        engine = perturb(initial, batch.response_mask, seed=2)
-        batch.engine_logprobs = engine
+        batch, initial = _with_engine_logprobs(hf, tp, pp, seed=2)
+        engine = batch.engine_logprobs
         trainer = make_trainer(hf, tp=tp, pp=pp, rollout=RolloutConfig(old_logprobs="engine"))
         metrics = trainer.train_step(batch)
         first = split_mini_batches(batch.size, 2)[0]
@@ -96,12 +104,8 @@ def _worker(rank, world_size):
     # only the second update's rows; with one update there is no pass. The update equals the
     # one a batch with the whole pass precomputed makes, and mismatch/* covers every row.
     for name, tp, pp in (("dp2", 1, 1), ("pp2", 1, 2)):
-        batch = tiny_batch()
-        probe = make_trainer(hf, tp=tp, pp=pp)
-        initial = probe.compute_logprobs(batch)
-        destroy_parallel()
-        engine = perturb(initial, batch.response_mask, seed=3)
-        batch.engine_logprobs = engine
+        batch, initial = _with_engine_logprobs(hf, tp, pp, seed=3)
+        engine = batch.engine_logprobs
         trainer = make_trainer(hf, tp=tp, pp=pp)
         scored = []
         pass_fn = trainer.compute_logprobs
