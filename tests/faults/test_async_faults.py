@@ -58,7 +58,14 @@ def test_kill_9_and_resume_with_carried_partials_reproduces_the_run(tmp_path):
     assert "at step 3" in text
     records = _records(run_dir)
     assert sorted(records) == [1, 2, 3, 4]
-    keys = COMPARED + ["partial/continued_responses", "partial/finished_responses", "staleness/mean",
-                       "staleness/max", "staleness/dropped_groups", "rollout/used_tokens"]
-    for step in (3, 4):
-        _assert_close(records[step], ref[step], keys, 1e-5)
+    # Step 3 trains on the rollout the step-2 checkpoint holds (collected by the reference run):
+    # everything matches, the partials' bookkeeping included. Step 4's rollout was collected
+    # live by the relaunched run during its step 3, and where an abort cut an in-flight
+    # response depends on when it landed (wall clock; DESIGN.md, partial rollouts): the
+    # trained data and update match, the counts of cut responses and the token staleness
+    # means need not.
+    trained = COMPARED + ["staleness/dropped_groups", "rollout/used_tokens"]
+    _assert_close(records[3], ref[3], trained + ["partial/continued_responses",
+                                                 "partial/finished_responses", "staleness/mean",
+                                                 "staleness/max"], 1e-5)
+    _assert_close(records[4], ref[4], trained, 1e-5)
