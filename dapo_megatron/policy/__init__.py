@@ -8,3 +8,7 @@
 - train.py       `PolicyTrainer`: old log-probs, the DAPO train step, save/load, export
 - optimizer.py, checkpoint.py, offload.py, export.py
 """
+
+from dapo_megatron.policy.compat import eager_jit_fusers_without_cuda
+
+eager_jit_fusers_without_cuda()  # before any policy module imports megatron (compat.py)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
 import threading
 
 import torch
@@ -229,4 +232,43 @@ def enable_cpu_execution() -> bool:
     return True
 
 
-__all__ = ["enable_cpu_execution", "cpu_execution_enabled"]
+class _EagerJitFuser(importlib.abc.MetaPathFinder):
+    """Runs megatron/core/jit.py as it is, then its own ``disable_jit_fuser()``, before any
+    module can decorate with ``jit_fuser`` (megatron.core's package init imports the fusions,
+    each taking ``jit_fuser`` from that module as it loads). One-shot: it leaves meta_path
+    when it has found the module."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "megatron.core.jit":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.disable_jit_fuser()
+
+        spec.loader.exec_module = exec_module  # this spec's own loader instance
+        return spec
+
+
+def eager_jit_fusers_without_cuda() -> None:
+    """Without CUDA, let megatron's ``@jit_fuser`` functions run eagerly (call before the
+    first ``import megatron``; a no-op after it, or with CUDA).
+
+    megatron/core/jit.py makes ``jit_fuser`` ``torch.compile`` on torch >= 2.2, and decorating
+    its fused elementwise kernels while megatron.core loads imports torch._dynamo and
+    torch._inductor: 1.8 of the 3.5 s that ``import megatron.core`` takes here, in every
+    policy rank and test process. On CPU those kernels are either unused (the bias/activation
+    fusions are off, policy/model.py) or tiny, and eager runs them the same maths without a
+    C++ toolchain. On a GPU nothing changes: the fusions compile as megatron intends."""
+    if "megatron.core.jit" in sys.modules or torch.cuda.is_available():
+        return
+    if not any(isinstance(finder, _EagerJitFuser) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _EagerJitFuser())
+
+
+__all__ = ["enable_cpu_execution", "cpu_execution_enabled", "eager_jit_fusers_without_cuda"]
