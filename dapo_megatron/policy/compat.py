@@ -233,10 +233,10 @@ def enable_cpu_execution() -> bool:
 
 
 class _EagerJitFuser(importlib.abc.MetaPathFinder):
-    """Runs megatron/core/jit.py as it is, then its own ``disable_jit_fuser()``, before any
-    module can decorate with ``jit_fuser`` (megatron.core's package init imports the fusions,
-    each taking ``jit_fuser`` from that module as it loads). One-shot: it leaves meta_path
-    when it has found the module."""
+    """Runs megatron/core/jit.py as it is, then, without CUDA, its own ``disable_jit_fuser()``,
+    before any module can decorate with ``jit_fuser`` (megatron.core's package init imports the
+    fusions, each taking ``jit_fuser`` from that module as it loads). One-shot: it leaves
+    meta_path when it has found the module. CUDA is asked only then, when megatron loads."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "megatron.core.jit":
@@ -249,7 +249,8 @@ class _EagerJitFuser(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            module.disable_jit_fuser()
+            if not torch.cuda.is_available():
+                module.disable_jit_fuser()
 
         spec.loader.exec_module = exec_module  # this spec's own loader instance
         return spec
@@ -265,7 +266,7 @@ def eager_jit_fusers_without_cuda() -> None:
     policy rank and test process. On CPU those kernels are either unused (the bias/activation
     fusions are off, policy/model.py) or tiny, and eager runs them the same maths without a
     C++ toolchain. On a GPU nothing changes: the fusions compile as megatron intends."""
-    if "megatron.core.jit" in sys.modules or torch.cuda.is_available():
+    if "megatron.core.jit" in sys.modules:
         return
     if not any(isinstance(finder, _EagerJitFuser) for finder in sys.meta_path):
         sys.meta_path.insert(0, _EagerJitFuser())
