@@ -129,6 +129,12 @@ def run_one(name: str, overrides: list[str], seed: int, out_dir: str, config: st
             "curve": curve, **summary(curve)}
 
 
+def _fmt(value: float | None) -> str:
+    """A figure for the progress line; None where a run had no step that measured it (a
+    collapsed run whose last steps found no mixed group trains nothing and logs no entropy)."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def summary(curve: list[dict]) -> dict:
     """The figures the tables compare, from one run's curve."""
     evals = [c for c in curve if "eval/avg@k" in c]
@@ -545,11 +551,11 @@ def main(argv=None) -> int:
                 print(f"[mechanisms] {e}", flush=True)
                 failed += 1
                 continue
-            print(f"[mechanisms] {rec['setting']} seed {rec['seed']}: held-out {rec['initial_accuracy']:.3f} -> "
-                  f"{rec['final_accuracy']:.3f}, entropy {rec['entropy_last5']:.3f}, truncated "
-                  f"{rec['truncated_last5']:.3f}, {rec['steps']} steps in {rec['seconds']:.0f}s", flush=True)
-            with open(args.out, "a") as f:
+            with open(args.out, "a") as f:  # the record first: a run's figures are never lost
                 f.write(json.dumps(rec) + "\n")
+            print(f"[mechanisms] {rec['setting']} seed {rec['seed']}: held-out {_fmt(rec['initial_accuracy'])} -> "
+                  f"{_fmt(rec['final_accuracy'])}, entropy {_fmt(rec['entropy_last5'])}, truncated "
+                  f"{_fmt(rec['truncated_last5'])}, {rec['steps']} steps in {rec['seconds']:.0f}s", flush=True)
     print(summarize(args.out, args.plots or out_dir))
     return 1 if failed else 0
 
