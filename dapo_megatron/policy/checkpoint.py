@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import random
 import shutil
 
@@ -118,6 +119,31 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+@contextlib.contextmanager
+def _in_process_write_results():
+    """Collect a synchronous save's write results in a plain in-process queue.
+
+    megatron's torch_dist writer hands its results back through a module-global queue that
+    it creates, on first use, as ``mp.get_context("spawn").Manager().Queue()``
+    (dist_checkpointing/strategies/filesystem_async.py, ``_get_write_results_queue``): a
+    Manager *server process*, made for async saves whose writer runs elsewhere. Our saves are
+    synchronous (strategies/base.py, ``AsyncSaveShardedStrategy.save`` ->
+    ``AsyncRequest.execute_sync``): ``write_preloaded_data_multiproc`` runs in this process,
+    gathers its forked writers' results and puts them on that queue, and
+    ``retrieve_write_results`` reads them back here. So the server only cost the first save
+    about 2 s to spawn, and it outlived a rank killed with SIGKILL (one idle ~300 MB process per
+    killed rank, nobody to end it). A ``queue.Queue`` does the same job in-process. Megatron's
+    own global is put back afterwards, so an async save elsewhere still gets its Manager."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
+
+
 def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *,
                      extra_state: dict | None = None) -> str:
     """Collectively write a checkpoint straight into ``path`` (created if missing; must be
@@ -146,7 +172,8 @@ def write_checkpoint(path: str, step: int, model_chunks, optimizer, scheduler, *
                 "layout": _layout(),
                 "rng": _rng_object(_rng_state()),
             }
-            dist_checkpointing.save(state, path, content_metadata=dict(_OPTIM_METADATA))
+            with _in_process_write_results():
+                dist_checkpointing.save(state, path, content_metadata=dict(_OPTIM_METADATA))
     except BaseException:
         # Leave nothing half-written behind (the caller's previous checkpoint stays newest).
         if created:

@@ -4,6 +4,7 @@ the controller's (tests/controller/test_metrics_checkpoint.py)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import pytest
@@ -26,6 +27,9 @@ def _worker(rank, world_size, root):
     out["lp_after_1"] = trainer.compute_logprobs(tiny_batch(2)).tolist()
     ckpt = os.path.join(root, "controller_tmp")
     trainer.save(ckpt, {"data": data_position})
+    # A synchronous save leaves no process behind (megatron's async-writer Manager server
+    # would; policy/checkpoint.py, _in_process_write_results).
+    out["children_after_save"] = sorted(p.name for p in multiprocessing.active_children())
     uninterrupted = trainer.train_step(tiny_batch(2))
     out["lp_after_2"] = trainer.compute_logprobs(tiny_batch(3)).tolist()
     destroy_parallel()
@@ -75,6 +79,10 @@ def test_checkpoint_saved_under_tp2_reloads_under_pp2_with_identical_logprobs(re
 
 
 @pytest.mark.dist
+def test_a_save_leaves_no_process_running(results):
+    assert results["children_after_save"] == []
+
+
 def test_resume_continues_step_counter_schedule_and_optimizer_state(results):
     assert results["step"] == 1 and results["weights_only_step"] == 0
     assert results["scheduler_steps"] == 2  # two updates (mini-batches) in step 1
