@@ -39,12 +39,7 @@ class PolicyGroup:
         # One bundle per rank; PACK puts consecutive ranks (a TP group) on one node.
         self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
         ray.get(self.pg.ready(), timeout=600)
-        # Rank 0's node hosts the torch.distributed rendezvous: ask a task on its bundle.
-        master_addr, master_port = ray.get(
-            ray.remote(_address_and_port).options(
-                num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
-            ).remote()
-        )
+        master_addr, master_port = rendezvous(self.pg)
         # Every call runs in the default group, one at a time on one thread, as Megatron
         # needs; the watchdog's ping gets a thread of its own ("watch").
         actor_cls = ray.remote(concurrency_groups={"watch": 1})(PolicyWorker)
@@ -125,6 +120,23 @@ def _use_gpu(cfg) -> bool:
     if cfg.trainer.device == "cuda":
         return True
     return bool(ray.cluster_resources().get("GPU", 0))
+
+
+def rendezvous(pg) -> tuple[str, int]:
+    """Rank 0's node address and a port free there: torch.distributed's rendezvous.
+
+    Where rank 0's bundle is on the driver's own node (every single-node run) the driver
+    answers itself. Elsewhere a zero-CPU task on that bundle does; starting a Ray worker for
+    it and importing this module there costs about 3 s of CPU, which a run on one core waits
+    for before its ranks are even created."""
+    from ray.util.placement_group import placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    if placement_group_table(pg)["bundles_to_node_id"][0] == ray.get_runtime_context().get_node_id():
+        return _address_and_port()
+    return ray.get(ray.remote(_address_and_port).options(
+        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+    ).remote())
 
 
 def _address_and_port() -> tuple[str, int]:

@@ -113,3 +113,53 @@ def test_abort_all_stops_inflight_chunks(synced_pool):
     rest = [i for idx, _ in pool.generate_streaming(prompts[:2], SamplingParams(n=2, max_new_tokens=4), tag="c")
             for i in idx]
     assert sorted(rest) == [0, 1]
+
+
+def test_rendezvous_on_the_drivers_node_runs_no_task_and_elsewhere_asks_the_bundle(ray_local, monkeypatch):
+    """PolicyGroup's torch.distributed rendezvous: rank 0's address and a free port there."""
+    import importlib
+    import socket
+
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from dapo_megatron.controller import policy_group
+
+    pg = placement_group([{"CPU": 1}], strategy="PACK")
+    ray.get(pg.ready(), timeout=60)
+    try:
+        # The bundle is on this (the driver's) node: answered here, no task submitted.
+        def no_task(*args, **kwargs):
+            raise AssertionError("rendezvous submitted a Ray task for a bundle on the driver's node")
+
+        with monkeypatch.context() as m:
+            m.setattr(policy_group.ray, "remote", no_task)
+            addr, port = policy_group.rendezvous(pg)
+        assert addr == ray.util.get_node_ip_address()
+        with socket.socket() as sock:
+            sock.bind(("", port))  # free
+
+        # Seen as on another node: a task on the bundle answers, with that node's address.
+        # (rendezvous imports placement_group_table where it runs, so this patch reaches it;
+        # ray.util.placement_group the attribute is the function, hence importlib)
+        pg_module = importlib.import_module("ray.util.placement_group")
+
+        real = pg_module.placement_group_table
+
+        def elsewhere(group):
+            info = real(group)
+            return {**info, "bundles_to_node_id": {0: "another-node"}}
+
+        calls = []
+        remote = ray.remote
+
+        def counting_remote(fn):
+            calls.append(fn.__name__)
+            return remote(fn)
+
+        monkeypatch.setattr(pg_module, "placement_group_table", elsewhere)
+        monkeypatch.setattr(policy_group.ray, "remote", counting_remote)
+        addr2, port2 = policy_group.rendezvous(pg)
+        assert calls == ["_address_and_port"]
+        assert addr2 == addr and port2 > 0
+    finally:
+        remove_placement_group(pg)
