@@ -17,7 +17,7 @@ from dapo_megatron import dtypes
 from dapo_megatron.resolve import EngineSlot, engine_layout
 from dapo_megatron.rollout.manager import RolloutManager, call_engine
 from dapo_megatron.rollout.protocol import SamplingParams
-from dapo_megatron.watchdog import ping_patience
+from dapo_megatron.watchdog import ActorHung, ping_patience
 
 logger = logging.getLogger(__name__)
 
@@ -121,12 +121,17 @@ class EnginePool:
                 return stats
             except Exception as err:  # noqa: BLE001 - sorted into engine death vs a real error
                 patience = ping_patience(self.cfg.rollout.hang_timeout_s)
-                dead = [i for i, e in enumerate(self.engines) if not _alive(e, patience)]
-                if not dead:
+                states = [_liveness(e, patience) for e in self.engines]
+                if all(state == "alive" for state in states):
                     raise
                 self.weight_version = None  # replacements get their weights from the retry
-                for i in dead:
-                    self.manager.replace(i, err)  # _replacement kills a hung (not dead) engine
+                for i, state in enumerate(states):
+                    if state == "frozen":  # replace() then skips asking it to shut down
+                        why = ActorHung(f"weight sync ({type(err).__name__}): rollout engine {i} does not "
+                                        f"answer a ping within {patience:.0f} s: it is frozen", i)
+                        self.manager.replace(i, why)  # _replacement kills its actor
+                    elif state == "dead":
+                        self.manager.replace(i, err)
 
     def _push(self, version: int, engines: list) -> dict[str, float]:
         timeout = self.cfg.rollout.hang_timeout_s
@@ -210,13 +215,18 @@ def _wait_started(engines: list, timeout: float = 1800.0) -> None:
             call_engine(engine, "get_weight_version", timeout=timeout)
 
 
-def _alive(engine, timeout: float = 60.0) -> bool:
-    """The engine (its actor) answers at all within timeout; unlike health(), true mid-sync."""
+def _liveness(engine, timeout: float = 60.0) -> str:
+    """"alive" when the engine (its actor) answers at all within timeout (unlike health(),
+    also mid-sync), "frozen" when it does not answer in time, "dead" when the call fails."""
+    import ray
+
     try:
         call_engine(engine, "get_weight_version", timeout=timeout)
-        return True
-    except Exception:  # noqa: BLE001 - a dead or frozen actor answers with an error or not at all
-        return False
+        return "alive"
+    except ray.exceptions.GetTimeoutError:
+        return "frozen"
+    except Exception:  # noqa: BLE001 - a dead actor answers with an error of any kind
+        return "dead"
 
 
 def _kill(engine) -> None:

@@ -84,6 +84,12 @@ def test_step_runs_the_memory_phases_in_order(monkeypatch, offload):
     assert metrics["sync/bytes"] == 4.0 and trainer.engines.weight_version == 7
 
 
+# A push to a frozen engine fails after this long, and a ping (watchdog.MIN_PATIENCE_S,
+# patched in the test) names it frozen after 5 s: the tiny buckets of a live engine load in
+# milliseconds, and the defaults (30 s each) made the freeze case take 106 s.
+PUSH_TIMEOUT_S = 10.0
+
+
 class FaultySource(StateDictSource):
     """Kills (or freezes with SIGSTOP) engine 0 after the first bucket of the first push."""
 
@@ -102,7 +108,7 @@ class FaultySource(StateDictSource):
 
         self.pushes += 1
         for i in range(0, len(self.state), 4):
-            push_bucket_colocated(engines, self.state[i:i + 4], "embedded", timeout=30.0)
+            push_bucket_colocated(engines, self.state[i:i + 4], "embedded", timeout=PUSH_TIMEOUT_S)
             if self.pushes == 1 and i == 0:
                 victim = self.pool_ref[0].engines[0]
                 if self.fault == "kill":
@@ -114,12 +120,16 @@ class FaultySource(StateDictSource):
 
 
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
-def test_engine_dead_or_hung_during_sync_is_replaced_and_synced_from_the_source(ray_local, fault):  # noqa: F811
+def test_engine_dead_or_hung_during_sync_is_replaced_and_synced_from_the_source(ray_local, fault,  # noqa: F811
+                                                                               monkeypatch, caplog):
     import ray
 
+    from dapo_megatron import watchdog
+
+    monkeypatch.setattr(watchdog, "MIN_PATIENCE_S", 5.0)
     cfg = _cfg()
     cfg.rollout.num_engines = 2
-    cfg.rollout.hang_timeout_s = 30.0  # generous: this machine may be loaded
+    cfg.rollout.hang_timeout_s = PUSH_TIMEOUT_S
     hf = cfg.model.hf_config_dict(vocab_size=64)
     torch.manual_seed(0)
     model = build_hf_model(hf)
@@ -129,6 +139,10 @@ def test_engine_dead_or_hung_during_sync_is_replaced_and_synced_from_the_source(
     try:
         pool.sync_weights(5)
         assert pool.restarts == 1 and pool.weight_source.pushes == 2
+        # A frozen engine is replaced as frozen: nobody waits for it to shut itself down.
+        replaced = [r.getMessage() for r in caplog.records if "replacing it" in r.getMessage()]
+        assert len(replaced) == 1
+        assert ("ActorHung" in replaced[0] and "frozen" in replaced[0]) == (fault == "freeze")
         assert ray.get([e.get_weight_version.remote() for e in pool.engines]) == [5, 5]
         params = SamplingParams(n=2, max_new_tokens=6, seed=3)
         prompts = [[1, 2, 3], [4, 5, 6]]
