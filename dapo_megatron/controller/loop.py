@@ -16,6 +16,7 @@ prompt sampler and the metrics; the phases themselves live in their modules.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -412,6 +413,8 @@ def _init_ray(cfg: DapoConfig, resolved: Resolved | None = None) -> None:
         try:
             with _stop_signals_blocked():
                 ray.init(**kwargs)
+            if not address:
+                _stop_local_ray_at_exit()
             return
         except Exception as e:  # noqa: BLE001 - ray.init raises many kinds; all are retried
             try:
@@ -428,6 +431,65 @@ def _init_ray(cfg: DapoConfig, resolved: Resolved | None = None) -> None:
             logger.warning("Ray start-up failed (attempt %d/%d: %s); retrying in %.0f s",
                            attempt, RAY_START_ATTEMPTS, reason, wait)
             time.sleep(wait)
+
+
+_STOP_REGISTERED = False
+
+
+def _stop_local_ray_at_exit() -> None:
+    """Have the interpreter's exit end the local cluster with `stop_local_ray` (atexit runs
+    it before Ray's own handler, registered when ray was imported)."""
+    global _STOP_REGISTERED
+    if not _STOP_REGISTERED:
+        atexit.register(stop_local_ray)
+        _STOP_REGISTERED = True
+
+
+def stop_local_ray() -> None:
+    """ray.shutdown() for the cluster _init_ray started, without Ray's SIGTERM grace.
+
+    Ray's shutdown sends each of its processes (raylet, GCS, dashboard, log monitor,
+    autoscaler monitor) SIGTERM and waits up to 1 s before SIGKILL
+    (ray/_private/node.py, ``_kill_process_impl``). Ours start with SIGTERM blocked
+    (`_stop_signals_blocked`), so every grace ran out: 5 s at the end of every run. Here the
+    driver disconnects first, as in ray.shutdown, and then the processes get SIGKILL at once,
+    which is where Ray's path ended anyway. If this Ray lacks the private node handle used
+    here, plain ray.shutdown() runs instead."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        kill = node.kill_all_processes if node is not None and node.is_head() else None
+    except Exception:  # noqa: BLE001 - another Ray version: its own shutdown below
+        node = kill = None
+    if kill is None:
+        ray.shutdown()
+        return
+    import psutil
+
+    # The raylet's children (its dashboard and runtime-env agents, any worker left) would
+    # outlive a SIGKILLed raylet: they end with it here.
+    children = []
+    for info in node.all_processes.get("raylet", []):
+        try:
+            children += psutil.Process(info.process.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+    worker._global_node = None  # ray.shutdown() now only disconnects this driver
+    try:
+        ray.shutdown()
+    finally:
+        node.destroy_external_storage()
+        kill(check_alive=False, allow_graceful=False)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
 
 @contextlib.contextmanager
