@@ -414,7 +414,10 @@ def _init_ray(cfg: DapoConfig, resolved: Resolved | None = None) -> None:
             with _stop_signals_blocked():
                 ray.init(**kwargs)
             if not address:
-                _stop_local_ray_at_exit()
+                # atexit runs it before Ray's own handler (registered when ray was imported);
+                # unregistering first keeps one registration however often Ray is started.
+                atexit.unregister(stop_local_ray)
+                atexit.register(stop_local_ray)
             return
         except Exception as e:  # noqa: BLE001 - ray.init raises many kinds; all are retried
             try:
@@ -433,18 +436,6 @@ def _init_ray(cfg: DapoConfig, resolved: Resolved | None = None) -> None:
             time.sleep(wait)
 
 
-_STOP_REGISTERED = False
-
-
-def _stop_local_ray_at_exit() -> None:
-    """Have the interpreter's exit end the local cluster with `stop_local_ray` (atexit runs
-    it before Ray's own handler, registered when ray was imported)."""
-    global _STOP_REGISTERED
-    if not _STOP_REGISTERED:
-        atexit.register(stop_local_ray)
-        _STOP_REGISTERED = True
-
-
 def stop_local_ray() -> None:
     """ray.shutdown() for the cluster _init_ray started, without Ray's SIGTERM grace.
 
@@ -460,13 +451,13 @@ def stop_local_ray() -> None:
     if not ray.is_initialized():
         return
     try:
-        from ray._private import worker
+        from ray._private import ray_constants, worker
 
         node = worker._global_node
-        kill = node.kill_all_processes if node is not None and node.is_head() else None
-    except Exception:  # noqa: BLE001 - another Ray version: its own shutdown below
-        node = kill = None
-    if kill is None:
+        raylet = ray_constants.PROCESS_TYPE_RAYLET
+    except (ImportError, AttributeError):  # another Ray version: its own shutdown below
+        node = None
+    if node is None or not node.is_head() or not hasattr(node, "kill_all_processes"):
         ray.shutdown()
         return
     import psutil
@@ -474,7 +465,7 @@ def stop_local_ray() -> None:
     # The raylet's children (its dashboard and runtime-env agents, any worker left) would
     # outlive a SIGKILLed raylet: they end with it here.
     children = []
-    for info in node.all_processes.get("raylet", []):
+    for info in node.all_processes.get(raylet, []):
         try:
             children += psutil.Process(info.process.pid).children(recursive=True)
         except psutil.Error:
@@ -484,7 +475,7 @@ def stop_local_ray() -> None:
         ray.shutdown()
     finally:
         node.destroy_external_storage()
-        kill(check_alive=False, allow_graceful=False)
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
         for child in children:
             try:
                 child.kill()

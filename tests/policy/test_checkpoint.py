@@ -83,6 +83,7 @@ def test_a_save_leaves_no_process_running(results):
     assert results["children_after_save"] == []
 
 
+@pytest.mark.dist
 def test_resume_continues_step_counter_schedule_and_optimizer_state(results):
     assert results["step"] == 1 and results["weights_only_step"] == 0
     assert results["scheduler_steps"] == 2  # two updates (mini-batches) in step 1
