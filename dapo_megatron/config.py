@@ -184,6 +184,12 @@ class RolloutConfig:
     engine: Literal["embedded", "sglang"] = "embedded"
     # Prompts per generation round. The paper's recipe oversamples 3x the train batch.
     gen_batch_size: int = 1536
+    # Size each round from the keep rate of the rounds before it (algo/sampling.py,
+    # BatchAssembler.round_size): the groups still needed / that rate, +10%, at most
+    # gen_batch_size; the run's first round and the last one algo.max_gen_batches allows
+    # draw gen_batch_size. Less generated and thrown away while most groups pass the filter.
+    # False: every round draws gen_batch_size.
+    adaptive_gen_batch: bool = False
     temperature: float = 1.0  # sampling temperature of training rollouts
     top_p: float = 1.0  # nucleus sampling of training rollouts (1: off)
     top_k: int = -1  # top-k sampling of training rollouts (-1: off)

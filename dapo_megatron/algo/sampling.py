@@ -18,6 +18,7 @@ loop is::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -27,6 +28,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 SURPLUS_MODES = ("drop", "carry")
+# Adaptive rounds (BatchAssembler.round_size): each past round's counts weigh KEEP_DECAY more
+# than the round before it, and a round draws ROUND_HEADROOM times the estimate, since a
+# round that comes up short costs another round (on a GPU, another whole generation's latency).
+KEEP_DECAY = 0.7
+ROUND_HEADROOM = 1.1
 
 
 def keep_mask(correct_or_rewards: torch.Tensor) -> torch.Tensor:
@@ -136,6 +142,8 @@ class BatchAssembler:
             step, so they are one step off-policy when trained on).
         filter_groups: False disables the filter (the "no dynamic sampling" ablation):
             every generated group is kept.
+        adaptive: size each generation round from the keep rate of past rounds
+            (``round_size``) instead of drawing the configured round size every time.
     """
 
     def __init__(
@@ -145,6 +153,7 @@ class BatchAssembler:
         surplus: str = "drop",
         *,
         filter_groups: bool = True,
+        adaptive: bool = False,
     ) -> None:
         if train_batch_size < 1:
             raise ValueError(f"train_batch_size must be >= 1, got {train_batch_size}")
@@ -156,8 +165,12 @@ class BatchAssembler:
         self.max_gen_batches = max_gen_batches
         self.surplus = surplus
         self.filter_groups = filter_groups
+        self.adaptive = adaptive
         self._buffer: list[Group] = []
         self._stats = SamplingStats()
+        # Kept and examined groups of every round so far, each round's weight KEEP_DECAY**age
+        # (its age in rounds); the run's keep rate is their ratio. Carried across batches.
+        self._seen = [0.0, 0.0]
 
     @property
     def num_buffered(self) -> int:
@@ -181,6 +194,40 @@ class BatchAssembler:
     def done(self) -> bool:
         """True when ``take()`` can be called: the batch is full or no round is left."""
         return self.is_full or self.round_limit_reached
+
+    def round_size(self, cap: int) -> int:
+        """Prompts the next generation round should hold (carried partial groups included).
+
+        Fixed rounds (DAPO's recipe): ``cap``, the configured round size, every time. Adaptive:
+        the groups still needed divided by the keep rate of past rounds (decayed kept /
+        examined counts), times ROUND_HEADROOM, rounded up, between 1 and ``cap``. Without the
+        filter every group is kept, so exactly the groups needed. ``cap`` where there is no
+        rate to go by (the run's first round, or nothing kept yet) and for the last round
+        ``max_gen_batches`` allows, which is the batch's last chance to fill.
+        """
+        needed = self.groups_needed
+        if not self.adaptive or needed == 0:
+            return cap
+        if not self.filter_groups:
+            return max(1, min(cap, needed))
+        kept, examined = self._seen
+        last = self.max_gen_batches is not None and self._stats.rounds + 1 >= self.max_gen_batches
+        if kept <= 0 or last:
+            return cap
+        # A hair below the exact ceiling, so that float noise in an integral estimate does not
+        # draw one prompt more.
+        return max(1, min(cap, math.ceil(needed * examined / kept * ROUND_HEADROOM - 1e-9)))
+
+    def keep_history(self) -> list[float]:
+        """The decayed (kept, examined) counts ``round_size`` estimates from, for a checkpoint."""
+        return list(self._seen)
+
+    def restore_keep_history(self, values: Sequence[float]) -> None:
+        """Put checkpointed ``keep_history()`` back, so a resumed run sizes rounds as before."""
+        kept, examined = (float(v) for v in values)
+        if not 0 <= kept <= examined:
+            raise ValueError(f"keep history {list(values)}: need 0 <= kept <= examined")
+        self._seen = [kept, examined]
 
     @property
     def stats(self) -> SamplingStats:
@@ -211,6 +258,8 @@ class BatchAssembler:
         self._stats.generated += len(groups)
         self._stats.kept += len(kept)
         self._stats.dropped += len(groups) - len(kept)
+        if groups:
+            self._seen = [KEEP_DECAY * self._seen[0] + len(kept), KEEP_DECAY * self._seen[1] + len(groups)]
         return len(kept)
 
     def carried_groups(self) -> list[Group]:

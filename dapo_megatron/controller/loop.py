@@ -104,7 +104,7 @@ class Trainer:
         a = cfg.algo
         self.assembler = BatchAssembler(
             cfg.trainer.train_batch_size, a.max_gen_batches or None, a.surplus,
-            filter_groups=a.dynamic_sampling,
+            filter_groups=a.dynamic_sampling, adaptive=cfg.rollout.adaptive_gen_batch,
         )
         self.step = 0
         self._saved_step = 0  # the step of the newest checkpoint (resumed or written)
@@ -296,6 +296,7 @@ class Trainer:
             "generated_samples": self.generated_samples,
             "generated_tokens": self.generated_tokens,
             "sampler": self.sampler.state_dict(),
+            "keep_history": self.assembler.keep_history(),
             "python_rng": random.getstate(),
             "numpy_rng": np.random.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -360,6 +361,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.carried, self._prefetched, surplus = rollout_state.read(path)
         self.assembler.restore_carried(surplus)
+        if "keep_history" in state:  # older checkpoints: adaptive rounds start afresh
+            self.assembler.restore_keep_history(state["keep_history"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])

@@ -1,8 +1,9 @@
 """Generate, score and filter: DAPO's oversample-and-filter loop for one train batch.
 
-Each round draws `rollout.gen_batch_size` prompts, samples G responses per prompt on the
-engines, scores every response as its chunk of prompts completes, and hands the groups to
-the dynamic-sampling `BatchAssembler`. As soon as enough groups are kept, the in-flight
+Each round draws `rollout.gen_batch_size` prompts (with `rollout.adaptive_gen_batch`, as many
+as the keep rate so far says the batch still needs: `BatchAssembler.round_size`), samples G
+responses per prompt on the engines, scores every response as its chunk of prompts
+completes, and hands the groups to the dynamic-sampling `BatchAssembler`. As soon as enough groups are kept, the in-flight
 chunks are aborted; the round limit (`algo.max_gen_batches`) bounds the loop.
 
 What a step cost is what the engines generated (`RolloutResult.generated`: kept, dropped,
@@ -169,7 +170,7 @@ def collect_train_groups(*, cfg, step: int, sampler, tokenizer, engines, scorer,
     while not assembler.done:
         # The first round continues the carried groups, then fills up with fresh prompts.
         carry_round, carry_in = carry_in, []
-        fresh = max(0, r.gen_batch_size - len(carry_round))
+        fresh = max(0, assembler.round_size(r.gen_batch_size) - len(carry_round))
         examples: list[PromptExample] = sampler.next_batch(fresh) if fresh else []
         seed = _round_seed(cfg.trainer.seed, step, round_idx)
         params = sampling_params(cfg, n=a.group_size, seed=seed, stop_ids=tokenizer.stop_ids)

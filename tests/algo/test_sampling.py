@@ -198,3 +198,43 @@ def test_stack_group_rewards_and_errors():
                           (dict(train_batch_size=1, surplus="keep"), "surplus")):
         with pytest.raises(ValueError, match=field):
             BatchAssembler(**kwargs)
+
+
+def test_adaptive_round_sizes_by_hand():
+    # train batch 10, cap 20 prompts per round, at most 4 rounds; decay 0.7, headroom 1.1.
+    assembler = BatchAssembler(train_batch_size=10, max_gen_batches=4, adaptive=True)
+    assert assembler.round_size(20) == 20  # nothing seen yet: the configured size
+    assembler.add_round(make_groups([MIXED] * 8 + [ALL_RIGHT] * 12))  # 8 of 20 kept
+    # 2 needed at a rate of 8/20: 2 * 20/8 * 1.1 = 5.5 -> 6.
+    assert assembler.round_size(20) == 6
+    assembler.add_round(make_groups([MIXED] + [ALL_WRONG] * 5, start=20))  # 1 of 6
+    # Kept 0.7 * 8 + 1 = 6.6 of 0.7 * 20 + 6 = 20: 1 needed -> 1 * 20/6.6 * 1.1 = 3.33 -> 4.
+    assert assembler.round_size(20) == 4
+    assert assembler.round_size(3) == 3  # never above the configured size
+    assembler.add_round(make_groups([ALL_WRONG] * 4, start=26))  # 0 of 4
+    assert assembler.round_size(20) == 20  # the 4th round is the last allowed: all of it
+    assembler.add_round(make_groups([MIXED] * 3, start=30))
+    batch = assembler.take()
+    assert len(batch.groups) == 10 and batch.stats.rounds == 4
+    # The rate carries into the next batch: kept 0.7 * (0.7 * 6.6 + 0) + 3 = 6.234 of
+    # 0.7 * (0.7 * 20 + 4) + 3 = 15.6; 10 needed -> 10 * 15.6 / 6.234 * 1.1 = 27.5 -> capped.
+    assert assembler.round_size(40) == 28 and assembler.round_size(20) == 20
+
+
+def test_adaptive_rounds_restore_from_a_checkpoint_and_without_the_filter():
+    live = BatchAssembler(train_batch_size=4, max_gen_batches=3, adaptive=True)
+    live.add_round(make_groups([MIXED, ALL_RIGHT] * 4))
+    live.take()
+    resumed = BatchAssembler(train_batch_size=4, max_gen_batches=3, adaptive=True)
+    resumed.restore_keep_history(live.keep_history())
+    assert resumed.round_size(16) == live.round_size(16) == 9  # 4 * 8/4 * 1.1 = 8.8
+    with pytest.raises(ValueError, match="kept <= examined"):
+        resumed.restore_keep_history([3.0, 2.0])
+    # Fixed rounds ignore the rate; without the filter every group counts, so exactly the need.
+    fixed = BatchAssembler(train_batch_size=4, adaptive=False)
+    fixed.add_round(make_groups([MIXED, ALL_RIGHT]))
+    assert fixed.round_size(16) == 16
+    unfiltered = BatchAssembler(train_batch_size=4, filter_groups=False, adaptive=True)
+    assert unfiltered.round_size(16) == 4
+    unfiltered.add_round(make_groups([ALL_RIGHT]))
+    assert unfiltered.round_size(16) == 3

@@ -219,3 +219,31 @@ def test_replaced_engine_leaves_the_train_batch_unchanged(scripted_pool):
     assert [g.example.index for g in got.groups] == [0, 1, 2, 3, 4]
     assert [[s.token_ids for s in g.samples] for g in got.groups] == \
         [[s.token_ids for s in g.samples] for g in reference.groups]
+
+
+class CountingEngines(ScriptedEngines):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.round_prompts = []
+
+    def generate_streaming(self, prompts, params, tag):
+        self.round_prompts.append(len(prompts))
+        yield from super().generate_streaming(prompts, params, tag)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_adaptive_rounds_draw_what_the_keep_rate_says_the_batch_needs(adaptive):
+    cfg = _cfg(**{"rollout.gen_batch_size": 16, "rollout.adaptive_gen_batch": adaptive})
+    tok = CharTokenizer()
+    engines = CountingEngines(tok, {i + 1: i % 5 for i in range(48)})  # 3 of every 5 mixed
+    sampler = PromptSampler(_examples(48), seed=0, shuffle=False)
+    assembler = BatchAssembler(5, 5, "drop", adaptive=cfg.rollout.adaptive_gen_batch)
+    for step in (1, 2):
+        result = collect_train_groups(cfg=cfg, step=step, sampler=sampler, tokenizer=tok, engines=engines,
+                                      scorer=InlineScorer(), assembler=assembler)
+        assert len(result.groups) == 5
+    # Step 1 draws the configured 16 either way; its batch fills after 8 examined groups
+    # (counts 0,1,2,3 | 4,0,1,2), a keep rate of 5/8. Adaptive, step 2 draws
+    # 5 / (5/8) * 1.1 = 8.8 -> 9 prompts: the next 9 of the data, not 16.
+    assert engines.round_prompts == ([16, 9] if adaptive else [16, 16])
+    assert sampler.cursor == (16 + 9 if adaptive else 32)  # the prompts not drawn stay unused
