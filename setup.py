@@ -36,7 +36,7 @@ setup(
         # torch (pip install --no-build-isolation), with the core_cu12/core_cu13 extra
         # matching torch.version.cuda.
         "gpu": ["sglang==0.5.23", "transformer-engine[pytorch]>=2.9,<2.12"],
-        "dev": ["pytest>=8", "hypothesis>=6", "math-verify>=0.7", "pandas>=2"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "math-verify>=0.7", "pandas>=2"],
         # tests/contract/ also need sglang 0.5.23 without its GPU dependencies; pip cannot
         # express --no-deps in an extra, so the README's test command installs it (with the
         # modules it imports) as a second step: pip install --no-deps -r tests/sglang-cpu.txt
