@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 import time
 
@@ -85,15 +84,13 @@ def main(argv=None) -> None:
     from dapo_megatron.config import load_config
     from dapo_megatron.policy.microbatch import PolicyBatch
     from dapo_megatron.policy.train import PolicyTrainer
+    from dapo_megatron.ports import free_port
 
     cfg = load_config(args.config, [])
     with open(os.path.join(ROOT, cfg.model.hf_dir, "config.json"), encoding="utf-8") as f:
         hf_config = json.load(f)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     trainer = PolicyTrainer.from_config(cfg, hf_config, rank=0, world_size=1,
-                                        master_addr="127.0.0.1", master_port=port)
+                                        master_addr="127.0.0.1", master_port=free_port())
     n = cfg.trainer.train_batch_size * cfg.algo.group_size
     per_update = cfg.trainer.mini_batch_size * cfg.algo.group_size
     seqs, masks, advantages = _batch(hf_config["vocab_size"], n)

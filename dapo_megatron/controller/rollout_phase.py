@@ -3,8 +3,9 @@
 Each round draws `rollout.gen_batch_size` prompts (with `rollout.adaptive_gen_batch`, as many
 as the keep rate so far says the batch still needs: `BatchAssembler.round_size`), samples G
 responses per prompt on the engines, scores every response as its chunk of prompts
-completes, and hands the groups to the dynamic-sampling `BatchAssembler`. As soon as enough groups are kept, the in-flight
-chunks are aborted; the round limit (`algo.max_gen_batches`) bounds the loop.
+completes, and hands the groups to the dynamic-sampling `BatchAssembler`. As soon as enough
+groups are kept, the in-flight chunks are aborted; the round limit (`algo.max_gen_batches`)
+bounds the loop.
 
 What a step cost is what the engines generated (`RolloutResult.generated`: kept, dropped,
 aborted part-way, and the rest of a chunk left unscored once the batch was full), not the
