@@ -1,12 +1,25 @@
 """Rollout benchmark: embedded engine vs transformers generate, and weight-sync speed.
 
 Same model (random weights, HF Llama layout), same prompts, same sampling settings
-(temperature, top_p, n samples per prompt, exactly max_new_tokens generated: no stop
-token), both on CPU, in one process. Reports generated tokens per second for each and
-their ratio, then seconds per GB of EmbeddedEngine.update_weights over bucketed tensors.
+(temperature, top_p, n samples per prompt), both on CPU, in one process. Reports generated
+tokens per second for each and their ratio, then seconds per GB of
+EmbeddedEngine.update_weights over bucketed tensors.
+
+Two kinds of workload:
+- ``--stop-tokens S`` (default 64): the last S token ids of the vocabulary end a response
+  (a random model draws one with probability about S / vocab per token), so response
+  lengths vary as in a real rollout. ``generate`` keeps a finished row in its batch until
+  the longest one ends; the engine drops it (or refills its slot from the queue). Only
+  tokens up to and including each row's stop token count, on both sides. The two sides
+  draw from the same distribution with different random streams (each side the same ones
+  at every repeat), so their token counts differ a little: the ratio is of tokens per
+  second.
+- ``--stop-tokens 0``: no stop token, every response is exactly ``--new-tokens`` long. Both
+  sides run the same decode steps on a full batch, so this compares the per-step cost alone.
 
     python bench/rollout_bench.py [--hidden 256 --layers 4 --vocab 4096 --prompts 8 --n 4
-                                   --prompt-len 32 --new-tokens 64 --threads 1 --repeats 2]
+                                   --prompt-len 32 --new-tokens 64 --stop-tokens 64
+                                   --threads 1 --repeats 5]
 """
 
 from __future__ import annotations
@@ -42,16 +55,19 @@ def bench_generate(args) -> dict:
     model = engine.model
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, args.vocab, (args.prompts, args.prompt_len), generator=gen)
+    stop_ids = list(range(args.vocab - args.stop_tokens, args.vocab))
     params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens
+        n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens,
+        stop_token_ids=stop_ids,
     )
-    total_tokens = args.prompts * args.n * args.new_tokens
+    rows = args.prompts * args.n
 
     def run_engine() -> int:
         out = engine.generate(prompts.tolist(), params)
         return sum(len(s.token_ids) for g in out for s in g)
 
     def run_hf() -> int:
+        torch.manual_seed(2)  # the same draws at every repeat, as the engine's seeded streams
         out = model.generate(
             input_ids=prompts,
             attention_mask=torch.ones_like(prompts),
@@ -61,30 +77,44 @@ def bench_generate(args) -> dict:
             top_k=0,
             num_return_sequences=args.n,
             max_new_tokens=args.new_tokens,
-            min_new_tokens=args.new_tokens,
-            eos_token_id=None,
+            min_new_tokens=None if stop_ids else args.new_tokens,
+            eos_token_id=stop_ids or None,
             pad_token_id=0,
         )
-        return (out.shape[1] - args.prompt_len) * out.shape[0]
+        return _response_tokens(out[:, args.prompt_len:], stop_ids)
 
     # Interleaved repeats, best of each: on a shared machine load drifts during a run and
     # would otherwise favour whichever side ran in the quiet moment.
     runners = {"embedded": run_engine, "hf_generate": run_hf}
     best = {name: float("inf") for name in runners}
+    tokens = dict.fromkeys(runners, 0)
     for fn in runners.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in runners.items():
             start = time.perf_counter()
             produced = fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-            assert produced == total_tokens, (name, produced, total_tokens)
-    results = {name: {"seconds": s, "tokens_per_s": total_tokens / s} for name, s in best.items()}
+            seconds = time.perf_counter() - start
+            if not stop_ids:
+                assert produced == rows * args.new_tokens, (name, produced)
+            if seconds < best[name]:
+                best[name], tokens[name] = seconds, produced
+    results = {name: {"seconds": s, "tokens": tokens[name], "tokens_per_s": tokens[name] / s}
+               for name, s in best.items()}
     results["speedup_embedded_over_hf"] = (
         results["embedded"]["tokens_per_s"] / results["hf_generate"]["tokens_per_s"]
     )
-    results["tokens"] = total_tokens
     return results
+
+
+def _response_tokens(responses: torch.Tensor, stop_ids: list[int]) -> int:
+    """Tokens of ``generate``'s responses ``[rows, T]`` up to and including each row's first
+    stop token (what the row generated; the rest is padding for the batch's longest row)."""
+    if not stop_ids:
+        return responses.numel()
+    stops = torch.isin(responses, torch.tensor(stop_ids))
+    first = torch.where(stops.any(-1), stops.int().argmax(-1) + 1, responses.shape[1])
+    return int(first.sum())
 
 
 def bench_sync(args) -> dict:
@@ -122,13 +152,17 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--stop-tokens", type=int, default=64,
+                        help="how many token ids (the vocabulary's last) end a response; 0: none")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sync-hidden", type=int, default=1024)
     parser.add_argument("--bucket-mb", type=int, default=64)
     args = parser.parse_args()
+    if not 0 <= args.stop_tokens < args.vocab:
+        parser.error(f"--stop-tokens must be in [0, {args.vocab}) (the vocabulary's size)")
     torch.set_num_threads(args.threads)
     report = {"config": vars(args), "generate": bench_generate(args), "sync": bench_sync(args)}
     print(json.dumps(report, indent=2))
