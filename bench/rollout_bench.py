@@ -17,9 +17,14 @@ Two kinds of workload:
 - ``--stop-tokens 0``: no stop token, every response is exactly ``--new-tokens`` long. Both
   sides run the same decode steps on a full batch, so this compares the per-step cost alone.
 
+``--slots K`` bounds the sequences in flight (KV memory) on both sides: the engine runs with
+``max_batch_size=K`` and refills a finished row's slot from the queue at once; ``generate``
+runs the prompts in calls of K rows, one after the other, each until its longest row ends.
+The default (0) puts every row in one batch on both sides.
+
     python bench/rollout_bench.py [--hidden 256 --layers 4 --vocab 4096 --prompts 8 --n 4
                                    --prompt-len 32 --new-tokens 64 --stop-tokens 64
-                                   --threads 1 --repeats 5]
+                                   --slots 0 --threads 1 --repeats 5]
 """
 
 from __future__ import annotations
@@ -50,8 +55,10 @@ def bench_generate(args) -> dict:
     from dapo_megatron.rollout.embedded import EmbeddedEngine
     from dapo_megatron.rollout.protocol import SamplingParams
 
+    rows = args.prompts * args.n
+    slots = args.slots or rows  # sequences in flight at once, on both sides
     torch.manual_seed(0)
-    engine = EmbeddedEngine(_model_config(args), max_batch_size=args.prompts * args.n)
+    engine = EmbeddedEngine(_model_config(args), max_batch_size=slots)
     model = engine.model
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(1, args.vocab, (args.prompts, args.prompt_len), generator=gen)
@@ -60,7 +67,6 @@ def bench_generate(args) -> dict:
         n=args.n, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.new_tokens,
         stop_token_ids=stop_ids,
     )
-    rows = args.prompts * args.n
 
     def run_engine() -> int:
         out = engine.generate(prompts.tolist(), params)
@@ -68,6 +74,10 @@ def bench_generate(args) -> dict:
 
     def run_hf() -> int:
         torch.manual_seed(2)  # the same draws at every repeat, as the engine's seeded streams
+        per_call = slots // args.n  # prompts per generate call: its batch holds `slots` rows
+        return sum(hf_call(prompts[i:i + per_call]) for i in range(0, args.prompts, per_call))
+
+    def hf_call(prompts: torch.Tensor) -> int:
         out = model.generate(
             input_ids=prompts,
             attention_mask=torch.ones_like(prompts),
@@ -154,6 +164,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--stop-tokens", type=int, default=64,
                         help="how many token ids (the vocabulary's last) end a response; 0: none")
+    parser.add_argument("--slots", type=int, default=0,
+                        help="most sequences in flight at once (the engine's max_batch_size; "
+                             "generate runs the prompts in calls of that many rows); 0: all")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1)
@@ -163,6 +176,9 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.stop_tokens < args.vocab:
         parser.error(f"--stop-tokens must be in [0, {args.vocab}) (the vocabulary's size)")
+    if args.slots and (args.slots % args.n or args.slots > args.prompts * args.n):
+        parser.error(f"--slots must be a multiple of --n ({args.n}) and at most --prompts x --n "
+                     f"({args.prompts * args.n}): generate runs whole prompts per call")
     torch.set_num_threads(args.threads)
     report = {"config": vars(args), "generate": bench_generate(args), "sync": bench_sync(args)}
     print(json.dumps(report, indent=2))
