@@ -115,9 +115,11 @@ class PolicyWorker:
             return self._update_group
         self._drop_weight_group()
         self._update_groups_opened += 1
+        r = self.cfg.rollout
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         self._update_group = WeightUpdateGroup(
-            engines, backend, f"weights-rank{self.rank}-{self._update_groups_opened}", self.cfg.rollout.hang_timeout_s)
+            engines, backend, f"weights-rank{self.rank}-{self._update_groups_opened}", r.hang_timeout_s,
+            ranks_per_engine=r.engine_tp if r.engine == "sglang" else 1)
         return self._update_group
 
     def _drop_weight_group(self) -> None:

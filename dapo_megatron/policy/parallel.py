@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.policy.compat import enable_cpu_execution
-from dapo_megatron.ports import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -150,24 +149,24 @@ def init_parallel(
         )
         addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
         port = master_port or os.environ.get("MASTER_PORT")
-        if port is None:
-            if world_size > 1:
-                raise ValueError(
-                    "init_parallel: no master_port given and MASTER_PORT is unset; pass "
-                    "master_addr/master_port (Ray actors) or run under torchrun"
-                )
-            port = free_port()
+        if port is None and world_size > 1:
+            raise ValueError(
+                "init_parallel: no master_port given and MASTER_PORT is unset; pass "
+                "master_addr/master_port (Ray actors) or run under torchrun"
+            )
         check_layout(world_size, tp, pp, ep, cp)
         if on_gpu:
             local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{addr}:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if world_size == 1:
+            # One rank meets nobody: an in-process store binds no port, so runs started side by
+            # side cannot race for the one a free_port() answer named (EADDRINUSE at start-up).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,
+                                    world_size=world_size, timeout=timeout)
     else:
         got_rank, got_world = dist.get_rank(), dist.get_world_size()
         if rank is not None and int(rank) != got_rank:

@@ -441,7 +441,9 @@ class EmbeddedEngine:
         self.load_weight_bucket(receive_bucket(self._groups[group_name], meta, self.device))
 
     def destroy_weights_update_group(self, group_name: str) -> None:
-        self._groups.pop(group_name, None)
+        from dapo_megatron.rollout.weight_sync import close_process_group
+
+        close_process_group(self._groups.pop(group_name, None))
 
     def state_dict_buckets(self, max_tensors: int = 16) -> list[WeightBucket]:
         """The engine's own weights as HF-named buckets (tests, warm starts)."""

@@ -464,8 +464,11 @@ class SGLangEngine:
     def receive_weight_bucket(self, meta: Any, group_name: str) -> None:
         """A bucket broadcast over the weight-update group (metadata first; blocks until the
         sender's broadcasts have arrived)."""
+        # Renamed as the other transports rename (map_weight_names); nothing is dropped here, since
+        # the sender broadcasts every tensor of the bucket and SGLang receives one per name.
+        names = [(self.rename or {}).get(n, n) for n in meta.names]
         answer = self._call("POST", "/update_weights_from_distributed", {
-            "names": list(meta.names), "dtypes": list(meta.dtypes), "shapes": [list(s) for s in meta.shapes],
+            "names": names, "dtypes": list(meta.dtypes), "shapes": [list(s) for s in meta.shapes],
             "group_name": group_name, "flush_cache": False,
         }, self.cfg.request_timeout_s)
         self._check_success(answer, "update_weights_from_distributed")

@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from dapo_megatron.dtypes import name_of, to_torch
-from dapo_megatron.ports import free_port
 from dapo_megatron.rollout.protocol import WeightBucket
 
 logger = logging.getLogger(__name__)
@@ -56,22 +55,52 @@ class BucketMeta:
                    tuple(tuple(t.shape) for _, t in bucket))
 
 
-def open_process_group(master_address: str, master_port: int, rank: int, world_size: int,
-                       group_name: str, backend: str, timeout_s: float = 300.0):
-    """A process group outside torch.distributed's default one (a policy rank already has
-    Megatron's; an engine may have none). Blocks until all ``world_size`` members join."""
+def master_store(world_size: int, timeout_s: float = 300.0):
+    """Rank 0's rendezvous store, listening on a port the kernel picks (``store.port``) on every
+    interface. Made before anyone is told the port, so no other process can take it in between,
+    as it can take a port that ``free_port()`` named a moment before."""
     import torch.distributed as dist
 
+    return dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def open_process_group(master_address: str, master_port: int, rank: int, world_size: int,
+                       group_name: str, backend: str, timeout_s: float = 300.0, store=None):
+    """A process group outside torch.distributed's default one (a policy rank already has
+    Megatron's; an engine may have none). Blocks until all ``world_size`` members join.
+    ``store``: rank 0's own ``master_store``, if it made one first.
+
+    Built exactly as SGLang builds its end (sglang 0.5.23, srt/utils/common.py
+    ``init_custom_process_group``, called by ModelRunnerWeightUpdater.init_weights_update_group):
+    a ``PrefixStore(group_name)`` over the rendezvous store, then torch's
+    ``_new_process_group_helper``, which adds its own ``<group_name>/<device>/`` prefixes before
+    the backend's rendezvous. A group made any other way (a ProcessGroupGloo straight on the
+    PrefixStore) waits on other keys and never meets a real SGLang server
+    (tests/contract/test_sglang_contract.py joins the two).
+    """
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import Backend, _new_process_group_helper, _world
+
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"weight-update group backend must be gloo or nccl, got {backend!r}")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
-    store = dist.PrefixStore(group_name, store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, world_size, opts)
-    raise ValueError(f"weight-update group backend must be gloo or nccl, got {backend!r}")
+    if store is None:
+        store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend),
+                                         dist.PrefixStore(group_name, store), group_name=group_name,
+                                         timeout=timeout)
+    # Group ranks are the global ranks in this group's own numbering (as SGLang registers it).
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def close_process_group(group) -> None:
+    """Unregister a group ``open_process_group`` made (its name may then be used again)."""
+    import torch.distributed as dist
+
+    if group is not None:
+        dist.destroy_process_group(group)
 
 
 def broadcast_bucket(group, bucket: WeightBucket) -> None:
@@ -197,17 +226,24 @@ def read_shared_bucket(path: str, meta: SharedBucketMeta) -> WeightBucket:
 class WeightUpdateGroup:
     """The source rank's end of a disaggregated sync with ``engines`` (Ray actor handles)."""
 
-    def __init__(self, engines: list[Any], backend: str, group_name: str, timeout: float = 600.0):
+    def __init__(self, engines: list[Any], backend: str, group_name: str, timeout: float = 600.0,
+                 ranks_per_engine: int = 1):
+        """``ranks_per_engine``: the group ranks each engine joins with. An embedded engine joins
+        once; an SGLang server joins once per TP rank, as ``rank_offset + tp_rank`` (sglang
+        0.5.23, ModelRunnerWeightUpdater.init_weights_update_group), so engine i's offset is
+        ``1 + i * engine_tp`` and the group has ``1 + engines * engine_tp`` ranks."""
         import ray
 
         self.engines = list(engines)
         self.group_name = group_name
         self.timeout = timeout
-        address, port = ray.util.get_node_ip_address(), free_port("")
-        world = len(self.engines) + 1
-        joins = [e.init_weights_update_group.remote(address, port, i + 1, world, group_name, backend)
+        world = len(self.engines) * ranks_per_engine + 1
+        store = master_store(world, timeout)
+        address, port = ray.util.get_node_ip_address(), store.port
+        joins = [e.init_weights_update_group.remote(address, port, 1 + i * ranks_per_engine, world, group_name,
+                                                    backend)
                  for i, e in enumerate(self.engines)]
-        self.group = open_process_group(address, port, 0, world, group_name, backend, timeout_s=timeout)
+        self.group = open_process_group(address, port, 0, world, group_name, backend, timeout_s=timeout, store=store)
         _ray_get(joins, timeout)
 
     def push(self, bucket: WeightBucket) -> None:
@@ -222,4 +258,5 @@ class WeightUpdateGroup:
             _ray_get([e.destroy_weights_update_group.remote(self.group_name) for e in self.engines], self.timeout)
         except Exception:  # noqa: BLE001 - a dead engine is being replaced; nothing to tear down
             logger.warning("weight-update group %s: not every engine answered its teardown", self.group_name)
-        self.group = None
+        group, self.group = self.group, None
+        close_process_group(group)

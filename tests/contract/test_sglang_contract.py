@@ -126,8 +126,8 @@ class Recorder:
         return {"success": True, "message": "ok"}
 
 
-def recorded_engine(tp_size=2):
-    engine = SGLangEngine(SGLangConfig(tp_size=tp_size), start=False)
+def recorded_engine(tp_size=2, **kwargs):
+    engine = SGLangEngine(SGLangConfig(tp_size=tp_size), start=False, **kwargs)
     engine._call = engine._request = Recorder()
     return engine, engine._call
 
@@ -176,6 +176,23 @@ def test_control_bodies_parse_into_sglang_io_structs():
     assert released == [set(GPU_MEMORY_ALL_TYPES)]
     assert resumed == [{"weights"}, set(GPU_MEMORY_ALL_TYPES) - {"weights"}]
     assert parsed["/abort_request"][0].rid == "r/0" and not parsed["/abort_request"][0].abort_all
+
+
+def test_broadcast_bucket_metadata_is_renamed_like_the_other_transports():
+    """The disaggregated push's metadata (receive_weight_bucket) carries SGLang's names, as
+    update_weights does; every broadcast tensor keeps its place (none is dropped)."""
+    from sglang.srt.managers import io_struct as io
+
+    from dapo_megatron.rollout.weight_sync import BucketMeta
+
+    rename = {"model.norm.weight": "model.final_norm.weight"}
+    engine, rec = recorded_engine(tie_word_embeddings=True, rename=rename)
+    bucket = [("lm_head.weight", torch.ones(2, 3)), ("model.norm.weight", torch.ones(3))]
+    engine.receive_weight_bucket(BucketMeta.of(bucket), "g")
+    (_, path, body), = [c for c in rec.calls if c[1] == "/update_weights_from_distributed"]
+    req = io_parse(io.UpdateWeightsFromDistributedReqInput, body)
+    assert req.names == ["lm_head.weight", "model.final_norm.weight"] and req.group_name == "g"
+    assert req.shapes == [[2, 3], [3]]
 
 
 # ---------------------------------------------------------------------- the scheduler's manager
@@ -286,3 +303,111 @@ def test_each_tp_rank_opens_its_own_payload_in_another_process_tree():
     assert [(n, d) for n, d, _ in got] == [(n, str(t.dtype)) for n, t in weights]
     for (_, _, values), (_, t) in zip(got, weights):
         assert values == t.double().flatten().tolist()
+
+
+# ---------------------------------------------------------------------- weight-update group
+SGLANG_GROUP_RANK = """
+import json, sys, torch, torch.distributed as dist
+from sglang.srt.utils import init_custom_process_group
+from sglang.srt.utils.network import NetworkAddress
+# One SGLang TP rank's side, as its ModelRunnerWeightUpdater runs it (sglang 0.5.23,
+# srt/model_executor/model_runner_components/weight_updater.py): init_weights_update_group joins
+# through tcp:// as rank_offset + tp_rank, update_weights_from_distributed receives each tensor by
+# broadcast from 0, destroy_weights_update_group destroys the group. One command per line.
+group = None
+for line in sys.stdin:
+    op, *args = json.loads(line)
+    if op == "join":
+        address, port, name, rank, world = args
+        group = init_custom_process_group(backend="gloo", init_method=NetworkAddress(address, port).to_tcp(),
+                                          world_size=world, rank=rank, group_name=name)
+    elif op == "receive":
+        got = []
+        for shape in args[0]:
+            t = torch.empty(shape, dtype=torch.float32)
+            dist.broadcast(t, src=0, group=group)
+            got.append(t.double().flatten().tolist())
+        print(json.dumps(got), flush=True)
+    else:
+        dist.destroy_process_group(group)
+        print(json.dumps("left"), flush=True)
+"""
+
+
+class _Rank:
+    """A process running SGLang's side of the group for one TP rank."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", SGLANG_GROUP_RANK], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def send(self, *command):
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self):
+        line = self.proc.stdout.readline()
+        assert line, self.proc.stderr.read()[-3000:]
+        return json.loads(line)
+
+
+class _Call:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class ServerWithTPRanks:
+    """What WeightUpdateGroup sees of an SGLang engine actor (its three calls), with the server's
+    TP ranks as real processes running SGLang's code. `.remote` returns at once, as a Ray call
+    does; the ranks block in the rendezvous and the broadcasts until rank 0 takes part."""
+
+    def __init__(self, tp):
+        self.ranks = [_Rank() for _ in range(tp)]
+        self.init_weights_update_group = _Call(self._join)
+        self.receive_weight_bucket = _Call(self._receive)
+        self.destroy_weights_update_group = _Call(self._leave)
+
+    def _join(self, address, port, rank_offset, world, name, backend):
+        assert backend == "gloo"
+        for tp_rank, r in enumerate(self.ranks):
+            r.send("join", address, port, name, rank_offset + tp_rank, world)
+
+    def _receive(self, meta, name):
+        for r in self.ranks:
+            r.send("receive", [list(s) for s in meta.shapes])
+
+    def _leave(self, name):
+        for r in self.ranks:
+            r.send("leave")
+
+    def close(self):
+        for r in self.ranks:
+            r.proc.kill()
+
+
+@pytest.mark.parametrize("tp", [2])
+def test_sglang_tp_ranks_join_our_weight_update_group_and_receive_buckets(monkeypatch, tp):
+    """Rank 0's side exactly as the policy rank runs it (WeightUpdateGroup: a store on a
+    kernel-picked port, the group, buckets broadcast, the group closed) against two engines whose
+    TP ranks run SGLang's own init_custom_process_group: every rank meets on the same store keys
+    at its own rank (1 + engine * tp + tp_rank of 1 + 2 * tp), every tensor arrives intact, and
+    the group is built twice under one name (it is rebuilt when an engine is replaced)."""
+    from dapo_megatron.rollout import weight_sync
+
+    monkeypatch.setattr(weight_sync, "_ray_get", lambda refs, timeout=None: refs)  # the calls above return at once
+    engines = [ServerWithTPRanks(tp), ServerWithTPRanks(tp)]
+    ranks = [r for e in engines for r in e.ranks]
+    try:
+        for round_ in range(2):
+            group = weight_sync.WeightUpdateGroup(engines, "gloo", "dapo_sync", timeout=120, ranks_per_engine=tp)
+            for size in (3, 5):
+                bucket = [("model.embed_tokens.weight", torch.randn(size, 4)),
+                          ("model.norm.weight", torch.randn(4 + round_))]
+                group.push(bucket)
+                want = [t.double().flatten().tolist() for _, t in bucket]
+                assert [r.answer() for r in ranks] == [want] * len(ranks)
+            group.close()
+            assert [r.answer() for r in ranks] == ["left"] * len(ranks)
+    finally:
+        for e in engines:
+            e.close()
