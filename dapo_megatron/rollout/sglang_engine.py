@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -69,6 +70,17 @@ from dapo_megatron.rollout.sglang_api import (
 )
 
 logger = logging.getLogger(__name__)
+PORT_TRIES = 3  # start-ups of one server on freshly picked ports (SGLangEngine.start)
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host`` now (a dead server's own socket is closed)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 # Returns (buckets of the current weights, their version); called after a restart.
 WeightsProvider = Callable[[], tuple[Iterable[WeightBucket], int]]
@@ -145,7 +157,24 @@ class SGLangEngine:
         return self.process is not None and self.process.poll() is None
 
     def start(self) -> None:
-        """Spawn the server and wait until /health_generate answers 200."""
+        """Spawn the server and wait until /health_generate answers 200.
+
+        A port picked here (``cfg.port`` unset) was free a moment before the server binds it;
+        engines starting side by side on one node can be handed the same one. Only an answer
+        from a server in our own process tree counts (``_owns_port``), and a server that dies in
+        start-up while its port is taken by another process is started again on another port
+        (``PORT_TRIES`` in all); any other death is reported."""
+        for attempt in range(1, PORT_TRIES + 1):
+            try:
+                return self._start_once()
+            except EngineDied:
+                if self.cfg.port or attempt == PORT_TRIES or _port_free(self.cfg.host, self.port):
+                    raise
+                logger.warning("SGLang server could not bind port %d (another process took it after it was "
+                               "picked); starting it again on another port", self.port)
+                self._kill()
+
+    def _start_once(self) -> None:
         self.port = self.cfg.port or free_port(self.cfg.host)
         cmd = launch_command(self.cfg, self.port)
         logger.info("starting SGLang server: %s", " ".join(cmd))
@@ -160,7 +189,7 @@ class SGLangEngine:
                     f"SGLang server exited with code {self.process.returncode} during start-up "
                     f"(command: {' '.join(cmd)}); see its log above"
                 )
-            if self._ping():
+            if self._ping() and self._owns_port():
                 break
             if time.monotonic() > deadline:
                 self._kill()
@@ -175,6 +204,27 @@ class SGLangEngine:
             logger.warning("SGLang server without --enable-deterministic-inference: per-sample "
                            "seeds are ignored, so a resumed run does not regenerate the same "
                            "samples (rollout.sglang_deterministic=false)")
+
+    def _owns_port(self) -> bool:
+        """Whether the socket listening on our port belongs to our server's process tree. Another
+        engine's server handed the same port answers /health_generate too, while ours is still
+        loading (SGLang binds its HTTP port last) and will fail to bind it."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return False
+        for proc in tree:
+            try:
+                conns = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6
+                if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port
+                       for c in conns(kind="tcp")):
+                    return True
+            except psutil.Error:
+                continue
+        return False
 
     def _ping(self) -> bool:
         try:

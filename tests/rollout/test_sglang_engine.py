@@ -4,6 +4,7 @@ request classes and weight-update manager) that really dies mid-request."""
 
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -409,6 +410,27 @@ def test_repeated_deaths_give_up_and_health_reports_it(fake, tmp_path):
     engine.shutdown()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_server_whose_picked_port_was_taken_starts_on_another(fake, monkeypatch, caplog):
+    """Engines starting side by side can be handed one port. The second server cannot bind it,
+    and until it dies the first server answers its health checks: the engine must not take that
+    answer for its own server's, and starts its server again on a fresh port."""
+    from dapo_megatron.rollout import sglang_engine
+
+    first, first_log = fake()
+    picks = iter([first.port])
+    real = sglang_engine.free_port
+    monkeypatch.setattr(sglang_engine, "free_port", lambda host="": next(picks, None) or real(host))
+    with caplog.at_level("WARNING", logger=sglang_engine.__name__):
+        second, _ = fake()
+    assert f"could not bind port {first.port}" in caplog.text
+    assert second.port != first.port and second.alive() and first.alive()
+    params = SamplingParams(n=1, max_new_tokens=3, seed=1)
+    assert len(second.generate([[5, 6]], params)[0][0].token_ids) == 3
+    # Both servers log to one file, each event with its pid: the request reached the second's.
+    generated = [e["pid"] for e in read_log(first_log) if e["path"] == "/generate"]
+    assert generated == [second.process.pid]
 
 
 def test_engine_pool_shutdown_ends_the_server_process_group(fake):
