@@ -13,7 +13,7 @@ import logging
 import ray
 
 from dapo_megatron.controller.batch import RolloutBatch
-from dapo_megatron.ports import free_port
+from dapo_megatron.ports import free_port, listening_store
 from dapo_megatron.watchdog import ActorHung, get_watching
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class PolicyGroup:
         # One bundle per rank; PACK puts consecutive ranks (a TP group) on one node.
         self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
         ray.get(self.pg.ready(), timeout=600)
-        master_addr, master_port = rendezvous(self.pg)
+        # Held here for the run: on the driver's node the driver hosts the rendezvous store.
+        self._store, master_addr, master_port = rendezvous(self.pg, world)
         # Every call runs in the default group, one at a time on one thread, as Megatron
         # needs; the watchdog's ping gets a thread of its own ("watch").
         actor_cls = ray.remote(concurrency_groups={"watch": 1})(PolicyWorker)
@@ -47,7 +48,7 @@ class PolicyGroup:
             actor_cls.options(
                 num_cpus=1, num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(cfg, hf_config, rank, world, master_addr, master_port)
+            ).remote(cfg, hf_config, rank, world, master_addr, master_port, self._store is not None)
             for rank in range(world)
         ]
         self._ready = [w.ready.remote() for w in self.workers]
@@ -122,21 +123,28 @@ def _use_gpu(cfg) -> bool:
     return bool(ray.cluster_resources().get("GPU", 0))
 
 
-def rendezvous(pg) -> tuple[str, int]:
-    """Rank 0's node address and a port free there: torch.distributed's rendezvous.
+def rendezvous(pg, world: int) -> tuple[object | None, str, int]:
+    """Where the ranks' torch.distributed rendezvous store listens: (the store when this
+    process hosts it, address, port).
 
-    Where rank 0's bundle is on the driver's own node (every single-node run) the driver
-    answers itself. Elsewhere a zero-CPU task on that bundle does; starting a Ray worker for
-    it and importing this module there costs about 3 s of CPU, which a run on one core waits
-    for before its ranks are even created."""
+    Where rank 0's bundle is on the driver's own node (every single-node run) the driver hosts
+    the store itself, on a port the kernel picks as it opens it, so no other process can take
+    the port between its choice and its use (two runs starting side by side did:
+    EADDRINUSE). One rank needs none (``init_parallel`` uses an in-process store). Elsewhere
+    a zero-CPU task on that bundle names rank 0's address and a port free there, and rank 0
+    opens the store; starting a Ray worker for it and importing this module there costs about
+    3 s of CPU, which a run on one core waits for before its ranks are even created."""
     from ray.util.placement_group import placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     if placement_group_table(pg)["bundles_to_node_id"][0] == ray.get_runtime_context().get_node_id():
-        return _address_and_port()
-    return ray.get(ray.remote(_address_and_port).options(
+        if world == 1:
+            return None, "127.0.0.1", 0
+        store = listening_store(world)
+        return store, ray.util.get_node_ip_address(), store.port
+    return (None, *ray.get(ray.remote(_address_and_port).options(
         num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-    ).remote())
+    ).remote()))
 
 
 def _address_and_port() -> tuple[str, int]:

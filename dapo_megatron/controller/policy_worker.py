@@ -36,7 +36,8 @@ def to_policy_batch(batch: RolloutBatch, *, with_engine_logprobs: bool = True, p
 class PolicyWorker:
     """Ray actor body: a `PolicyTrainer` on one rank."""
 
-    def __init__(self, cfg, hf_config: dict, rank: int, world_size: int, master_addr: str, master_port: int):
+    def __init__(self, cfg, hf_config: dict, rank: int, world_size: int, master_addr: str, master_port: int,
+                 store_hosted: bool = False):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         malloc.steady_state()  # push_weights lowers the mmap threshold only while it runs
         from dapo_megatron.policy.train import PolicyTrainer
@@ -46,6 +47,7 @@ class PolicyWorker:
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
         self.trainer = PolicyTrainer.from_config(
             cfg, hf_config, rank=rank, world_size=world_size, master_addr=master_addr, master_port=master_port,
+            store_hosted=store_hosted,
         )
         self._update_group = None  # disaggregated sync: kept from push to push (_weight_group)
         self._update_groups_opened = 0

@@ -119,6 +119,7 @@ def init_parallel(
     world_size: int | None = None,
     master_addr: str | None = None,
     master_port: int | str | None = None,
+    store_hosted: bool = False,
     backend: str | None = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
@@ -130,7 +131,9 @@ def init_parallel(
     with CUDA it is nccl and the current device is set to LOCAL_RANK (or rank % #GPUs).
     ``device`` is ``trainer.device``: see ``resolve_device`` (cuda never falls back).
     Calling it again with the same sizes is a no-op; with other sizes, call
-    ``destroy_parallel()`` first.
+    ``destroy_parallel()`` first. ``store_hosted``: the rendezvous store at
+    master_addr:master_port already listens (the driver opened it, ``ports.listening_store``),
+    so every rank joins it as a client; otherwise rank 0 opens it there (torchrun's way).
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -163,6 +166,10 @@ def init_parallel(
             # One rank meets nobody: an in-process store binds no port, so runs started side by
             # side cannot race for the one a free_port() answer named (EADDRINUSE at start-up).
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        elif store_hosted:
+            store = dist.TCPStore(addr, int(port), world_size, is_master=False, timeout=timeout)
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
                                     timeout=timeout)
         else:
             dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=rank,

@@ -93,8 +93,8 @@ class PolicyTrainer:
         trainer: ``TrainerConfig`` (max_tokens_per_microbatch, train/mini batch sizes,
             max_steps, seed).
         rollout: ``RolloutConfig`` or None (temperature, old_logprobs "policy"/"engine").
-        rank, world_size, master_addr, master_port: for ``init_parallel`` inside Ray actors
-            (None: torchrun's environment, or an already initialised process group).
+        rank, world_size, master_addr, master_port, store_hosted: for ``init_parallel`` inside
+            Ray actors (None: torchrun's environment, or an already initialised process group).
         hf_state_dict: HF-named full tensors (or a lazy reader) to initialise the weights.
         params_dtype: None: bf16 on GPU, fp32 on CPU.
         fixed_micro_batch_size: instead of the token budget, this many rows per micro-batch
@@ -103,7 +103,7 @@ class PolicyTrainer:
     """
 
     def __init__(self, hf_config, *, parallel, optim, algo, trainer, rollout=None,
-                 rank=None, world_size=None, master_addr=None, master_port=None,
+                 rank=None, world_size=None, master_addr=None, master_port=None, store_hosted=False,
                  hf_state_dict=None, params_dtype=None, fixed_micro_batch_size=None,
                  **model_overrides):
         from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
@@ -128,7 +128,7 @@ class PolicyTrainer:
         self.old_logprobs_source = getattr(rollout, "old_logprobs", "policy")
         self.layout = init_parallel(parallel.tp, parallel.pp, parallel.ep, parallel.cp,
                                     rank=rank, world_size=world_size, master_addr=master_addr,
-                                    master_port=master_port, seed=trainer.seed,
+                                    master_port=master_port, store_hosted=store_hosted, seed=trainer.seed,
                                     device=getattr(trainer, "device", "auto"))
         self.on_gpu = torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else \
@@ -214,7 +214,7 @@ class PolicyTrainer:
 
     @classmethod
     def from_config(cls, cfg, hf_config, *, rank=None, world_size=None, master_addr=None,
-                    master_port=None) -> PolicyTrainer:
+                    master_port=None, store_hosted=False) -> PolicyTrainer:
         """Build from the run's ``DapoConfig`` and initialise the weights, layout-independently:
 
         1. ``cfg.model.load``: a converted Megatron checkpoint (model weights only);
@@ -233,7 +233,8 @@ class PolicyTrainer:
             hf_state = _initial_hf_weights(m.hf_dir, hf_config, cfg.trainer.seed)
         trainer = cls(hf_config, parallel=cfg.parallel, optim=cfg.optimizer, algo=cfg.algo,
                       trainer=cfg.trainer, rollout=cfg.rollout, rank=rank, world_size=world_size,
-                      master_addr=master_addr, master_port=master_port, hf_state_dict=hf_state,
+                      master_addr=master_addr, master_port=master_port, store_hosted=store_hosted,
+                      hf_state_dict=hf_state,
                       params_dtype=m.params_dtype, **overrides)
         if m.load:
             from dapo_megatron.policy.checkpoint import load_checkpoint

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from dapo_megatron.dtypes import name_of, to_torch
+from dapo_megatron.ports import listening_store
 from dapo_megatron.rollout.protocol import WeightBucket
 
 logger = logging.getLogger(__name__)
@@ -55,21 +56,11 @@ class BucketMeta:
                    tuple(tuple(t.shape) for _, t in bucket))
 
 
-def master_store(world_size: int, timeout_s: float = 300.0):
-    """Rank 0's rendezvous store, listening on a port the kernel picks (``store.port``) on every
-    interface. Made before anyone is told the port, so no other process can take it in between,
-    as it can take a port that ``free_port()`` named a moment before."""
-    import torch.distributed as dist
-
-    return dist.TCPStore("0.0.0.0", 0, world_size, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
-
-
 def open_process_group(master_address: str, master_port: int, rank: int, world_size: int,
                        group_name: str, backend: str, timeout_s: float = 300.0, store=None):
     """A process group outside torch.distributed's default one (a policy rank already has
     Megatron's; an engine may have none). Blocks until all ``world_size`` members join.
-    ``store``: rank 0's own ``master_store``, if it made one first.
+    ``store``: rank 0's own store (``ports.listening_store``), if it made one first.
 
     Built exactly as SGLang builds its end (sglang 0.5.23, srt/utils/common.py
     ``init_custom_process_group``, called by ModelRunnerWeightUpdater.init_weights_update_group):
@@ -238,7 +229,7 @@ class WeightUpdateGroup:
         self.group_name = group_name
         self.timeout = timeout
         world = len(self.engines) * ranks_per_engine + 1
-        store = master_store(world, timeout)
+        store = listening_store(world, timeout)
         address, port = ray.util.get_node_ip_address(), store.port
         joins = [e.init_weights_update_group.remote(address, port, 1 + i * ranks_per_engine, world, group_name,
                                                     backend)

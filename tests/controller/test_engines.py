@@ -1,5 +1,6 @@
 """EnginePool on real Ray actors: streaming chunks, abort, and a rollout actor killed mid-step."""
 
+import datetime
 import logging
 import time
 
@@ -116,7 +117,9 @@ def test_abort_all_stops_inflight_chunks(synced_pool):
 
 
 def test_rendezvous_on_the_drivers_node_runs_no_task_and_elsewhere_asks_the_bundle(ray_local, monkeypatch):
-    """PolicyGroup's torch.distributed rendezvous: rank 0's address and a free port there."""
+    """PolicyGroup's torch.distributed rendezvous: on the driver's node the driver hosts the
+    store (already listening when its port is named); elsewhere rank 0's address and a free
+    port there."""
     import importlib
     import socket
 
@@ -133,10 +136,17 @@ def test_rendezvous_on_the_drivers_node_runs_no_task_and_elsewhere_asks_the_bund
 
         with monkeypatch.context() as m:
             m.setattr(policy_group.ray, "remote", no_task)
-            addr, port = policy_group.rendezvous(pg)
-        assert addr == ray.util.get_node_ip_address()
-        with socket.socket() as sock:
-            sock.bind(("", port))  # free
+            store, addr, port = policy_group.rendezvous(pg, 2)
+            assert policy_group.rendezvous(pg, 1)[0] is None  # one rank: an in-process store
+        assert addr == ray.util.get_node_ip_address() and port == store.port
+        with socket.socket() as sock:  # taken: the store listens there
+            with pytest.raises(OSError):
+                sock.bind(("", port))
+        client = torch.distributed.TCPStore(addr, port, 2, is_master=False,
+                                            timeout=datetime.timedelta(seconds=30))
+        client.set("rank1", "here")
+        assert store.get("rank1") == b"here"
+        del client, store
 
         # Seen as on another node: a task on the bundle answers, with that node's address.
         # (rendezvous imports placement_group_table where it runs, so this patch reaches it;
@@ -158,8 +168,10 @@ def test_rendezvous_on_the_drivers_node_runs_no_task_and_elsewhere_asks_the_bund
 
         monkeypatch.setattr(pg_module, "placement_group_table", elsewhere)
         monkeypatch.setattr(policy_group.ray, "remote", counting_remote)
-        addr2, port2 = policy_group.rendezvous(pg)
+        store2, addr2, port2 = policy_group.rendezvous(pg, 2)
         assert calls == ["_address_and_port"]
-        assert addr2 == addr and port2 > 0
+        assert store2 is None and addr2 == addr and port2 > 0
+        with socket.socket() as sock:
+            sock.bind(("", port2))  # free: rank 0 opens the store there
     finally:
         remove_placement_group(pg)
