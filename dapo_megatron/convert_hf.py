@@ -46,7 +46,7 @@ from dapo_megatron.convert.hf_io import (
 from dapo_megatron.convert.rules import MissingTensorError, hf_names, hf_shapes
 from dapo_megatron.dtypes import name_of, to_torch
 from dapo_megatron.malloc import limit_malloc_retention
-from dapo_megatron.ports import free_port
+from dapo_megatron.ports import listening_store
 from dapo_megatron.convert.spec_keys import extra_state_from_model
 
 logger = logging.getLogger(__name__)
@@ -178,11 +178,14 @@ def _model_dtype(reader: SafetensorsReader) -> torch.dtype:
 
 
 def _spawn(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, port, *args)`` on ``world`` local gloo ranks (1: in process)."""
-    port = free_port()
+    """Run ``fn(rank, world, port, *args)`` on ``world`` local gloo ranks (1: in process, no
+    port). The rendezvous store listens here before the ranks learn its port, so no other
+    process can take the port in between (``ports.listening_store``)."""
     if world == 1:
-        fn(0, 1, port, *args)
+        fn(0, 1, 0, *args)
         return
+    store = listening_store(world)
+    port = store.port
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -217,7 +220,7 @@ def _init(rank, world, port, tp, pp, ep):
     from dapo_megatron.policy.parallel import init_parallel
 
     init_parallel(tp=tp, pp=pp, ep=ep, rank=rank, world_size=world, master_addr="127.0.0.1",
-                  master_port=port)
+                  master_port=port, store_hosted=True)
 
 
 def _build(cfg: dict, dtype: torch.dtype):
@@ -496,7 +499,7 @@ def verify(hf_dir: str, megatron_dir: str, hf_config: str | None = None) -> floa
     from dapo_megatron.policy.model import causal_attention_mask, unwrap
 
     megatron_dir = resolve_checkpoint_dir(megatron_dir)
-    _init(0, 1, free_port(), 1, 1, 1)
+    _init(0, 1, 0, 1, 1, 1)
     chunks, _, _ = load_megatron_checkpoint(megatron_dir, dtype=torch.float32, hf_config=hf_config)
     model = unwrap(chunks[0]).eval()
     ids = fixed_prompt(model.model_args.vocab_size)
