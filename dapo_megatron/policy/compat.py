@@ -208,6 +208,15 @@ def _patch_optimizer_type_checks():
         optimizer.clip_grad_by_total_norm_fp32 = wrapped
 
 
+def _patch_rope():
+    # Not a CUDA workaround: upstream's unfused RoPE (models/common/embeddings/rope_utils.py,
+    # the path without TE) redoes its frequency work for every layer's q and k and copies the
+    # activations twice; policy/rope_cpu.py computes the same values, bit for bit, without that.
+    from dapo_megatron.policy import rope_cpu
+
+    rope_cpu.install()
+
+
 def enable_cpu_execution() -> bool:
     """Switch on the CPU execution layer if there is no GPU; returns whether it is on.
 
@@ -221,6 +230,7 @@ def enable_cpu_execution() -> bool:
         _patch_module_cuda()
         _patch_moe_utils()
         _patch_optimizer_type_checks()
+        _patch_rope()
         _ENABLED = True
         logger.info("megatron CPU execution layer enabled (no CUDA device)")
     # The device-redirect mode stays pushed for the life of the thread. torch keeps the mode
