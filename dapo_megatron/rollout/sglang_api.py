@@ -44,7 +44,9 @@ class SGLangConfig:
         (srt/sampling/sampling_batch_info.py, from_schedule_batch); without it the seeds
         are ignored and a resumed run does not regenerate the same samples.
     launch_cmd: replaces `python -m sglang.launch_server ...` entirely (custom launchers,
-        tests); "{port}" in it is replaced by the chosen port.
+        tests); "{port}" in it is replaced by the chosen port. The server must run as a
+        descendant of the command's process: start-up takes health answers only from the
+        engine's own process tree (SGLangEngine._owns_port), and shutdown signals its group.
     routed_experts_layout: (num_hidden_layers, num_experts_per_tok) of a MoE model whose
         requests ask for routed experts (``algo.routing_replay``): the server starts with
         --enable-return-routed-experts (0.5.23, srt/arg_groups/fields/exec_.py) and the
