@@ -14,7 +14,8 @@ the driver only opens and closes the session. Two transports:
   SGLang on GPU: CUDA IPC handles serialized here, in the process that owns the tensors,
   one payload per SGLang TP rank (sglang_api.serialize_bucket).
 - disaggregated (``WeightUpdateGroup``): a process group between the source rank (group
-  rank 0) and the engines (ranks 1..E), NCCL on GPU, gloo on CPU. Per bucket the rank posts
+  rank 0) and the engines (the rest: one rank per embedded engine, one per TP rank of an
+  SGLang server), NCCL on GPU, gloo on CPU, built on both ends as SGLang builds its end. Per bucket the rank posts
   the metadata to every engine (``receive_weight_bucket``), then broadcasts the tensors in
   that order, one broadcast per tensor (SGLang's update_weights_from_distributed protocol).
 
