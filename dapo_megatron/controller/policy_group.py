@@ -13,7 +13,7 @@ import logging
 import ray
 
 from dapo_megatron.controller.batch import RolloutBatch
-from dapo_megatron.ports import free_port, listening_store
+from dapo_megatron.ports import listening_store
 from dapo_megatron.watchdog import ActorHung, get_watching
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,8 @@ class PolicyGroup:
         # One bundle per rank; PACK puts consecutive ranks (a TP group) on one node.
         self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
         ray.get(self.pg.ready(), timeout=600)
-        # Held here for the run: on the driver's node the driver hosts the rendezvous store.
-        self._store, master_addr, master_port = rendezvous(self.pg, world)
+        # Held here for the run: the driver hosts the ranks' rendezvous store.
+        self._store, master_addr, master_port = rendezvous(world)
         # Every call runs in the default group, one at a time on one thread, as Megatron
         # needs; the watchdog's ping gets a thread of its own ("watch").
         actor_cls = ray.remote(concurrency_groups={"watch": 1})(PolicyWorker)
@@ -123,29 +123,17 @@ def _use_gpu(cfg) -> bool:
     return bool(ray.cluster_resources().get("GPU", 0))
 
 
-def rendezvous(pg, world: int) -> tuple[object | None, str, int]:
-    """Where the ranks' torch.distributed rendezvous store listens: (the store when this
-    process hosts it, address, port).
+def rendezvous(world: int) -> tuple[object | None, str, int]:
+    """Where the ranks' torch.distributed rendezvous store listens: (the store, which this
+    process hosts for the run, address, port).
 
-    Where rank 0's bundle is on the driver's own node (every single-node run) the driver hosts
-    the store itself, on a port the kernel picks as it opens it, so no other process can take
-    the port between its choice and its use (two runs starting side by side did:
-    EADDRINUSE). One rank needs none (``init_parallel`` uses an in-process store). Elsewhere
-    a zero-CPU task on that bundle names rank 0's address and a port free there, and rank 0
-    opens the store; starting a Ray worker for it and importing this module there costs about
-    3 s of CPU, which a run on one core waits for before its ranks are even created."""
-    from ray.util.placement_group import placement_group_table
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    if placement_group_table(pg)["bundles_to_node_id"][0] == ray.get_runtime_context().get_node_id():
-        if world == 1:
-            return None, "127.0.0.1", 0
-        store = listening_store(world)
-        return store, ray.util.get_node_ip_address(), store.port
-    return (None, *ray.get(ray.remote(_address_and_port).options(
-        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-    ).remote()))
-
-
-def _address_and_port() -> tuple[str, int]:
-    return ray.util.get_node_ip_address(), free_port("")
+    The driver opens the store on every interface, on a port the kernel picks as it opens it,
+    so no other process can take the port between its choice and its use, as it could take
+    the port a ``free_port()`` answer named before rank 0 bound it (two runs starting side
+    by side did: EADDRINUSE). Every rank joins as a client, from any node: the driver runs on
+    a node of the Ray cluster (slurm/ starts it on the head node) at the address Ray reports.
+    One rank needs none (``init_parallel`` uses an in-process store)."""
+    if world == 1:
+        return None, "127.0.0.1", 0
+    store = listening_store(world)
+    return store, ray.util.get_node_ip_address(), store.port

@@ -116,62 +116,20 @@ def test_abort_all_stops_inflight_chunks(synced_pool):
     assert sorted(rest) == [0, 1]
 
 
-def test_rendezvous_on_the_drivers_node_runs_no_task_and_elsewhere_asks_the_bundle(ray_local, monkeypatch):
-    """PolicyGroup's torch.distributed rendezvous: on the driver's node the driver hosts the
-    store (already listening when its port is named); elsewhere rank 0's address and a free
-    port there."""
-    import importlib
+def test_rendezvous_store_listens_in_the_driver_before_its_port_is_named(ray_local):
+    """PolicyGroup's torch.distributed rendezvous: the driver hosts the store, already
+    listening when its port is named (nothing can take the port in between), and a rank
+    joins it as a client; one rank needs none."""
     import socket
-
-    from ray.util.placement_group import placement_group, remove_placement_group
 
     from dapo_megatron.controller import policy_group
 
-    pg = placement_group([{"CPU": 1}], strategy="PACK")
-    ray.get(pg.ready(), timeout=60)
-    try:
-        # The bundle is on this (the driver's) node: answered here, no task submitted.
-        def no_task(*args, **kwargs):
-            raise AssertionError("rendezvous submitted a Ray task for a bundle on the driver's node")
-
-        with monkeypatch.context() as m:
-            m.setattr(policy_group.ray, "remote", no_task)
-            store, addr, port = policy_group.rendezvous(pg, 2)
-            assert policy_group.rendezvous(pg, 1)[0] is None  # one rank: an in-process store
-        assert addr == ray.util.get_node_ip_address() and port == store.port
-        with socket.socket() as sock:  # taken: the store listens there
-            with pytest.raises(OSError):
-                sock.bind(("", port))
-        client = torch.distributed.TCPStore(addr, port, 2, is_master=False,
-                                            timeout=datetime.timedelta(seconds=30))
-        client.set("rank1", "here")
-        assert store.get("rank1") == b"here"
-        del client, store
-
-        # Seen as on another node: a task on the bundle answers, with that node's address.
-        # (rendezvous imports placement_group_table where it runs, so this patch reaches it;
-        # ray.util.placement_group the attribute is the function, hence importlib)
-        pg_module = importlib.import_module("ray.util.placement_group")
-
-        real = pg_module.placement_group_table
-
-        def elsewhere(group):
-            info = real(group)
-            return {**info, "bundles_to_node_id": {0: "another-node"}}
-
-        calls = []
-        remote = ray.remote
-
-        def counting_remote(fn):
-            calls.append(fn.__name__)
-            return remote(fn)
-
-        monkeypatch.setattr(pg_module, "placement_group_table", elsewhere)
-        monkeypatch.setattr(policy_group.ray, "remote", counting_remote)
-        store2, addr2, port2 = policy_group.rendezvous(pg, 2)
-        assert calls == ["_address_and_port"]
-        assert store2 is None and addr2 == addr and port2 > 0
-        with socket.socket() as sock:
-            sock.bind(("", port2))  # free: rank 0 opens the store there
-    finally:
-        remove_placement_group(pg)
+    assert policy_group.rendezvous(1)[0] is None  # one rank: an in-process store
+    store, addr, port = policy_group.rendezvous(2)
+    assert addr == ray.util.get_node_ip_address() and port == store.port
+    with socket.socket() as sock:  # taken: the store listens there
+        with pytest.raises(OSError):
+            sock.bind(("", port))
+    client = torch.distributed.TCPStore(addr, port, 2, is_master=False, timeout=datetime.timedelta(seconds=30))
+    client.set("rank1", "here")
+    assert store.get("rank1") == b"here"
