@@ -13,6 +13,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host`` now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def listening_store(world_size: int, timeout_s: float = 300.0):
     """A torch.distributed TCPStore server, listening on every interface on a port the kernel
     picks (``store.port``). Made before anyone is told the port, so no other process can take

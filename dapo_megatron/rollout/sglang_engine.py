@@ -42,7 +42,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -51,7 +50,7 @@ import urllib.request
 from typing import Any, Callable, Iterable, Iterator
 
 from dapo_megatron.dtypes import name_of
-from dapo_megatron.ports import free_port
+from dapo_megatron.ports import free_port, port_free
 from dapo_megatron.rollout.buckets import bucket_nbytes
 from dapo_megatron.rollout.protocol import Sample, SamplingParams, WeightBucket, default_request_ids
 from dapo_megatron.rollout.reaper import spawn_reaper
@@ -71,16 +70,6 @@ from dapo_megatron.rollout.sglang_api import (
 
 logger = logging.getLogger(__name__)
 PORT_TRIES = 3  # start-ups of one server on freshly picked ports (SGLangEngine.start)
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Whether ``port`` can be bound on ``host`` now (a dead server's own socket is closed)."""
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 # Returns (buckets of the current weights, their version); called after a restart.
 WeightsProvider = Callable[[], tuple[Iterable[WeightBucket], int]]
@@ -168,7 +157,7 @@ class SGLangEngine:
             try:
                 return self._start_once()
             except EngineDied:
-                if self.cfg.port or attempt == PORT_TRIES or _port_free(self.cfg.host, self.port):
+                if self.cfg.port or attempt == PORT_TRIES or port_free(self.cfg.host, self.port):
                     raise
                 logger.warning("SGLang server could not bind port %d (another process took it after it was "
                                "picked); starting it again on another port", self.port)
