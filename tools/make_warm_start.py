@@ -76,33 +76,52 @@ def slipped_chain_solution(solution: str, rng: random.Random) -> str:
     return "\n".join(lines + [f"Answer: {total}"])
 
 
-def rambling_solution(solution: str, rng: random.Random, recheck: float) -> str:
-    """After each step line, with probability `recheck`, one or two "check <line>" lines:
-    a solver that re-verifies steps it already did, which makes a response longer without
-    changing its answer."""
+def rambling_solution(solution: str, rng: random.Random, recheck: float, loop: float = 0.0) -> str:
+    """After each step line, with probability `recheck`, "check <line>" lines: a solver that
+    re-verifies steps it already did, which makes a response longer without changing its
+    answer. With `loop` = 0 a burst is one or two lines; with `loop` > 0 it goes on by one more
+    line with probability `loop` each time (geometric, unbounded: mean 1 / (1 - loop) lines),
+    a solver that can talk itself into a loop and run past any length limit."""
     *steps, answer = solution.split("\n")
     lines = []
     for line in steps:
         lines.append(line)
         if rng.random() < recheck:
-            lines.extend([f"check {line}"] * rng.randint(1, 2))
+            if loop:
+                count = 1
+                while rng.random() < loop:
+                    count += 1
+            else:
+                count = rng.randint(1, 2)
+            lines.extend([f"check {line}"] * count)
     return "\n".join(lines + [answer])
 
 
-def _batch(task, rng, size, noise: float = 0.0, ramble: float = 0.0, recheck: float = 0.5):
+def _batch(task, rng, size, noise: float = 0.0, ramble: float = 0.0, recheck: float = 0.5,
+           loop: float = 0.0, ramble_noise: float | None = None, max_len: int | None = None):
+    """A supervised batch. A solution rambles with probability `ramble`; a rambling one slips
+    with probability `ramble_noise` (default `noise`), so that long answers can be the
+    careless ones, the long, low-quality responses DAPO's token-level loss is about. Sequences
+    are cut at `max_len` tokens (a loop's tail past what the rollout can generate)."""
     tok = task.tokenizer
     slip = slipped_chain_solution if task.train[0].data_source == "chains" else slipped_solution
     seqs, masks = [], []
     for ex in rng.sample(task.train, size):
         prompt = tok.encode_prompt(ex.messages)
         solution = ex.metadata["solution"]
-        if noise and rng.random() < noise:
+        if ramble_noise is None:  # the draws in this order reproduce the shipped warm starts
+            slips = bool(noise) and rng.random() < noise
+            rambles = bool(ramble) and rng.random() < ramble
+        else:
+            rambles = bool(ramble) and rng.random() < ramble
+            slips = rng.random() < (ramble_noise if rambles else noise)
+        if slips:
             solution = slip(solution, rng)
-        if ramble and rng.random() < ramble:
-            solution = rambling_solution(solution, rng, recheck)
+        if rambles:
+            solution = rambling_solution(solution, rng, recheck, loop)
         response = tok.encode(solution) + [tok.eos_id]
-        seqs.append(prompt + response)
-        masks.append([0] * len(prompt) + [1] * len(response))
+        seqs.append((prompt + response)[:max_len])
+        masks.append(([0] * len(prompt) + [1] * len(response))[:max_len])
     width = max(map(len, seqs))
     ids = torch.tensor([s + [tok.pad_id] * (width - len(s)) for s in seqs])
     mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.float32)
@@ -146,6 +165,12 @@ def main(argv=None) -> int:
                              "start whose long answers sometimes run past algo.max_response_length")
     parser.add_argument("--recheck", type=float, default=0.5,
                         help="in a rambling solution, the chance that a step is followed by check lines")
+    parser.add_argument("--loop", type=float, default=0.0,
+                        help="with > 0, a burst of check lines goes on by one more line with this "
+                             "probability each time (unbounded); 0: one or two lines")
+    parser.add_argument("--ramble-noise", type=float, default=None,
+                        help="slip probability of a rambling solution (default --noise): above "
+                             "--noise, long answers are more often wrong")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -175,10 +200,14 @@ def main(argv=None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, args.max_steps) / args.max_steps)))
     rng = random.Random(args.seed)
+    # An unbounded loop is cut where the rollout would cut it (only with --loop: the shipped
+    # warm starts' commands predate the cut and reproduce without it).
+    max_len = cfg.rollout.max_prompt_length + cfg.algo.max_response_length if args.loop else None
     t0 = time.perf_counter()
     history = []
     for step in range(1, args.max_steps + 1):
-        ids, mask = _batch(task, rng, args.batch_size, args.noise, args.ramble, args.recheck)
+        ids, mask = _batch(task, rng, args.batch_size, args.noise, args.ramble, args.recheck,
+                           args.loop, args.ramble_noise, max_len)
         logits = model(input_ids=ids).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         loss = -(logp * mask[:, 1:]).sum() / mask[:, 1:].sum()

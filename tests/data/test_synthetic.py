@@ -136,3 +136,51 @@ def test_rambling_chain_solution_is_longer_and_keeps_the_answer():
     assert [ln for ln in lines if not ln.startswith("check ")] == p.solution.split("\n")
     assert compute_score(text, p.answer).score == 1.0
     assert tool.rambling_solution(p.solution, random.Random(1), recheck=0.0) == p.solution
+
+
+def test_looping_ramble_bursts_are_geometric_and_unbounded():
+    """--loop: each burst of check lines goes on by one more line with probability `loop`, so
+    its length is geometric with mean 1 / (1 - loop) and has no upper bound."""
+    tool = _warm_start_tool()
+    p = ChainProblem(7, (("+", 5),))
+    rng = random.Random(3)
+    counts = []
+    for _ in range(4000):
+        text = tool.rambling_solution(p.solution, rng, recheck=1.0, loop=0.8)
+        lines = text.split("\n")
+        assert [ln for ln in lines if not ln.startswith("check ")] == p.solution.split("\n")
+        counts.append(sum(ln == "check 7+5=12" for ln in lines))
+    mean = sum(counts) / len(counts)
+    assert abs(mean - 5.0) < 0.25  # 1 / (1 - 0.8); the sample mean's std is ~0.07
+    assert max(counts) > 20  # P(> 20) = 0.8**20 ~ 1.2% per burst: no cap at two lines
+    assert abs(sum(c == 1 for c in counts) / len(counts) - 0.2) < 0.03
+
+
+def test_rambling_solutions_slip_at_their_own_rate():
+    """--ramble-noise: rambling solutions slip at that rate, the others at --noise, so long
+    answers are the careless ones; without it the draws are the shipped warm starts' own."""
+    from dapo_megatron.controller.task import load_task
+
+    tool = _warm_start_tool()
+    task = load_task(load_config(None, ["data.synthetic_task=chains", "data.synthetic_eval_size=20",
+                                        "data.synthetic_train_size=2000"]))
+    tok = task.tokenizer
+    truth = {tuple(tok.encode_prompt(ex.messages)): ex for ex in task.train}
+    rng = random.Random(0)
+    tally = {True: [0, 0], False: [0, 0]}  # rambles -> [wrong, all]
+    for _ in range(20):
+        ids, mask = tool._batch(task, rng, 100, noise=0.1, ramble=0.5, recheck=1.0, loop=0.5,
+                                ramble_noise=0.7, max_len=64)
+        assert ids.shape[1] <= 64
+        for row, m in zip(ids.tolist(), mask.tolist()):
+            start = m.index(1.0)
+            ex = truth[tuple(row[:start])]
+            text = tok.decode([t for t, k in zip(row[start:], m[start:]) if k and t != tok.eos_id])
+            if "Answer:" not in text:
+                continue  # cut at max_len
+            rambles = "check " in text
+            tally[rambles][0] += compute_score(text, ex.ground_truth).score < 0
+            tally[rambles][1] += 1
+    wrong_ramble = tally[True][0] / tally[True][1]
+    wrong_clean = tally[False][0] / tally[False][1]
+    assert abs(wrong_ramble - 0.7) < 0.06 and abs(wrong_clean - 0.1) < 0.04
