@@ -59,6 +59,8 @@ def test_summary_last_quarter_evals_mean_and_dropped_share_hand_worked():
     assert abs(got["entropy_lastq"] - 0.18) < 1e-12
     assert abs(got["length_mean_lastq"] - 48.0) < 1e-12
     assert abs(got["length_mean_first10"] - 35.5) < 1e-12  # steps 1-10: 31 ... 40
+    assert abs(got["length_mean_firsthalf"] - 35.5) < 1e-12  # the first 10 of 20 steps
+    assert abs(mechanisms.summary(curve[:9])["length_mean_firsthalf"] - 32.5) < 1e-12  # 8 steps: 31 ... 34
     assert abs(got["entropy_all"] - 0.105) < 1e-12  # steps 1-20
     assert abs(got["accuracy_evals_mean"] - 0.45) < 1e-12
     assert abs(got["truncated_all"] - 0.04) < 1e-12  # 4 steps of 0.2 over 20
@@ -66,3 +68,31 @@ def test_summary_last_quarter_evals_mean_and_dropped_share_hand_worked():
     # A run whose steps record no dynamic-sampling counts has no dropped share.
     assert mechanisms.summary([{k: v for k, v in c.items() if not k.startswith("dynamic")}
                                for c in curve])["dropped_group_share"] is None
+
+
+def _bold_rows(table: str) -> list[tuple[str, str]]:
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    return [(r[0].lstrip("| "), r[1]) for r in rows if r[0].startswith("| **")]
+
+
+def test_primary_moves_a_mechanisms_bold_row_and_refuses_unknown_figures():
+    # seq_mean - dapo: first-half length +1, +2, +3 (mean 2, std 1: beyond 2 std is false at
+    # exactly 2); last-quarter length +0.5 each seed.
+    rows = []
+    for seed, d in ((1, 1.0), (2, 2.0), (3, 3.0)):
+        rows.append({"setting": "dapo", "seed": seed, "length_mean_firsthalf": 40.0, "length_mean_lastq": 30.0})
+        rows.append({"setting": "seq_mean", "seed": seed, "length_mean_firsthalf": 40.0 + d,
+                     "length_mean_lastq": 30.5})
+    default = _bold_rows(mechanisms.check_table(rows))
+    assert [claim for _, claim in default] == ["mean length (last quarter) higher under seq-mean"]
+    moved = mechanisms.check_table(rows, mechanisms.primaries(["loss=length_mean_firsthalf"]))
+    assert [claim for _, claim in _bold_rows(moved)] == ["mean length (first half of the run) higher under seq-mean"]
+    line = next(ln for ln in moved.splitlines() if "first half" in ln)
+    assert "+1.00, +2.00, +3.00 | +2.00 ± 1.00 | yes | no |" in line
+    for bad in ("loss=entropy_typo", "speed=length_mean_lastq"):
+        try:
+            mechanisms.primaries([bad])
+        except ValueError as e:
+            assert bad in str(e)
+        else:
+            raise AssertionError(bad)
