@@ -387,8 +387,9 @@ class DapoConfig:
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), *,
                 check_layout: bool = True) -> DapoConfig:
-    """Read a YAML config (or the defaults when `path` is None), apply `a.b=value` overrides,
-    check types and cross-field rules. The run name defaults to the file's stem.
+    """Read a YAML config (or the defaults when `path` is None; `extends:` resolved, see
+    `_read_yaml`), apply `a.b=value` overrides, check types and cross-field rules. The run name
+    defaults to the file's stem.
 
     check_layout=False leaves out the model-against-layout check (dapo_megatron.resolve), for
     the planner, which reports a layout's errors and suggests one that works instead."""
@@ -396,15 +397,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     source = "<defaults>"
     if path is not None:
         source = path
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = _read_yaml(path)
     cfg = _build(DapoConfig, raw, prefix="", source=source)
     if path is not None and "name" not in raw:
         cfg.name = os.path.splitext(os.path.basename(path))[0]
@@ -414,6 +407,48 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         return cfg.validate(check_layout=check_layout)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config file's sections, with `extends: other.yaml` (a path relative to the file)
+    resolved: the other file's sections first, then this file's keys over them, section by
+    section, so a variant names only what it changes. `name` is never inherited: a run is
+    named by its own file."""
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"{path}: extends: a cycle ({' -> '.join(chain + (real,))})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: extends must be the path of another config file, not {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    if not os.path.exists(base_path):
+        raise ConfigError(f"{path}: extends: config file not found: {base_path}")
+    merged = _read_yaml(base_path, chain + (real,))
+    merged.pop("name", None)
+    return _merge(merged, raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over`'s keys over `base`'s, mappings merged key by key; an empty section (None) keeps
+    the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        elif value is not None or key not in out:
+            out[key] = value
+    return out
 
 
 def apply_override(cfg: DapoConfig, item: str) -> None:

@@ -79,6 +79,8 @@ def render() -> str:
         "Generated from `dapo_megatron/config.py` by `python -m dapo_megatron.config_doc --write`;",
         "do not edit by hand. A run's config is a YAML file of these sections plus dotted",
         "overrides on the command line (`dapo-megatron train cfg.yaml algo.eps_high=0.28`).",
+        "A file may start from another with `extends: other.yaml` (relative to the file): the",
+        "other file's sections, then this file's keys over them (`name` is not inherited).",
         "",
     ]
     top = typing.get_type_hints(DapoConfig)

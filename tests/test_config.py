@@ -159,3 +159,70 @@ def test_each_loss_resolves_its_own_aggregation_unless_set():
     assert agg("algo.loss=drgrpo") == "seq-mean-token-sum-norm"
     assert agg("algo.loss=cispo") == "token-mean"
     assert agg("algo.loss=gspo", "algo.loss_agg=token-mean") == "token-mean"
+
+
+def test_extends_merges_section_by_section_relative_to_the_file(tmp_path):
+    (tmp_path / "base").mkdir()
+    _write(tmp_path, """
+        name: base_run
+        algo:
+          eps_high: 0.3
+          group_size: 8
+        trainer:
+          train_batch_size: 64
+          mini_batch_size: 16
+        """, name="base/base.yaml")
+    mid = _write(tmp_path, """
+        extends: base/base.yaml
+        algo:
+          group_size: 4
+        trainer:
+        """, name="mid.yaml")
+    leaf = _write(tmp_path, """
+        extends: mid.yaml
+        trainer:
+          max_steps: 7
+        """, name="leaf.yaml")
+    cfg = load_config(leaf, ["algo.eps_low=0.1"])
+    # Each file's keys over its base's, key by key; an empty section keeps the base's.
+    assert (cfg.algo.eps_high, cfg.algo.group_size, cfg.algo.eps_low) == (0.3, 4, 0.1)
+    assert (cfg.trainer.train_batch_size, cfg.trainer.mini_batch_size, cfg.trainer.max_steps) == (64, 16, 7)
+    assert cfg.name == "leaf"  # never the base's name
+    assert load_config(mid).name == "mid" and load_config(mid).trainer.train_batch_size == 64
+    # The same fields written out in one file give the same config.
+    flat = _write(tmp_path, """
+        algo:
+          eps_high: 0.3
+          group_size: 4
+        trainer:
+          train_batch_size: 64
+          mini_batch_size: 16
+          max_steps: 7
+        """, name="leaf_flat.yaml")
+    got, want = load_config(leaf, ["algo.eps_low=0.1"]), load_config(flat, ["algo.eps_low=0.1"])
+    got.name = want.name
+    assert got == want
+
+
+@pytest.mark.parametrize("text, match", [
+    ("extends: nowhere.yaml\n", r"extends: config file not found: .*nowhere\.yaml"),
+    ("extends: [a.yaml]\n", r"extends must be the path of another config file"),
+    ("extends: self.yaml\n", r"extends: a cycle"),
+])
+def test_extends_errors_name_the_file_and_field(tmp_path, text, match):
+    path = _write(tmp_path, text, name="self.yaml")
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_the_long_chains_example_is_the_chains_example_with_four_changes():
+    """examples/tiny_chains_long.yaml names only what differs from examples/tiny_chains.yaml."""
+    import dataclasses
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    long = dataclasses.asdict(load_config(os.path.join(root, "examples/tiny_chains_long.yaml")))
+    base = dataclasses.asdict(load_config(os.path.join(root, "examples/tiny_chains.yaml")))
+    diff = {(s, k) for s in base if isinstance(base[s], dict) for k in base[s] if base[s][k] != long[s][k]}
+    assert diff == {("model", "hf_dir"), ("model", "max_position_embeddings"),
+                    ("algo", "max_response_length"), ("algo", "overlong_buffer")}
