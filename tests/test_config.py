@@ -169,8 +169,8 @@ def test_extends_merges_section_by_section_relative_to_the_file(tmp_path):
           eps_high: 0.3
           group_size: 8
         trainer:
-          train_batch_size: 64
-          mini_batch_size: 16
+          train_batch_size: 32
+          mini_batch_size: 8
         """, name="base/base.yaml")
     mid = _write(tmp_path, """
         extends: base/base.yaml
@@ -186,17 +186,17 @@ def test_extends_merges_section_by_section_relative_to_the_file(tmp_path):
     cfg = load_config(leaf, ["algo.eps_low=0.1"])
     # Each file's keys over its base's, key by key; an empty section keeps the base's.
     assert (cfg.algo.eps_high, cfg.algo.group_size, cfg.algo.eps_low) == (0.3, 4, 0.1)
-    assert (cfg.trainer.train_batch_size, cfg.trainer.mini_batch_size, cfg.trainer.max_steps) == (64, 16, 7)
+    assert (cfg.trainer.train_batch_size, cfg.trainer.mini_batch_size, cfg.trainer.max_steps) == (32, 8, 7)
     assert cfg.name == "leaf"  # never the base's name
-    assert load_config(mid).name == "mid" and load_config(mid).trainer.train_batch_size == 64
+    assert load_config(mid).name == "mid" and load_config(mid).trainer.train_batch_size == 32
     # The same fields written out in one file give the same config.
     flat = _write(tmp_path, """
         algo:
           eps_high: 0.3
           group_size: 4
         trainer:
-          train_batch_size: 64
-          mini_batch_size: 16
+          train_batch_size: 32
+          mini_batch_size: 8
           max_steps: 7
         """, name="leaf_flat.yaml")
     got, want = load_config(leaf, ["algo.eps_low=0.1"]), load_config(flat, ["algo.eps_low=0.1"])
