@@ -449,7 +449,9 @@ def plot(rows: list[dict], group: str, path: str) -> bool:
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     budgets = sorted({r["budget_steps"] for r in rows if r["setting"] in present})
-    fig.suptitle(f"{group}: mean over seeds, band = min..max ({CONFIG}, {'/'.join(map(str, budgets))} steps per run)")
+    configs = sorted({r.get("config", CONFIG) for r in rows if r["setting"] in present})
+    fig.suptitle(f"{group}: mean over seeds, band = min..max ({', '.join(configs)}, "
+                 f"{'/'.join(map(str, budgets))} steps per run)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
