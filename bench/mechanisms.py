@@ -483,7 +483,9 @@ def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
     share, how many problems' groups are mixed (0 < #correct < samples), the only groups
     that carry a gradient (DAPO sec. 3.2), and the response lengths: their mean and the spread
     within a group (std over a problem's samples, averaged over problems), which is what the
-    token-level loss and the overlong shaping act on."""
+    token-level loss and the overlong shaping act on. A second table sorts the responses into
+    those that end without a `check` line, those that re-check and end, and those cut at the
+    length limit: whether the long ones are the low-quality ones."""
     from dapo_megatron.config import load_config
     from dapo_megatron.controller.task import load_task
     from dapo_megatron.reward import compute_score
@@ -503,7 +505,14 @@ def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
     groups = EmbeddedEngine(model=model, max_batch_size=512).generate(
         [tok.encode_prompt(ex.messages) for ex in task.eval], params)
     by_n: dict[int, list[tuple[list[bool], list[bool]]]] = {}
+    kinds: dict[str, list[tuple[bool, int]]] = {"ends without re-checking": [], "re-checks and ends": [],
+                                                 "cut at the limit": []}
     for ex, group in zip(task.eval, groups):
+        for g in group:
+            text = tok.decode(g.token_ids)
+            kind = ("cut at the limit" if g.finish_reason == "length" else
+                    "re-checks and ends" if "check " in text else "ends without re-checking")
+            kinds[kind].append((compute_score(text, ex.ground_truth).correct, len(g.token_ids)))
         hits = [compute_score(tok.decode(g.token_ids), ex.ground_truth).correct for g in group]
         cut = [g.finish_reason == "length" for g in group]
         lengths = [len(g.token_ids) for g in group]
@@ -521,6 +530,11 @@ def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
         spread = sum(_stats([float(x) for x in ls])[1] for _, _, ls in rows) / len(rows)
         lines.append(f"| {n} | {len(rows)} | {100 * sum(hits) / len(hits):.1f} | {100 * sum(cut) / len(cut):.1f} "
                      f"| {mixed} | {sum(lens) / len(lens):.1f} | {spread:.1f} |")
+    lines += ["", "| response | count | accuracy % | length mean |", "|---|---|---|---|"]
+    for kind, got in kinds.items():
+        if got:
+            lines.append(f"| {kind} | {len(got)} | {100 * sum(h for h, _ in got) / len(got):.1f} "
+                         f"| {sum(n for _, n in got) / len(got):.1f} |")
     return "\n".join(lines)
 
 
