@@ -439,14 +439,15 @@ def _read_yaml(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
     return _merge(merged, raw)
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over`'s keys over `base`'s, mappings merged key by key; an empty section (None) keeps
-    the base's."""
+def _merge(base: dict[str, Any], over: dict[str, Any], top: bool = True) -> dict[str, Any]:
+    """`over`'s keys over `base`'s, mappings merged key by key. An empty top-level section
+    (`trainer:` with nothing under it, None) keeps the base's; inside a section, null is a value
+    (`hf_dir: null` clears the base's)."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        elif value is not None or key not in out:
+            out[key] = _merge(out[key], value, top=False)
+        elif value is not None or not top or key not in out:
             out[key] = value
     return out
 

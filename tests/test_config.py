@@ -183,6 +183,17 @@ def test_extends_merges_section_by_section_relative_to_the_file(tmp_path):
         trainer:
           max_steps: 7
         """, name="leaf.yaml")
+    cleared = _write(tmp_path, """
+        extends: hf.yaml
+        model:
+          hf_config: null
+        """, name="cleared.yaml")
+    _write(tmp_path, """
+        model:
+          hf_config: some/config.json
+        """, name="hf.yaml")
+    assert load_config(str(tmp_path / "hf.yaml"), check_layout=False).model.hf_config == "some/config.json"
+    assert load_config(cleared, check_layout=False).model.hf_config is None  # null inside a section is a value
     cfg = load_config(leaf, ["algo.eps_low=0.1"])
     # Each file's keys over its base's, key by key; an empty section keeps the base's.
     assert (cfg.algo.eps_high, cfg.algo.group_size, cfg.algo.eps_low) == (0.3, 4, 0.1)
