@@ -96,3 +96,25 @@ def test_primary_moves_a_mechanisms_bold_row_and_refuses_unknown_figures():
             assert bad in str(e)
         else:
             raise AssertionError(bad)
+
+
+def test_warm_start_report_kinds_agree_with_the_length_table(tmp_path):
+    """The report's two tables come from the same samples: the kinds partition every response,
+    the cut ones are the truncated share, and the kinds' accuracies add up to the overall one."""
+    long = os.path.join(ROOT, "examples", "tiny_chains_long.yaml")
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(f"extends: {long}\ndata:\n  synthetic_eval_size: 12\n")
+    text = mechanisms.warm_start_report(str(cfg), samples=4)
+    rows = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    total = next(r for r in rows if r[0] == "all")
+    kinds = {r[0]: (int(r[1]), float(r[2]), float(r[3])) for r in rows
+             if r[0] in ("ends without re-checking", "re-checks and ends", "cut at the limit")}
+    n = int(total[1]) * 4
+    assert int(total[1]) == 12 and sum(c for c, _, _ in kinds.values()) == n
+    cut = kinds.get("cut at the limit", (0, 0.0, 128.0))
+    assert abs(100 * cut[0] / n - float(total[3])) < 0.05 + 1e-9
+    assert cut[0] == 0 or cut[2] == 128.0  # max_response_length
+    right = sum(c * acc / 100 for c, acc, _ in kinds.values())
+    assert abs(100 * right / n - float(total[2])) < 0.1 + 1e-9  # each side rounded to 0.1
+    mean_len = sum(c * ln for c, _, ln in kinds.values()) / n
+    assert abs(mean_len - float(total[5])) < 0.1 + 1e-9
