@@ -508,13 +508,13 @@ def warm_start_report(config: str, samples: int = 8, seed: int = 1) -> str:
     kinds: dict[str, list[tuple[bool, int]]] = {"ends without re-checking": [], "re-checks and ends": [],
                                                  "cut at the limit": []}
     for ex, group in zip(task.eval, groups):
-        for g in group:
-            text = tok.decode(g.token_ids)
-            kind = ("cut at the limit" if g.finish_reason == "length" else
-                    "re-checks and ends" if "check " in text else "ends without re-checking")
-            kinds[kind].append((compute_score(text, ex.ground_truth).correct, len(g.token_ids)))
-        hits = [compute_score(tok.decode(g.token_ids), ex.ground_truth).correct for g in group]
+        texts = [tok.decode(g.token_ids) for g in group]
+        hits = [compute_score(text, ex.ground_truth).correct for text in texts]
         cut = [g.finish_reason == "length" for g in group]
+        for text, hit, is_cut, g in zip(texts, hits, cut, group):
+            kind = ("cut at the limit" if is_cut else
+                    "re-checks and ends" if "check " in text else "ends without re-checking")
+            kinds[kind].append((hit, len(g.token_ids)))
         lengths = [len(g.token_ids) for g in group]
         by_n.setdefault(ex.metadata["solution"].count("\n"), []).append((hits, cut, lengths))
     lines = [f"{config}: {cfg.model.hf_dir}, {len(task.eval)} held-out problems x {samples} samples, "
