@@ -35,6 +35,11 @@ core 0. Seeds run one after the other. Per seed the bench prints both curves and
 where, per seed, the target is the lower of the two final accuracies and each side's time is
 the first evaluation at or above it; X and Y are the means over seeds, R = X / Y.
 
+Before it, each seed's updates to the target and seconds per optimizer update on each side,
+and a floor under R (`per_update`): our training phase alone, run for as many updates as TRL
+needed, against TRL's seconds to the target. Where the two learn alike per update, no cut to
+generation, rewards, weight sync or start-up takes R below that floor.
+
 TRL is an optional bench dependency, never one of the package: it runs in its own
 interpreter (`--trl-python`, default /work/trl-venv/bin/python or $PEER_TRL_PYTHON), made with
 
@@ -147,15 +152,20 @@ def _child_ours(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     eval_total = [0.0]
+    # Optimizer updates and seconds of the training phase so far (the step records'
+    # actor/updates and time/train), for the per-update figures of `per_update`.
+    done = {"updates": 0, "train_s": 0.0}
     curve = open(args.curve, "w", encoding="utf-8")
 
     def record(step, m):
+        done["updates"] += int(m.get("actor/updates", 0))
+        done["train_s"] += m.get("time/train", 0.0)
         if "eval/avg@k" not in m:
             return
         eval_total[0] += m.get("time/eval", 0.0)
         curve.write(json.dumps({"step": step, "wall_s": time.time() - t0 - eval_total[0],
                                 "eval_s": m.get("time/eval", 0.0), "avg": m["eval/avg@k"],
-                                "responses": trainer.generated_samples}) + "\n")
+                                "responses": trainer.generated_samples, **done}) + "\n")
         curve.flush()
 
     original_log = metrics_mod.MetricsLogger.log
@@ -379,6 +389,35 @@ def compare(ours: list[dict], trl: list[dict]) -> tuple[float, float, float]:
     return target, time_to(ours, target), time_to(trl, target)
 
 
+def _first_at(curve: list[dict], target: float) -> dict | None:
+    return next((p for p in sorted(curve, key=lambda p: p["wall_s"]) if p["avg"] >= target - 1e-12), None)
+
+
+def per_update(ours: list[dict], trl: list[dict], target: float) -> dict | None:
+    """Where each side's clock goes per optimizer update, and the floor it puts under R.
+
+    Clock per update: seconds from the first evaluation (start-up done) to the last, over
+    the updates between them. Ours also splits out its training phase (`time/train`:
+    old log-probs where computed, the updates, gradient clipping, the optimizer step).
+    The floor: had ours needed exactly as many updates as TRL to reach `target`, its
+    training phase alone (generation, rewards, sync and start-up free) would have taken
+    TRL's updates x our training seconds per update; over TRL's seconds to the target
+    that is the lowest ratio this task allows at equal learning per update. None when a
+    curve lacks the counts (records from before they were kept) or a side never got there.
+    """
+    o_at, t_at = _first_at(ours, target), _first_at(trl, target)
+    if o_at is None or t_at is None or "updates" not in ours[-1] or not ours[-1]["updates"] \
+            or not trl[-1]["step"]:
+        return None
+    o_clock = (ours[-1]["wall_s"] - ours[0]["wall_s"]) / ours[-1]["updates"]
+    t_clock = (trl[-1]["wall_s"] - trl[0]["wall_s"]) / trl[-1]["step"]
+    o_train = ours[-1]["train_s"] / ours[-1]["updates"]
+    floor_s = t_at["step"] * o_train
+    return {"updates_ours": o_at["updates"], "updates_trl": t_at["step"], "clock_ours": o_clock,
+            "train_ours": o_train, "clock_trl": t_clock, "floor_s": floor_s,
+            "floor_ratio": floor_s / t_at["wall_s"]}
+
+
 def run_seed(args, seed: int, task_path: str) -> dict:
     out = os.path.join(args.out, f"seed{seed}")
     shutil.rmtree(out, ignore_errors=True)
@@ -413,7 +452,15 @@ def run_seed(args, seed: int, task_path: str) -> dict:
           f"process wall dapo-megatron {walls['dapo-megatron']:.0f} s, TRL {walls['TRL']:.0f} s; to {target:.3f}: "
           f"dapo-megatron {_secs(x)}, TRL {_secs(y)}, ratio {x / y:.2f}" if x and y else
           f"dapo-megatron {_secs(x)}, TRL {_secs(y)}", flush=True)
-    return {"seed": seed, "target": target, "x": x, "y": y, "walls": walls, "ours": ours, "trl": trl}
+    split = per_update(ours, trl, target)
+    if split:
+        print(f"seed {seed}: updates to {target:.3f}: dapo-megatron {split['updates_ours']}, TRL "
+              f"{split['updates_trl']}; seconds per update: dapo-megatron {split['clock_ours']:.2f} "
+              f"({split['train_ours']:.2f} training), TRL {split['clock_trl']:.2f}; floor at TRL's "
+              f"update count: {split['updates_trl']} x {split['train_ours']:.2f} s = "
+              f"{split['floor_s']:.0f} s, ratio >= {split['floor_ratio']:.2f}", flush=True)
+    return {"seed": seed, "target": target, "x": x, "y": y, "walls": walls, "ours": ours, "trl": trl,
+            "per_update": split}
 
 
 def _secs(value: float | None) -> str:
@@ -461,6 +508,10 @@ def main(argv=None) -> None:
         raise SystemExit("a side never reached the target accuracy (see the curves above)")
     x = sum(r["x"] for r in results) / len(results)
     y = sum(r["y"] for r in results) / len(results)
+    if all(r["per_update"] for r in results):
+        floor = sum(r["per_update"]["floor_s"] for r in results) / len(results)
+        print(f"floor at equal updates to the target (our training phase alone): {floor:.0f} s "
+              f"against TRL's {y:.0f} s, ratio >= {floor / y:.2f}")
     print(LAST_LINE.format(x=x, y=y, r=x / y))
 
 

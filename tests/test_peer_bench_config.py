@@ -83,3 +83,25 @@ def test_grpo_config_accepts_the_settings(tmp_path):
     conf = trl.GRPOConfig(**kw)
     assert conf.generation_batch_size == 256
     assert conf.loss_type == "dapo" and conf.epsilon_high == 0.28
+
+
+def test_per_update_floor_on_hand_worked_curves():
+    """Ours: start-up 20 s, 10 updates to 0.60 at 50 s, 20 updates by 80 s, 0.8 s of them
+    training per update (16 s over 20). TRL: start-up 5 s, 12 updates to 0.60 at 65 s.
+    Floor: 12 x 0.8 = 9.6 s of our training over TRL's 65 s."""
+    ours = [{"wall_s": 20.0, "avg": 0.3, "updates": 0, "train_s": 0.0},
+            {"wall_s": 50.0, "avg": 0.62, "updates": 10, "train_s": 8.0},
+            {"wall_s": 80.0, "avg": 0.60, "updates": 20, "train_s": 16.0}]
+    trl = [{"wall_s": 5.0, "avg": 0.3, "step": 0}, {"wall_s": 35.0, "avg": 0.5, "step": 6},
+           {"wall_s": 65.0, "avg": 0.61, "step": 12}, {"wall_s": 95.0, "avg": 0.64, "step": 18}]
+    bench = _bench()
+    target, x, y = bench.compare(ours, trl)
+    assert (target, x, y) == (0.60, 50.0, 65.0)
+    got = bench.per_update(ours, trl, target)
+    assert got["updates_ours"] == 10 and got["updates_trl"] == 12
+    assert got["clock_ours"] == pytest.approx(60.0 / 20) and got["clock_trl"] == pytest.approx(90.0 / 18)
+    assert got["train_ours"] == pytest.approx(0.8)
+    assert got["floor_s"] == pytest.approx(9.6) and got["floor_ratio"] == pytest.approx(9.6 / 65.0)
+    # Records without the counts (older runs) or a side that never reaches the target: no floor.
+    assert bench.per_update([{k: p[k] for k in ("wall_s", "avg")} for p in ours], trl, target) is None
+    assert bench.per_update(ours, trl, 0.99) is None
