@@ -36,9 +36,9 @@ where, per seed, the target is the lower of the two final accuracies and each si
 the first evaluation at or above it; X and Y are the means over seeds, R = X / Y.
 
 Before it, each seed's updates to the target and seconds per optimizer update on each side,
-and a floor under R (`per_update`): our training phase alone, run for as many updates as TRL
-needed, against TRL's seconds to the target. Where the two learn alike per update, no cut to
-generation, rewards, weight sync or start-up takes R below that floor.
+and a floor under R (`per_update`): the seconds of our training phase alone, for the updates
+ours took to the target, against TRL's seconds to it. No cut to generation, rewards, weight
+sync or start-up takes R below that floor; only cheaper updates or fewer of them can.
 
 TRL is an optional bench dependency, never one of the package: it runs in its own
 interpreter (`--trl-python`, default /work/trl-venv/bin/python or $PEER_TRL_PYTHON), made with
@@ -50,6 +50,7 @@ interpreter (`--trl-python`, default /work/trl-venv/bin/python or $PEER_TRL_PYTH
 
     python bench/peer_bench.py                       # side by side, seeds 1,2
     python bench/peer_bench.py --seeds 1 --budget 4096 --schedule back-to-back
+    python bench/peer_bench.py --report --out runs/peer_s11   # a finished run's lines again
 """
 
 from __future__ import annotations
@@ -399,11 +400,11 @@ def per_update(ours: list[dict], trl: list[dict], target: float) -> dict | None:
     Clock per update: seconds from the first evaluation (start-up done) to the last, over
     the updates between them. Ours also splits out its training phase (`time/train`:
     old log-probs where computed, the updates, gradient clipping, the optimizer step).
-    The floor: had ours needed exactly as many updates as TRL to reach `target`, its
-    training phase alone (generation, rewards, sync and start-up free) would have taken
-    TRL's updates x our training seconds per update; over TRL's seconds to the target
-    that is the lowest ratio this task allows at equal learning per update. None when a
-    curve lacks the counts (records from before they were kept) or a side never got there.
+    The floor: the updates ours took to reach `target` x its training seconds per update,
+    over TRL's seconds to the target. That is R had generation, rewards, weight sync and
+    start-up cost nothing: no cut outside the training phase goes below it unless ours
+    learns more per update. None when a curve lacks the counts (records from before they
+    were kept) or a side never got there.
     """
     o_at, t_at = _first_at(ours, target), _first_at(trl, target)
     if o_at is None or t_at is None or "updates" not in ours[-1] or not ours[-1]["updates"] \
@@ -412,7 +413,7 @@ def per_update(ours: list[dict], trl: list[dict], target: float) -> dict | None:
     o_clock = (ours[-1]["wall_s"] - ours[0]["wall_s"]) / ours[-1]["updates"]
     t_clock = (trl[-1]["wall_s"] - trl[0]["wall_s"]) / trl[-1]["step"]
     o_train = ours[-1]["train_s"] / ours[-1]["updates"]
-    floor_s = t_at["step"] * o_train
+    floor_s = o_at["updates"] * o_train
     return {"updates_ours": o_at["updates"], "updates_trl": t_at["step"], "clock_ours": o_clock,
             "train_ours": o_train, "clock_trl": t_clock, "floor_s": floor_s,
             "floor_ratio": floor_s / t_at["wall_s"]}
@@ -445,22 +446,42 @@ def run_seed(args, seed: int, task_path: str) -> dict:
     with open(os.path.join(out, "trl_curve.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(p) + "\n" for p in trl)
     target, x, y = compare(ours, trl)
-    for name, curve in (("dapo-megatron", ours), ("TRL", trl)):
+    result = {"seed": seed, "target": target, "x": x, "y": y, "walls": walls, "ours": ours, "trl": trl,
+              "k": trl_k(args), "per_update": per_update(ours, trl, target)}
+    report_seed(result)
+    return result
+
+
+def report_seed(r: dict) -> None:
+    """Print one seed's curves, its race to the target and where each side's clock went."""
+    seed, target, x, y, walls = r["seed"], r["target"], r["x"], r["y"], r["walls"]
+    for name, curve in (("dapo-megatron", r["ours"]), ("TRL", r["trl"])):
         print(f"seed {seed} {name}: " + ", ".join(
             f"{p['responses']} resp {p['wall_s']:.0f} s {p['avg']:.3f}" for p in curve), flush=True)
-    print(f"seed {seed}: final held-out avg@{trl_k(args)} dapo-megatron {ours[-1]['avg']:.3f}, TRL {trl[-1]['avg']:.3f}; "
-          f"process wall dapo-megatron {walls['dapo-megatron']:.0f} s, TRL {walls['TRL']:.0f} s; to {target:.3f}: "
-          f"dapo-megatron {_secs(x)}, TRL {_secs(y)}, ratio {x / y:.2f}" if x and y else
-          f"dapo-megatron {_secs(x)}, TRL {_secs(y)}", flush=True)
-    split = per_update(ours, trl, target)
+    print(f"seed {seed}: final held-out avg@{r['k']} dapo-megatron {r['ours'][-1]['avg']:.3f}, TRL "
+          f"{r['trl'][-1]['avg']:.3f}; process wall dapo-megatron {walls['dapo-megatron']:.0f} s, TRL "
+          f"{walls['TRL']:.0f} s; to {target:.3f}: dapo-megatron {_secs(x)}, TRL {_secs(y)}, ratio {x / y:.2f}"
+          if x and y else f"dapo-megatron {_secs(x)}, TRL {_secs(y)}", flush=True)
+    split = r["per_update"]
     if split:
         print(f"seed {seed}: updates to {target:.3f}: dapo-megatron {split['updates_ours']}, TRL "
               f"{split['updates_trl']}; seconds per update: dapo-megatron {split['clock_ours']:.2f} "
-              f"({split['train_ours']:.2f} training), TRL {split['clock_trl']:.2f}; floor at TRL's "
-              f"update count: {split['updates_trl']} x {split['train_ours']:.2f} s = "
+              f"({split['train_ours']:.2f} training), TRL {split['clock_trl']:.2f}; floor (our "
+              f"training phase alone): {split['updates_ours']} x {split['train_ours']:.2f} s = "
               f"{split['floor_s']:.0f} s, ratio >= {split['floor_ratio']:.2f}", flush=True)
-    return {"seed": seed, "target": target, "x": x, "y": y, "walls": walls, "ours": ours, "trl": trl,
-            "per_update": split}
+
+
+def report(results: list[dict]) -> None:
+    """After the seeds' own lines: the floor (when every seed has one) and the last line."""
+    if any(r["x"] is None or r["y"] is None for r in results):
+        raise SystemExit("a side never reached the target accuracy (see the curves above)")
+    x = sum(r["x"] for r in results) / len(results)
+    y = sum(r["y"] for r in results) / len(results)
+    if all(r.get("per_update") for r in results):
+        floor = sum(r["per_update"]["floor_s"] for r in results) / len(results)
+        print(f"floor (our training phase alone, for the updates it took): {floor:.0f} s "
+              f"against TRL's {y:.0f} s, ratio >= {floor / y:.2f}")
+    print(LAST_LINE.format(x=x, y=y, r=x / y))
 
 
 def _secs(value: float | None) -> str:
@@ -486,6 +507,8 @@ def main(argv=None) -> None:
     parser.add_argument("--trl-python", default=DEFAULT_TRL_PYTHON)
     parser.add_argument("--nice", type=int, default=5, help="niceness of both runs (absolute)")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs/peer"))
+    parser.add_argument("--report", action="store_true",
+                        help="print the lines of the finished run in --out again (no run)")
     parser.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--curve", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
@@ -495,6 +518,8 @@ def main(argv=None) -> None:
         return _child_ours(args)
     if args.child == "trl":
         return _child_trl(args)
+    if args.report:
+        return report_stored(args.out, trl_k(args))
     if not os.path.exists(args.trl_python):
         raise SystemExit(f"--trl-python {args.trl_python} does not exist; make the TRL venv as this "
                          "file's docstring says")
@@ -504,15 +529,20 @@ def main(argv=None) -> None:
     results = [run_seed(args, int(s), task_path) for s in args.seeds.split(",")]
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
-    if any(r["x"] is None or r["y"] is None for r in results):
-        raise SystemExit("a side never reached the target accuracy (see the curves above)")
-    x = sum(r["x"] for r in results) / len(results)
-    y = sum(r["y"] for r in results) / len(results)
-    if all(r["per_update"] for r in results):
-        floor = sum(r["per_update"]["floor_s"] for r in results) / len(results)
-        print(f"floor at equal updates to the target (our training phase alone): {floor:.0f} s "
-              f"against TRL's {y:.0f} s, ratio >= {floor / y:.2f}")
-    print(LAST_LINE.format(x=x, y=y, r=x / y))
+    report(results)
+
+
+def report_stored(out: str, k: int) -> None:
+    """--report: print a finished run's lines again from its results.json, with the
+    per-update figures recomputed by this code (runs that predate them get them too when
+    their curves kept the update counts)."""
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    for r in results:
+        r.setdefault("k", k)
+        r["per_update"] = per_update(r["ours"], r["trl"], r["target"])
+        report_seed(r)
+    report(results)
 
 
 if __name__ == "__main__":

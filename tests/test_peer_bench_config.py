@@ -88,7 +88,7 @@ def test_grpo_config_accepts_the_settings(tmp_path):
 def test_per_update_floor_on_hand_worked_curves():
     """Ours: start-up 20 s, 10 updates to 0.60 at 50 s, 20 updates by 80 s, 0.8 s of them
     training per update (16 s over 20). TRL: start-up 5 s, 12 updates to 0.60 at 65 s.
-    Floor: 12 x 0.8 = 9.6 s of our training over TRL's 65 s."""
+    Floor: our 10 updates x 0.8 s of training = 8 s, over TRL's 65 s."""
     ours = [{"wall_s": 20.0, "avg": 0.3, "updates": 0, "train_s": 0.0},
             {"wall_s": 50.0, "avg": 0.62, "updates": 10, "train_s": 8.0},
             {"wall_s": 80.0, "avg": 0.60, "updates": 20, "train_s": 16.0}]
@@ -101,7 +101,27 @@ def test_per_update_floor_on_hand_worked_curves():
     assert got["updates_ours"] == 10 and got["updates_trl"] == 12
     assert got["clock_ours"] == pytest.approx(60.0 / 20) and got["clock_trl"] == pytest.approx(90.0 / 18)
     assert got["train_ours"] == pytest.approx(0.8)
-    assert got["floor_s"] == pytest.approx(9.6) and got["floor_ratio"] == pytest.approx(9.6 / 65.0)
+    assert got["floor_s"] == pytest.approx(8.0) and got["floor_ratio"] == pytest.approx(8.0 / 65.0)
     # Records without the counts (older runs) or a side that never reaches the target: no floor.
     assert bench.per_update([{k: p[k] for k in ("wall_s", "avg")} for p in ours], trl, target) is None
     assert bench.per_update(ours, trl, 0.99) is None
+
+
+def test_report_reprints_a_stored_run_with_its_floor(tmp_path, capsys):
+    """--report: the lines of a finished run from its results.json, the floor recomputed."""
+    import json
+
+    ours = [{"wall_s": 20.0, "avg": 0.3, "responses": 0, "updates": 0, "train_s": 0.0},
+            {"wall_s": 50.0, "avg": 0.62, "responses": 1920, "updates": 10, "train_s": 8.0},
+            {"wall_s": 80.0, "avg": 0.60, "responses": 3840, "updates": 20, "train_s": 16.0}]
+    trl = [{"wall_s": 5.0, "avg": 0.3, "step": 0, "responses": 0},
+           {"wall_s": 65.0, "avg": 0.61, "step": 12, "responses": 1536},
+           {"wall_s": 95.0, "avg": 0.64, "step": 18, "responses": 2304}]
+    stored = [{"seed": 1, "target": 0.60, "x": 50.0, "y": 65.0, "ours": ours, "trl": trl,
+               "walls": {"dapo-megatron": 90.0, "TRL": 100.0}}]
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    _bench().main(["--report", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "peer wall clock to equal held-out accuracy: dapo-megatron 50 s, TRL 65 s, ratio 0.77"
+    assert lines[-2] == "floor (our training phase alone, for the updates it took): 8 s against TRL's 65 s, ratio >= 0.12"
+    assert "updates to 0.600: dapo-megatron 10, TRL 12" in lines[-3]
