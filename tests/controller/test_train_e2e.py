@@ -215,4 +215,7 @@ def test_nested_text_config_trains(tmp_path):
     (nested / "config.json").write_text(json.dumps({"model_type": "some_vlm", "text_config": inner}))
     records, _ = _train(str(tmp_path / "run"), f"model.hf_dir={nested}", "trainer.max_steps=1", "eval.every=0",
                         "checkpoint.save_every=0")
-    assert records[1]["mismatch/logprob_abs_diff_max"] < 1e-5
+    # fp32: the engine's one-token decode and the policy's full forward differ by up to ~2e-5
+    # (see the fp64 test above; 1.0e-5 measured on an AMD EPYC with AVX2); a shape read
+    # wrongly gives differences of order 1.
+    assert records[1]["mismatch/logprob_abs_diff_max"] < 5e-5

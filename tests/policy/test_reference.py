@@ -96,7 +96,7 @@ def _worker(rank, world_size):
         given.engine_logprobs, given.old_logprobs = engine, engine.clone()
         trainer = make_trainer(hf, tp=tp, pp=pp, rollout=RolloutConfig(old_logprobs="engine"))
         trainer.train_step(given)
-        out[f"{name}_engine_weight_diff"] = max_diff(skipped, full_weights(trainer))
+        out[f"{name}_engine_weight_diff"] = _max_over_ranks(max_diff(skipped, full_weights(trainer)))
         destroy_parallel()
 
     # rollout.old_logprobs=policy (the default), no correction: the first update runs on the
@@ -125,7 +125,7 @@ def _worker(rank, world_size):
         trainer = make_trainer(hf, tp=tp, pp=pp)
         trainer.train_step(given)
         trainer.train_step(tiny_batch(seed=5), single_update=True)
-        out[f"{name}_own_weight_diff"] = max_diff(own, full_weights(trainer))
+        out[f"{name}_own_weight_diff"] = _max_over_ranks(max_diff(own, full_weights(trainer)))
         destroy_parallel()
 
     # The variants whose normaliser is global (GSPO's sequence mean, Dr. GRPO's constant)
@@ -147,6 +147,16 @@ def _worker(rank, world_size):
             destroy_parallel()
         out[f"{loss}_weight_diff"] = max_diff(weights["tp2_mb1"], weights["dp2_mb4"])
     return out
+
+
+def _max_over_ranks(value: float) -> float:
+    """A rank's figure over its own parameters (under PP, its stage's) -> the largest of all
+    ranks', so that every rank returns the same fact about the whole model."""
+    import torch.distributed as dist
+
+    t = torch.tensor(value, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +204,9 @@ def test_first_update_is_its_own_pi_old_and_the_pass_scores_the_rest(results):
         for key, value in ref.items():
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
         assert results[f"{name}_own_clip"] > 0  # lr 1e-2: the second update clips
-        assert results[f"{name}_own_weight_diff"] < 1e-6  # measured: 0.0 (the same forward)
+        # Measured: 0.0 on an Intel machine (the same forward); 4.4e-7 on an AMD EPYC with
+        # AVX2, where MKL's kernel for the pass's shape rounds differently from the update's.
+        assert results[f"{name}_own_weight_diff"] < 1e-6
 
 
 @pytest.mark.dist

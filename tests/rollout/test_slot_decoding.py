@@ -3,8 +3,10 @@ HF-forward path (transformers' own attention and DynamicCache, one chunk at a ti
 
 The same engine, weights and seeds run both ways: every response must come back with the
 same tokens and finish reason (each sequence draws from its own stream, so its slot,
-neighbours and refill order must not matter), log-probs within 1e-5 (the two paths
-differ only in fp32 reassociation: attention kernel, prefill split), and the same routed
+neighbours and refill order must not matter), log-probs within 1e-5 absolute or relative,
+whichever is larger (the two paths differ only in fp32 reassociation: attention kernel,
+prefill split, and the matmul kernel MKL picks for each batch shape; on an AMD EPYC with
+AVX2 a log-prob of -4.29 after 64 tokens came out 1.1e-5 apart), and the same routed
 experts. Independent float64 checks of the log-probs themselves are in test_embedded.py
 (test_kv_cache_logprobs_equal_full_recompute runs the slot path).
 """
@@ -44,9 +46,9 @@ def _assert_same(slots, hf):
                                                                       b.prompt_index)
             assert a.token_ids == b.token_ids
             assert a.finish_reason == b.finish_reason
-            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5)
             if b.raw_logprobs is not None:
-                assert a.raw_logprobs == pytest.approx(b.raw_logprobs, abs=1e-5)
+                assert a.raw_logprobs == pytest.approx(b.raw_logprobs, rel=1e-5, abs=1e-5)
             if b.routed_experts is not None:
                 assert torch.equal(torch.as_tensor(a.routed_experts), torch.as_tensor(b.routed_experts))
             else:
