@@ -376,22 +376,21 @@ class _InlineScorer:
         return [compute_score(t, r) for t, r in zip(texts, refs)]
 
 
+def _first_at(curve: list[dict], target: float) -> dict | None:
+    """The first evaluation (by clock) at or above `target`, None if never."""
+    return next((p for p in sorted(curve, key=lambda p: p["wall_s"]) if p["avg"] >= target - 1e-12), None)
+
+
 def time_to(curve: list[dict], target: float) -> float | None:
     """Seconds of the first evaluation at or above `target` (None if never)."""
-    for p in sorted(curve, key=lambda p: p["wall_s"]):
-        if p["avg"] >= target - 1e-12:
-            return p["wall_s"]
-    return None
+    point = _first_at(curve, target)
+    return None if point is None else point["wall_s"]
 
 
 def compare(ours: list[dict], trl: list[dict]) -> tuple[float, float, float]:
     """(target, our seconds, TRL's seconds): the target is the lower final accuracy."""
     target = min(ours[-1]["avg"], trl[-1]["avg"])
     return target, time_to(ours, target), time_to(trl, target)
-
-
-def _first_at(curve: list[dict], target: float) -> dict | None:
-    return next((p for p in sorted(curve, key=lambda p: p["wall_s"]) if p["avg"] >= target - 1e-12), None)
 
 
 def per_update(ours: list[dict], trl: list[dict], target: float) -> dict | None:
